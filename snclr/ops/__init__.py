@@ -1,0 +1,11 @@
+"""The public ops: validation, backend dispatch and autograd around the kernels.
+
+``backend="auto"`` runs the Triton kernels on CUDA tensors and the pure-PyTorch
+references (``snclr.reference``) elsewhere; ``"torch"`` always runs the reference and
+``"triton"`` forces the kernels (on CPU only under ``TRITON_INTERPRET=1``).
+"""
+
+from snclr.ops.contrastive import soft_target_contrastive_loss
+from snclr.ops.knn import SoftNeighbors, knn_topk, soft_neighbors
+
+__all__ = ["SoftNeighbors", "knn_topk", "soft_neighbors", "soft_target_contrastive_loss"]

@@ -1,0 +1,197 @@
+"""Pure-PyTorch reference implementations of the snclr ops.
+
+These functions define the semantics that the Triton kernels in ``snclr.kernels`` must
+reproduce (DESIGN section 2). They are plain PyTorch, exact in float64, and row-chunked so
+that the similarity search never holds more than ``chunk_rows x N`` scores at once. They do
+no input validation and no device logic: ``snclr.ops`` does both before calling them.
+
+Alphabet: B queries, N bank rows, D features, K neighbours, S = K + 1 target slots,
+M candidate columns.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["SoftNeighbors", "knn_topk", "soft_neighbors", "soft_target_contrastive_loss"]
+
+# Rows of queries scored against the whole bank per step of the search: bounds the
+# transient score matrix to CHUNK_ROWS x N instead of B x N.
+CHUNK_ROWS = 1024
+
+
+class SoftNeighbors(NamedTuple):
+    """Result of :func:`soft_neighbors`.
+
+    Attributes:
+        indices: ``(B, K)`` int64 bank rows, most similar first.
+        similarity: ``(B, K)`` cosine similarity ``<n(key), bank[indices]>``.
+        neighbors: ``(B, K, D)`` the selected bank rows as stored.
+        positiveness: ``(B, K)`` softmax over the K neighbours of
+            ``<n(online), n(neighbor)> / temperature``, optionally thresholded.
+    """
+
+    indices: Tensor
+    similarity: Tensor
+    neighbors: Tensor
+    positiveness: Tensor
+
+
+def _accumulation_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 stays float64; everything else is scored in float32."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _search_indices(query: Tensor, bank: Tensor, k: int, exclude: Tensor | None) -> Tensor:
+    """Indices of the k best bank rows per query; no gradient, ties to the smaller index."""
+    acc = _accumulation_dtype(query, bank)
+    bank_t = bank.detach().to(acc).t()
+    num_rows = bank.shape[0]
+    chunks = []
+    for start in range(0, query.shape[0], CHUNK_ROWS):
+        scores = query[start : start + CHUNK_ROWS].detach().to(acc) @ bank_t  # (chunk, N)
+        # A NaN score must never be selected: rank it with the excluded rows, at -inf.
+        scores = scores.masked_fill(scores.isnan(), float("-inf"))
+        if exclude is not None:
+            # Padding entries (-1) are sent to an extra column that is dropped afterwards.
+            ex = exclude[start : start + CHUNK_ROWS]
+            ex = torch.where(ex >= 0, ex, num_rows)
+            padded = F.pad(scores, (0, 1))
+            padded.scatter_(1, ex, float("-inf"))
+            scores = padded[:, :num_rows]
+        # A stable sort makes ties deterministic: the smaller bank index comes first.
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        chunks.append(order[:, :k])
+    return torch.cat(chunks, dim=0)
+
+
+def knn_topk(
+    query: Tensor, bank: Tensor, k: int, *, exclude: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Inner-product top-k of each query against the bank.
+
+    ``indices[b] = top-k_n <query_b, bank_n>`` in descending order, ties broken towards the
+    smaller index; NaN scores and the rows listed in ``exclude`` never win (when fewer than k
+    rows remain, the extra slots hold the value ``-inf``). ``values[b, i] =
+    <query_b, bank[indices[b, i]]>`` is recomputed from the K selected rows, so its gradient
+    with respect to ``query`` (and ``bank``) is a gather-and-sum, never a dense B x N matrix.
+
+    Args:
+        query: ``(B, D)`` floating point.
+        bank: ``(N, D)`` floating point.
+        k: number of neighbours, ``1 <= k <= N``.
+        exclude: optional ``(B, E)`` int64 bank rows to skip per query; ``-1`` is padding.
+
+    Returns:
+        ``(values, indices)``, ``(B, K)`` each; values in the promoted dtype of the inputs,
+        indices int64.
+    """
+    indices = _search_indices(query, bank, k, exclude)
+    acc = _accumulation_dtype(query, bank)
+    rows = bank.to(acc)[indices]  # (B, K, D)
+    values = torch.einsum("bd,bkd->bk", query.to(acc), rows)
+    # Slots that ran out of eligible rows (NaN scores, excluded rows) report -inf.
+    ineligible = values.detach().isnan()
+    if exclude is not None:
+        ineligible |= (indices.unsqueeze(2) == exclude.unsqueeze(1)).any(dim=2)
+    values = values.masked_fill(ineligible, float("-inf"))
+    out_dtype = torch.promote_types(query.dtype, bank.dtype)
+    return values.to(out_dtype), indices
+
+
+def soft_neighbors(
+    key: Tensor,
+    online: Tensor,
+    bank: Tensor,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    threshold: bool = False,
+    exclude: Tensor | None = None,
+) -> SoftNeighbors:
+    """Nearest bank rows of each key and their positiveness for the online feature.
+
+    ``indices = top-k_n <n(key), bank_n>`` (bank rows are stored L2-normalised),
+    ``positiveness = softmax_k(<n(online), n(bank[indices])> / temperature)``, and with
+    ``threshold`` the weights not above ``1/k`` are zeroed (not renormalised).
+
+    Args:
+        key: ``(B, D)`` momentum features that choose the neighbours.
+        online: ``(B, D)`` online projections that score them.
+        bank: ``(N, D)`` stored rows.
+        k: number of neighbours, ``1 <= k <= N``.
+        temperature: softmax temperature of the positiveness.
+        threshold: zero the weights ``<= 1/k``.
+        exclude: optional ``(B, E)`` int64 rows to skip; ``-1`` is padding.
+
+    Returns:
+        :class:`SoftNeighbors`; ``positiveness`` is differentiable w.r.t. ``online`` (and
+        ``bank`` when it requires grad).
+    """
+    similarity, indices = knn_topk(F.normalize(key, dim=-1), bank, k, exclude=exclude)
+    neighbors = bank[indices]  # (B, K, D)
+    acc = _accumulation_dtype(online, bank)
+    attention = torch.einsum(
+        "bd,bkd->bk",
+        F.normalize(online.to(acc), dim=-1),
+        F.normalize(neighbors.to(acc), dim=-1),
+    )
+    positiveness = torch.softmax(attention / temperature, dim=-1)
+    if threshold:
+        positiveness = positiveness * (positiveness > 1.0 / k)
+    return SoftNeighbors(indices, similarity, neighbors, positiveness)
+
+
+def soft_target_contrastive_loss(
+    queries: Tensor,
+    candidates: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float,
+    target_offset: int = 0,
+) -> Tensor:
+    """Per-row soft-target cross-entropy of normalised queries against all candidates.
+
+    With ``s_jc = <n(q_j), n(C_c)> / temperature`` and the S columns owned by row j at
+    ``own(j, s) = target_offset + j*S + s``::
+
+        loss_j = -sum_s targets[j, s] * log_softmax_c(s_j)[own(j, s)]
+               = sum(targets_j) * logsumexp_c(s_j) - sum_s targets[j, s] * s_j,own(j,s)
+
+    The target is not normalised (DESIGN section 2).
+
+    Args:
+        queries: ``(B, D)``.
+        candidates: ``(M, D)``, with ``target_offset + B*S <= M``.
+        targets: ``(B, S)`` weights of the owned columns.
+        temperature: logit temperature T.
+        target_offset: first column owned by row 0.
+
+    Returns:
+        ``(B,)`` losses in the promoted dtype of the inputs (at least float32).
+    """
+    acc = _accumulation_dtype(queries, candidates, targets)
+    q = F.normalize(queries.to(acc), dim=-1)
+    c = F.normalize(candidates.to(acc), dim=-1)
+    t = targets.to(acc)
+    num_rows, num_slots = t.shape
+    own = (
+        target_offset
+        + torch.arange(num_rows, device=q.device).unsqueeze(1) * num_slots
+        + torch.arange(num_slots, device=q.device)
+    )  # (B, S)
+    losses = []
+    for start in range(0, num_rows, CHUNK_ROWS):
+        stop = start + CHUNK_ROWS
+        logits = q[start:stop] @ c.t() / temperature  # (chunk, M)
+        lse = torch.logsumexp(logits, dim=1)
+        owned = logits.gather(1, own[start:stop])
+        losses.append(t[start:stop].sum(1) * lse - (t[start:stop] * owned).sum(1))
+    return torch.cat(losses)

@@ -1,0 +1,35 @@
+"""Shared test setup: the Triton interpreter switch, seeds and tolerances.
+
+TRITON_INTERPRET must be set before any ``@triton.jit`` function is decorated, so it is set
+here, before the tests import snclr. On a CUDA machine the kernels run compiled instead.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+# Tolerances (atol, rtol) per dtype for comparisons of a fast path against its reference.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
