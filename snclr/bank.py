@@ -1,0 +1,118 @@
+"""The memory queue of past momentum keys (a FIFO ring buffer of L2-normalised rows)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from snclr import distributed, ops
+
+__all__ = ["BANK_MODES", "MemoryBank"]
+
+# local: each rank enqueues its own keys (the reference code); global: every rank enqueues
+# the keys gathered from all ranks, so all queues are identical.
+BANK_MODES = ("local", "global")
+
+
+class MemoryBank(nn.Module):
+    """FIFO queue of ``size`` L2-normalised rows of width ``dim``.
+
+    Rows, write pointer, fill count and the optional label of each row are persistent
+    buffers, so ``state_dict`` carries the queue into checkpoints. Searching reads only;
+    :meth:`enqueue` is the one mutation.
+
+    Args:
+        size: number of rows N.
+        dim: row width D.
+        mode: ``"local"`` or ``"global"`` (see ``BANK_MODES``).
+        search_unfilled: search all N rows, including the random unit vectors the queue is
+            initialised with (the reference code); by default only filled rows are searched.
+        dtype: storage dtype (bfloat16 halves the memory of a large queue).
+
+    Example:
+        >>> bank = MemoryBank(4, 2)
+        >>> bank.enqueue(torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
+        >>> bank.num_filled, bank.rows()[0].tolist()
+        (2, [0.6000000238418579, 0.800000011920929])
+    """
+
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        *,
+        mode: str = "local",
+        search_unfilled: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if size < 1 or dim < 1:
+            raise ValueError(f"size and dim must be >= 1, got size={size}, dim={dim}")
+        if mode not in BANK_MODES:
+            raise ValueError(f"mode must be one of {BANK_MODES}, got {mode!r}")
+        self.size, self.dim, self.mode, self.search_unfilled = size, dim, mode, search_unfilled
+        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1).to(dtype))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        # Host mirrors of pointer/filled: slicing by them needs no device sync per step.
+        self._pointer = 0
+        self._filled = 0
+
+    @property
+    def num_filled(self) -> int:
+        return self._filled
+
+    @property
+    def num_searchable(self) -> int:
+        return self.size if self.search_unfilled else self._filled
+
+    def rows(self) -> Tensor:
+        """The searchable rows ``(N', D)``: filled rows only unless ``search_unfilled``."""
+        # Filled rows are always the prefix [0, filled) until the ring wraps, then all rows.
+        return self.queue if self.search_unfilled else self.queue[: self._filled]
+
+    def search(self, key: Tensor, online: Tensor, k: int, **options) -> ops.SoftNeighbors:
+        """:func:`snclr.ops.soft_neighbors` of ``key`` against the searchable rows."""
+        return ops.soft_neighbors(key, online, self.rows(), k, **options)
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor, labels: Tensor | None = None) -> None:
+        """Append ``keys`` ``(n, D)`` (normalised here), overwriting the oldest rows.
+
+        In ``global`` mode the keys (and labels) of all ranks are gathered first. If more
+        than ``size`` keys arrive at once, the newest ``size`` are kept.
+        """
+        if keys.dim() != 2 or keys.shape[1] != self.dim:
+            raise ValueError(f"keys must have shape (n, {self.dim}), got {tuple(keys.shape)}")
+        if labels is None:
+            labels = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
+        elif labels.shape != keys.shape[:1]:
+            raise ValueError(f"labels must have shape ({keys.shape[0]},), got {tuple(labels.shape)}")
+        if self.mode == "global":
+            keys, labels = distributed.gather_no_grad(keys), distributed.gather_no_grad(labels)
+        keys = F.normalize(keys.float(), dim=1)[-self.size :]
+        labels = labels[-self.size :]
+        count = keys.shape[0]
+        first = min(count, self.size - self._pointer)  # rows before the wrap
+        self.queue[self._pointer : self._pointer + first] = keys[:first].to(self.queue.dtype)
+        self.labels[self._pointer : self._pointer + first] = labels[:first]
+        self.queue[: count - first] = keys[first:].to(self.queue.dtype)
+        self.labels[: count - first] = labels[first:]
+        self._pointer = (self._pointer + count) % self.size
+        self._filled = min(self.size, self._filled + count)
+        self.pointer.fill_(self._pointer)
+        self.filled.fill_(self._filled)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # One host read at load time keeps the mirrors in step with the restored buffers.
+        self._pointer = int(self.pointer)
+        self._filled = int(self.filled)
+
+    def extra_repr(self) -> str:
+        return (
+            f"size={self.size}, dim={self.dim}, mode={self.mode!r}, "
+            f"search_unfilled={self.search_unfilled}, dtype={self.queue.dtype}"
+        )

@@ -1,0 +1,58 @@
+"""The few torch.distributed helpers snclr needs; every one is a no-op on one process.
+
+No other module calls ``torch.distributed`` directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["all_reduce_mean", "gather_no_grad", "is_main", "rank", "world_size"]
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Number of processes in the default group (1 without torch.distributed)."""
+    return dist.get_world_size() if _active() else 1
+
+
+def rank() -> int:
+    """This process's rank in the default group (0 without torch.distributed)."""
+    return dist.get_rank() if _active() else 0
+
+
+def is_main() -> bool:
+    """True on the process that writes files and prints."""
+    return rank() == 0
+
+
+@torch.no_grad()
+def gather_no_grad(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` from all ranks along dim 0, in rank order. No gradient flows.
+
+    Every rank must pass the same shape. On one process this returns ``tensor`` detached.
+
+    Shape:
+        ``(n, ...)`` in, ``(W * n, ...)`` out.
+    """
+    tensor = tensor.detach()
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def all_reduce_mean(tensor: Tensor) -> Tensor:
+    """Mean of ``tensor`` over ranks (a copy; no gradient). For logging and statistics."""
+    out = tensor.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(out)
+        out /= world_size()
+    return out

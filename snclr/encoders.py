@@ -1,0 +1,131 @@
+"""Backbone encoders by name (a small timm-style registry).
+
+Each factory returns an ``nn.Module`` mapping images ``(B, C, H, W)`` to features
+``(B, num_features)`` and sets ``num_features`` on it. Nothing downloads weights: every
+encoder starts from random initialisation, as self-supervised pretraining does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+__all__ = ["EncoderSpec", "create_encoder", "encoder_spec", "list_encoders", "register_encoder"]
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A registered encoder: its factory and the MoCo v3 projector depth for its family."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    projector_layers: int
+
+
+_REGISTRY: dict[str, EncoderSpec] = {}
+
+
+def register_encoder(name: str, *, projector_layers: int = 2):
+    """Decorator adding a factory to the registry; a name can be registered once."""
+
+    def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"encoder {name!r} is already registered")
+        _REGISTRY[name] = EncoderSpec(name, factory, projector_layers)
+        return factory
+
+    return decorate
+
+
+def list_encoders() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def encoder_spec(name: str) -> EncoderSpec:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown encoder {name!r}; choose one of {list_encoders()}")
+    return _REGISTRY[name]
+
+
+def create_encoder(name: str, *, in_chans: int = 3, img_size: int = 224) -> nn.Module:
+    """Build a registered encoder with random weights.
+
+    Args:
+        name: one of :func:`list_encoders`.
+        in_chans: image channels (1 for greyscale data).
+        img_size: input resolution (ViTs size their position embedding from it; ResNets
+            switch to a CIFAR-style stem below 64 pixels).
+
+    Example:
+        >>> import torch
+        >>> enc = create_encoder("small_cnn", in_chans=1, img_size=28)
+        >>> enc(torch.randn(2, 1, 28, 28)).shape == (2, enc.num_features)
+        True
+    """
+    return encoder_spec(name).factory(in_chans=in_chans, img_size=img_size)
+
+
+class SmallCNN(nn.Module):
+    """A four-block CNN for small images such as 28x28 greyscale (fast on a CPU)."""
+
+    def __init__(self, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_chans
+        for i, out in enumerate(widths):
+            layers += [
+                nn.Conv2d(width, out, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
+            width = out
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.num_features = width
+
+    def forward(self, x):
+        return self.features(x)
+
+
+@register_encoder("small_cnn")
+def _small_cnn(*, in_chans: int, img_size: int) -> nn.Module:
+    return SmallCNN(in_chans)
+
+
+def _torchvision_resnet(arch: str, *, in_chans: int, img_size: int) -> nn.Module:
+    import torchvision
+
+    model = getattr(torchvision.models, arch)(weights=None)
+    if img_size < 64:
+        # Small images lose too much to the 7x7/stride-2 stem and max-pool (CIFAR recipe).
+        model.conv1 = nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif in_chans != 3:
+        model.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
+    model.num_features = model.fc.in_features
+    model.fc = nn.Identity()
+    return model
+
+
+def _timm_vit(arch: str, *, in_chans: int, img_size: int) -> nn.Module:
+    import timm
+
+    patch = 16 if img_size >= 64 else 4
+    model = timm.create_model(
+        arch, pretrained=False, num_classes=0, in_chans=in_chans, img_size=img_size, patch_size=patch
+    )
+    return model  # timm sets num_features
+
+
+for _arch in ("resnet18", "resnet50"):
+    register_encoder(_arch)(lambda *, in_chans, img_size, _a=_arch: _torchvision_resnet(_a, in_chans=in_chans, img_size=img_size))
+
+for _name, _arch in (
+    ("vit_tiny", "vit_tiny_patch16_224"),
+    ("vit_small", "vit_small_patch16_224"),
+    ("vit_base", "vit_base_patch16_224"),
+):
+    register_encoder(_name, projector_layers=3)(
+        lambda *, in_chans, img_size, _a=_arch: _timm_vit(_a, in_chans=in_chans, img_size=img_size)
+    )

@@ -1,0 +1,180 @@
+"""The SNCLR loss, one direction per call, built from the public ops (DESIGN section 2).
+
+Stateless: no parameters and no queue access. The model searches the queue and passes the
+neighbours (and, for learned attention, the weights) in.
+
+Alphabet: B local batch, K neighbours, S = K + 1 target slots, D features, W world size,
+M = W*B*S gathered candidate columns.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from snclr import distributed, ops
+from snclr.ops._checks import check_features, check_positive
+
+__all__ = ["ATTENTIONS", "neighbor_weights", "soft_neighbor_loss"]
+
+# cosine: softmax of <n(y), n(nbr)> / tau_a (SNCLR default); uniform: 1/K; nearest: the
+# nearest neighbour alone replaces the key as the positive (NNCLR); learned: weights come
+# from a module (``snclr.heads.LearnedAttention``) and are passed in.
+ATTENTIONS = ("cosine", "uniform", "nearest", "learned")
+
+
+def neighbor_weights(
+    y: Tensor,
+    neighbors: Tensor,
+    *,
+    attention: str = "cosine",
+    temperature: float = 1.0,
+    threshold: bool = False,
+) -> Tensor:
+    """Positiveness weights ``w`` of the K neighbours of each sample.
+
+    Args:
+        y: ``(B, D)`` online projections.
+        neighbors: ``(B, K, D)`` neighbour rows, raw or normalised.
+        attention: ``"cosine"``, ``"uniform"`` or ``"nearest"``.
+        temperature: tau_a of the cosine softmax.
+        threshold: zero the weights ``<= 1/K`` (not renormalised).
+
+    Returns:
+        ``(B, K)`` weights; for ``cosine`` differentiable w.r.t. ``y``.
+    """
+    num_neighbors = neighbors.shape[1]
+    if attention == "cosine":
+        scores = torch.einsum(
+            "bd,bkd->bk", F.normalize(y, dim=-1), F.normalize(neighbors.to(y.dtype), dim=-1)
+        )
+        weights = torch.softmax(scores / temperature, dim=-1)
+    elif attention == "uniform":
+        weights = y.new_full((y.shape[0], num_neighbors), 1.0 / num_neighbors)
+    elif attention == "nearest":
+        weights = F.one_hot(
+            torch.zeros(y.shape[0], dtype=torch.long, device=y.device), num_neighbors
+        ).to(y.dtype)
+    else:
+        raise ValueError(
+            f"attention must be one of {ATTENTIONS[:3]} here ('learned' weights are "
+            f"passed as weights=), got {attention!r}"
+        )
+    if threshold and attention == "cosine":
+        weights = weights * (weights > 1.0 / num_neighbors)
+    return weights
+
+
+def _check_loss_inputs(
+    z: Tensor, y: Tensor, key: Tensor, neighbors: Tensor, weights: Tensor | None, attention: str
+) -> None:
+    check_features("z", z)
+    check_features("y", y)
+    check_features("key", key)
+    check_features("neighbors", neighbors, ndim=3)
+    shapes = f"z {tuple(z.shape)}, y {tuple(y.shape)}, key {tuple(key.shape)}, " + (
+        f"neighbors {tuple(neighbors.shape)}"
+    )
+    batch, dim = key.shape
+    if z.shape != key.shape or neighbors.shape[0] != batch or neighbors.shape[2] != dim:
+        raise ValueError(f"z, key (B, D) and neighbors (B, K, D) must agree: got {shapes}")
+    if y.shape[0] != batch:
+        raise ValueError(f"y must have B={batch} rows: got {shapes}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    num_neighbors = neighbors.shape[1]
+    if weights is not None:
+        check_features("weights", weights)
+        if weights.shape != (batch, num_neighbors):
+            raise ValueError(
+                f"weights must have shape (B={batch}, K={num_neighbors}), "
+                f"got {tuple(weights.shape)}"
+            )
+    elif attention == "learned" and num_neighbors > 0:
+        raise ValueError("attention='learned' needs the weights= computed by the module")
+    if attention == "nearest" and num_neighbors == 0:
+        raise ValueError("attention='nearest' (NNCLR) needs at least one neighbour, got K=0")
+
+
+def soft_neighbor_loss(
+    z: Tensor,
+    y: Tensor,
+    key: Tensor,
+    neighbors: Tensor,
+    *,
+    temperature: float = 0.2,
+    threshold: bool = False,
+    detach_positiveness: bool = False,
+    attention: str = "cosine",
+    attention_temperature: float = 1.0,
+    weights: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """One direction of the SNCLR loss, exactly as DESIGN section 2.
+
+    Candidates ``[n(key_j), n(nbr_j1), ..., n(nbr_jK)]`` of every sample are gathered from
+    all ranks (no gradient) into M = W*B*(K+1) columns; row j's soft target is 1 at its own
+    key and ``w_jt`` at its own neighbours (not normalised), and::
+
+        L = 2T * mean_j( sum(u_j) * lse_j - sum_t u_jt * s_j,own(t) )
+
+    With K = 0 this is the MoCo v3 loss. Under torch.distributed the mean is over the local
+    batch, so averaging gradients across ranks (as DDP does) gives the global-batch gradient.
+
+    Args:
+        z: ``(B, D)`` online predictions (queries).
+        y: ``(B, D')`` online projections (score the neighbours for ``cosine`` attention).
+        key: ``(B, D)`` momentum keys of the other view.
+        neighbors: ``(B, K, D)`` the keys' neighbours from the queue, raw or normalised.
+        temperature: logit temperature T.
+        threshold: zero positiveness weights ``<= 1/K`` (cosine attention).
+        detach_positiveness: stop the gradient from the loss into ``y`` through ``w``.
+        attention: ``"cosine"``, ``"uniform"``, ``"nearest"`` (NNCLR) or ``"learned"``.
+        attention_temperature: tau_a of the cosine positiveness softmax.
+        weights: ``(B, K)`` precomputed positiveness (used as is; required for learned).
+        backend: forwarded to :func:`snclr.ops.soft_target_contrastive_loss`.
+
+    Returns:
+        Scalar loss (float32, float64 for float64 inputs).
+
+    Example:
+        >>> import torch
+        >>> from snclr.functional import soft_neighbor_loss
+        >>> z, y, k = torch.randn(8, 16), torch.randn(8, 16), torch.randn(8, 16)
+        >>> loss = soft_neighbor_loss(z, y, k, torch.randn(8, 3, 16))
+        >>> loss.dim()
+        0
+    """
+    _check_loss_inputs(z, y, key, neighbors, weights, attention)
+    check_positive("temperature", temperature)
+    batch, num_neighbors, dim = neighbors.shape
+    if num_neighbors == 0:
+        weights = z.new_zeros(batch, 0)
+    elif weights is None:
+        weights = neighbor_weights(
+            y,
+            neighbors,
+            attention=attention,
+            temperature=attention_temperature,
+            threshold=threshold,
+        )
+    if detach_positiveness:
+        weights = weights.detach()
+    # NNCLR: the nearest neighbour replaces the key as the positive.
+    key_weight = 0.0 if attention == "nearest" else 1.0
+    targets = torch.cat([weights.new_full((batch, 1), key_weight), weights], dim=1)  # (B, S)
+    local = torch.cat(
+        [F.normalize(key.detach(), dim=-1).unsqueeze(1), F.normalize(neighbors.detach(), dim=-1)],
+        dim=1,
+    ).reshape(batch * (num_neighbors + 1), dim)  # (B*S, D), ordered (sample, slot)
+    candidates = distributed.gather_no_grad(local.to(z.dtype))  # (W*B*S, D), rank-major
+    losses = ops.soft_target_contrastive_loss(
+        z,
+        candidates,
+        targets,
+        temperature=temperature,
+        target_offset=distributed.rank() * local.shape[0],
+        backend=backend,
+    )  # (B,)
+    return 2 * temperature * losses.mean()
