@@ -1,0 +1,1 @@
+"""Benchmarks of the fused snclr ops against their references (DESIGN section 6)."""
