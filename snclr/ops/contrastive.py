@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from snclr import reference
+from snclr.ops import contrastive_triton  # registers the snclr:: custom ops on import
 from snclr.ops._checks import (
     check_features,
     check_positive,
@@ -88,6 +89,4 @@ def soft_target_contrastive_loss(
     options = dict(temperature=float(temperature), target_offset=int(target_offset))
     if resolve_backend(backend, queries.device) == "torch":
         return reference.soft_target_contrastive_loss(queries, candidates, targets, **options)
-    from snclr.ops import contrastive_triton
-
     return contrastive_triton.soft_target_contrastive_loss(queries, candidates, targets, **options)

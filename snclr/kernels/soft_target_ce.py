@@ -1,0 +1,495 @@
+"""Fused soft-target contrastive cross-entropy: forward and backward without B x M logits.
+
+Formula (DESIGN section 2), with ``n(x) = x / max(||x||, 1e-12)`` and the S columns owned by
+row j at ``own(j, s) = target_offset + j*S + s``::
+
+    s_jc    = <n(q_j), n(C_c)> / T
+    lse_j   = logsumexp_c s_jc
+    loss_j  = sum_s t_js * lse_j - sum_s t_js * s_j,own(j,s)
+    ds_jc   = g_j * (sum(t_j) * exp(s_jc - lse_j) - target_jc)      (target_jc = t_js at own)
+    dq_j    = chain_n(q_j, sum_c ds_jc * n(C_c) / T),   dC_c = chain_n(C_c, sum_j ds_jc * n(q_j) / T)
+    dt_js   = g_j * (lse_j - s_j,own(j,s))
+    chain_n(x, h) = (h - n(x) <n(x), h>) / ||x||   (h / 1e-12 when ||x|| <= 1e-12)
+
+Algorithm::
+
+    inverse norms of q and C                      (_inverse_norm_kernel, O(B + M) floats)
+    forward grid (row blocks fastest, column splits):
+        for each column tile of the split: s = (q_tile @ C_tile^T) * iq * ic * log2(e)/T
+            online max / sum of exp2 per row; store s at owned columns of this row block
+        store per-split (max, sum)                -> launcher combines splits in fixed order
+    backward dq grid (row blocks, column splits, D chunks): recompute s tiles, p = exp2(s-lse),
+        ds from p and the in-tile target weights, acc += (ds * ic / T) @ C_chunk
+        per-split partials summed in fixed order (deterministic, no atomics)
+    backward dC grid (column blocks, D chunks): stream all row tiles, acc += (ds * iq / T)^T @ q
+
+Cost: forward reads B*D + splits*... i.e. C once per row block (M*D*ceil(B/BLOCK_B) elements,
+mostly from L2 since row blocks of a split run together), writes O(B*splits + B*S); 2*B*M*D
+flops. Backward dq: 2*B*M*D (recompute) + 2*B*M*D flops per D chunk of the output; dC adds the
+same again. No B x M tensor ever exists; extra memory is O(B + B*S + M + splits*B*D).
+
+Interpreter limits respected: tiles are cast to fp32 before ``tl.dot`` (bf16 dot is wrong
+there), a single configuration (no benchmarking), no block pointers, every load masked with
+bounds computed here (the interpreter does not catch out-of-bounds accesses).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = [
+    "inverse_norms",
+    "soft_target_ce_backward",
+    "soft_target_ce_configs",
+    "soft_target_ce_forward",
+]
+
+NORM_EPS = 1e-12  # F.normalize's default eps
+_LN2 = 0.6931471805599453
+# Grid size the split heuristic aims for: enough waves for a large GPU without a device query.
+_TARGET_PROGRAMS = 1024
+# Fewest column tiles worth one split: below that the (max, sum) partials cost more than they give.
+_MIN_TILES_PER_SPLIT = 4
+
+
+def _interpreted() -> bool:
+    return triton.knobs.runtime.interpret if hasattr(triton, "knobs") else False
+
+
+# ----------------------------------------------------------------------------------- configs
+
+
+def soft_target_ce_configs(phase: str) -> list[triton.Config]:
+    """Autotune list for ``phase`` in ("forward", "backward"); one config under the interpreter.
+
+    BLOCK_D is the reduction chunk of the logits; BLOCK_DO the output feature chunk of the
+    backward accumulators (a grid dimension, so any D fits in registers).
+    """
+    if _interpreted():
+        return [triton.Config(dict(BLOCK_B=32, BLOCK_N=64, BLOCK_D=32, BLOCK_DO=64))]
+    shapes = [(64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
+    outs = (64,) if phase == "forward" else (64, 128, 256)
+    return [
+        triton.Config(
+            dict(BLOCK_B=b, BLOCK_N=n, BLOCK_D=d, BLOCK_DO=o), num_warps=w, num_stages=st
+        )
+        for (b, n, d, w, st) in shapes
+        for o in outs
+        # Backward accumulators of BLOCK_B x BLOCK_DO fp32 must stay in registers.
+        if phase == "forward" or b * o <= 128 * 128
+    ]
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop feature chunks wider than the padded D (they only load masked zeros)."""
+    width = max(16, triton.next_power_of_2(named_args["D"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs["BLOCK_DO"] <= width]
+    return kept or configs[:1]
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _soft_target_ce_mma(a, b, acc, INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr):
+    """acc += a @ b in fp32; 16-bit tiles meet at b's dtype, fp32 honours INPUT_PRECISION."""
+    if CAST_FP32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _soft_target_ce_logits(
+    q_ptr, c_ptr, inv_q, inv_c, rows, cols, row_mask, col_mask, D, scale,
+    stride_qb, stride_qd, stride_cm, stride_cd,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr,
+):  # fmt: skip
+    """(BLOCK_B, BLOCK_N) tile of s = <n(q), n(C)> * scale, the feature axis in BLOCK_D chunks."""
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    q_rows = q_ptr + rows.to(tl.int64) * stride_qb
+    # Candidate offsets in int64: M * D passes 2**31 for large queues.
+    c_cols = c_ptr + cols.to(tl.int64) * stride_cm
+    for d0 in range(0, D, BLOCK_D):
+        feats = d0 + tl.arange(0, BLOCK_D)
+        feat_mask = feats < D
+        q = tl.load(
+            q_rows[:, None] + feats[None, :] * stride_qd,
+            mask=row_mask[:, None] & feat_mask[None, :],
+            other=0.0,
+        )
+        # Loaded transposed (BLOCK_D, BLOCK_N) so the dot needs no register transpose.
+        c_t = tl.load(
+            c_cols[None, :] + feats[:, None] * stride_cd,
+            mask=feat_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        acc = _soft_target_ce_mma(q, c_t, acc, INPUT_PRECISION, CAST_FP32)
+    return acc * (inv_q[:, None] * scale) * inv_c[None, :]
+
+
+@triton.jit
+def _soft_target_ce_owner(cols, B, S, target_offset):
+    """Row owning each column (-1 if none) and its slot; guards negative division by hand."""
+    rel = cols.to(tl.int64) - target_offset
+    owned = (rel >= 0) & (rel < B * S)
+    rel = tl.where(owned, rel, 0)
+    owner = tl.where(owned, rel // S, -1)
+    slot = rel % S
+    return owner, slot
+
+
+@triton.jit
+def _soft_target_ce_dlogits(
+    s, rows, cols, col_mask, lse2, grad, row_weight, t_ptr, stride_tb, stride_ts,
+    B, S, target_offset,
+):  # fmt: skip
+    """ds = g * (sum(t) * p - target) on a tile; target_jc is read only where row j owns c."""
+    p = tl.exp2(s * 1.4426950408889634 - lse2[:, None])
+    p = tl.where(col_mask[None, :], p, 0.0)
+    owner, slot = _soft_target_ce_owner(cols, B, S, target_offset)
+    t_col = tl.load(
+        t_ptr + owner * stride_tb + slot * stride_ts, mask=owner >= 0, other=0.0
+    ).to(tl.float32)
+    target = tl.where(owner[None, :] == rows[:, None], t_col[None, :], 0.0)
+    return row_weight[:, None] * p - grad[:, None] * target
+
+
+# ----------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _soft_target_ce_inverse_norm_kernel(
+    x_ptr, out_ptr, R, D, stride_xr, stride_xd, eps,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    x_rows = x_ptr + rows.to(tl.int64) * stride_xr
+    squares = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        feats = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(
+            x_rows[:, None] + feats[None, :] * stride_xd,
+            mask=row_mask[:, None] & (feats < D)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        squares += tl.sum(x * x, axis=1)
+    tl.store(out_ptr + rows, 1.0 / tl.maximum(tl.sqrt(squares), eps), mask=row_mask)
+
+
+@triton.jit
+def _soft_target_ce_fwd_kernel(
+    q_ptr, c_ptr, inv_q_ptr, inv_c_ptr, max_ptr, sum_ptr, owned_ptr,
+    B, M, D, S, target_offset, cols_per_split, inv_temperature,
+    stride_qb, stride_qd, stride_cm, stride_cd, stride_pb, stride_ps, stride_ob, stride_os,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr,
+):  # fmt: skip
+    tl.static_assert(BLOCK_B >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
+    pid_b = tl.program_id(0)
+    split = tl.program_id(1)
+    row0 = pid_b * BLOCK_B
+    rows = row0 + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    inv_q = tl.load(inv_q_ptr + rows, mask=row_mask, other=0.0)
+    # Online softmax in base 2: log2(e) is folded into the logit scale.
+    m_i = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    start = split * cols_per_split
+    stop = tl.minimum(start + cols_per_split, M)
+    for col0 in range(start, stop, BLOCK_N):
+        cols = col0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < stop
+        inv_c = tl.load(inv_c_ptr + cols, mask=col_mask, other=0.0)
+        s = _soft_target_ce_logits(
+            q_ptr, c_ptr, inv_q, inv_c, rows, cols, row_mask, col_mask, D, inv_temperature,
+            stride_qb, stride_qd, stride_cm, stride_cd,
+            BLOCK_B, BLOCK_N, BLOCK_D, INPUT_PRECISION, CAST_FP32,
+        )  # fmt: skip
+        # Owned logits: each owned column lies in exactly one tile of one split, so one store.
+        owner, slot = _soft_target_ce_owner(cols, B, S, target_offset)
+        mine = (owner >= row0) & (owner < row0 + BLOCK_B)
+        owned_s = tl.sum(tl.where(owner[None, :] == rows[:, None], s, 0.0), axis=0)
+        tl.store(owned_ptr + owner * stride_ob + slot * stride_os, owned_s, mask=mine)
+        # Every tile has a valid column, so m_new is finite and exp2(-inf) = 0 rescales cleanly.
+        s2 = tl.where(col_mask[None, :], s * 1.4426950408889634, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s2 - m_new[:, None]), axis=1)
+        m_i = m_new
+    partial = rows.to(tl.int64) * stride_pb + split * stride_ps
+    tl.store(max_ptr + partial, m_i, mask=row_mask)
+    tl.store(sum_ptr + partial, l_i, mask=row_mask)
+
+
+@triton.jit
+def _soft_target_ce_bwd_dq_kernel(
+    q_ptr, c_ptr, t_ptr, inv_q_ptr, inv_c_ptr, lse_ptr, grad_ptr, row_weight_ptr, dq_ptr,
+    B, M, D, S, target_offset, cols_per_split, inv_temperature,
+    stride_qb, stride_qd, stride_cm, stride_cd, stride_tb, stride_ts,
+    stride_ps, stride_pb, stride_pd,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr,
+):  # fmt: skip
+    tl.static_assert(BLOCK_B >= 16 and BLOCK_N >= 16 and BLOCK_DO >= 16)
+    split = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    out_feats = tl.program_id(2) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    out_mask = out_feats < D
+    inv_q = tl.load(inv_q_ptr + rows, mask=row_mask, other=0.0)
+    lse2 = tl.load(lse_ptr + rows, mask=row_mask, other=0.0) * 1.4426950408889634
+    # Padded rows get g = 0, so their ds vanish whatever p is.
+    grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
+    row_weight = tl.load(row_weight_ptr + rows, mask=row_mask, other=0.0)
+    acc = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
+    start = split * cols_per_split
+    stop = tl.minimum(start + cols_per_split, M)
+    for col0 in range(start, stop, BLOCK_N):
+        cols = col0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < stop
+        inv_c = tl.load(inv_c_ptr + cols, mask=col_mask, other=0.0)
+        s = _soft_target_ce_logits(
+            q_ptr, c_ptr, inv_q, inv_c, rows, cols, row_mask, col_mask, D, inv_temperature,
+            stride_qb, stride_qd, stride_cm, stride_cd,
+            BLOCK_B, BLOCK_N, BLOCK_D, INPUT_PRECISION, CAST_FP32,
+        )  # fmt: skip
+        ds = _soft_target_ce_dlogits(
+            s, rows, cols, col_mask, lse2, grad, row_weight, t_ptr, stride_tb, stride_ts,
+            B, S, target_offset,
+        )  # fmt: skip
+        # d s / d n(q) = n(C) / T = C * ic / T: the column scale goes on ds, C stays raw.
+        ds = ds * (inv_c * inv_temperature)[None, :]
+        c = tl.load(
+            c_ptr + cols.to(tl.int64)[:, None] * stride_cm + out_feats[None, :] * stride_cd,
+            mask=col_mask[:, None] & out_mask[None, :],
+            other=0.0,
+        )
+        acc = _soft_target_ce_mma(ds, c, acc, INPUT_PRECISION, CAST_FP32)
+    out = dq_ptr + split * stride_ps + rows.to(tl.int64)[:, None] * stride_pb
+    tl.store(out + out_feats[None, :] * stride_pd, acc, mask=row_mask[:, None] & out_mask[None, :])
+
+
+@triton.jit
+def _soft_target_ce_bwd_dc_kernel(
+    q_ptr, c_ptr, t_ptr, inv_q_ptr, inv_c_ptr, lse_ptr, grad_ptr, row_weight_ptr, dc_ptr,
+    B, M, D, S, target_offset, inv_temperature,
+    stride_qb, stride_qd, stride_cm, stride_cd, stride_tb, stride_ts, stride_dm, stride_dd,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr,
+):  # fmt: skip
+    tl.static_assert(BLOCK_B >= 16 and BLOCK_N >= 16 and BLOCK_DO >= 16)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < M
+    out_feats = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    out_mask = out_feats < D
+    inv_c = tl.load(inv_c_ptr + cols, mask=col_mask, other=0.0)
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
+    for row0 in range(0, B, BLOCK_B):
+        rows = row0 + tl.arange(0, BLOCK_B)
+        row_mask = rows < B
+        inv_q = tl.load(inv_q_ptr + rows, mask=row_mask, other=0.0)
+        lse2 = tl.load(lse_ptr + rows, mask=row_mask, other=0.0) * 1.4426950408889634
+        grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
+        row_weight = tl.load(row_weight_ptr + rows, mask=row_mask, other=0.0)
+        s = _soft_target_ce_logits(
+            q_ptr, c_ptr, inv_q, inv_c, rows, cols, row_mask, col_mask, D, inv_temperature,
+            stride_qb, stride_qd, stride_cm, stride_cd,
+            BLOCK_B, BLOCK_N, BLOCK_D, INPUT_PRECISION, CAST_FP32,
+        )  # fmt: skip
+        ds = _soft_target_ce_dlogits(
+            s, rows, cols, col_mask, lse2, grad, row_weight, t_ptr, stride_tb, stride_ts,
+            B, S, target_offset,
+        )  # fmt: skip
+        ds = ds * (inv_q * inv_temperature)[:, None]
+        q = tl.load(
+            q_ptr + rows.to(tl.int64)[:, None] * stride_qb + out_feats[None, :] * stride_qd,
+            mask=row_mask[:, None] & out_mask[None, :],
+            other=0.0,
+        )
+        acc = _soft_target_ce_mma(tl.trans(ds), q, acc, INPUT_PRECISION, CAST_FP32)
+    out = dc_ptr + cols.to(tl.int64)[:, None] * stride_dm + out_feats[None, :] * stride_dd
+    tl.store(out, acc, mask=col_mask[:, None] & out_mask[None, :])
+
+
+_TUNE = dict(key=["D", "S"], prune_configs_by={"early_config_prune": _prune_configs})
+_fwd_tuned = triton.autotune(configs=soft_target_ce_configs("forward"), **_TUNE)(
+    _soft_target_ce_fwd_kernel
+)
+_bwd_dq_tuned = triton.autotune(configs=soft_target_ce_configs("backward"), **_TUNE)(
+    _soft_target_ce_bwd_dq_kernel
+)
+_bwd_dc_tuned = triton.autotune(configs=soft_target_ce_configs("backward"), **_TUNE)(
+    _soft_target_ce_bwd_dc_kernel
+)
+
+
+# ----------------------------------------------------------------------------------- launchers
+
+
+def _launch(tuned, block: dict | None):
+    """The autotuned kernel, or the raw kernel with the caller's block sizes (tests, bench)."""
+    if block is None:
+        return tuned, {}
+    return tuned.fn, dict(block)
+
+
+def _precision() -> dict:
+    """Constexprs for tl.dot: fp32 follows torch.get_float32_matmul_precision()."""
+    precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return dict(INPUT_PRECISION=precision, CAST_FP32=_interpreted())
+
+
+def _split_layout(num_rows: int, num_cols: int, splits: int | None, block: dict | None):
+    """(splits, cols_per_split): column ranges aligned to every candidate BLOCK_N."""
+    configs = soft_target_ce_configs("forward") + soft_target_ce_configs("backward")
+    align = block["BLOCK_N"] if block else max(c.kwargs["BLOCK_N"] for c in configs)
+    tiles = triton.cdiv(num_cols, align)
+    if splits is None:
+        row_blocks = triton.cdiv(num_rows, block["BLOCK_B"] if block else 64)
+        splits = min(triton.cdiv(_TARGET_PROGRAMS, row_blocks), tiles // _MIN_TILES_PER_SPLIT)
+    splits = max(1, min(splits, tiles))
+    cols_per_split = triton.cdiv(tiles, splits) * align
+    # Rounding may leave trailing splits empty; drop them so every split owns a column.
+    return triton.cdiv(num_cols, cols_per_split), cols_per_split
+
+
+def inverse_norms(x: Tensor) -> Tensor:
+    """``(R,)`` fp32 ``1 / max(||x_r||, 1e-12)`` of an ``(R, D)`` tensor."""
+    num_rows, width = x.shape
+    out = torch.empty(num_rows, device=x.device, dtype=torch.float32)
+    block_r, block_d = 32, min(128, max(16, triton.next_power_of_2(width)))
+    _soft_target_ce_inverse_norm_kernel[(triton.cdiv(num_rows, block_r),)](
+        x, out, num_rows, width, x.stride(0), x.stride(1), NORM_EPS,
+        BLOCK_R=block_r, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out
+
+
+def soft_target_ce_forward(
+    queries: Tensor,
+    candidates: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float,
+    target_offset: int,
+    splits: int | None = None,
+    block: dict | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Losses and what the backward needs.
+
+    Args:
+        queries: ``(B, D)`` fp32/fp16/bf16. candidates: ``(M, D)``, same dtype.
+        targets: ``(B, S)`` weights, any float dtype.
+        splits: column splits (default: a grid of about 1024 programs).
+        block: explicit ``BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_DO`` instead of autotuning.
+
+    Returns:
+        ``(loss, lse, owned, inv_q, inv_c)``: ``(B,)`` fp32 losses, ``(B,)`` fp32
+        logsumexp, ``(B, S)`` fp32 owned logits ``s_j,own(j,s)``, and the fp32 inverse norms.
+    """
+    num_rows, width = queries.shape
+    num_cols = candidates.shape[0]
+    num_slots = targets.shape[1]
+    inv_q, inv_c = inverse_norms(queries), inverse_norms(candidates)
+    splits, cols_per_split = _split_layout(num_rows, num_cols, splits, block)
+    kwargs = dict(device=queries.device, dtype=torch.float32)
+    part_max = torch.empty(num_rows, splits, **kwargs)
+    part_sum = torch.empty(num_rows, splits, **kwargs)
+    owned = torch.empty(num_rows, num_slots, **kwargs)
+    kernel, meta = _launch(_fwd_tuned, block)
+    grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_B"]), splits)  # noqa: E731
+    kernel[grid](
+        queries, candidates, inv_q, inv_c, part_max, part_sum, owned,
+        num_rows, num_cols, width, num_slots, target_offset, cols_per_split, 1.0 / temperature,
+        queries.stride(0), queries.stride(1), candidates.stride(0), candidates.stride(1),
+        part_max.stride(0), part_max.stride(1), owned.stride(0), owned.stride(1),
+        **meta, **_precision(),
+    )  # fmt: skip
+    # Split combine in a fixed order (deterministic); O(B x splits) data.
+    row_max = part_max.amax(dim=1, keepdim=True)
+    total = (part_sum * torch.exp2(part_max - row_max)).sum(dim=1)
+    lse = (row_max.squeeze(1) + torch.log2(total)) * _LN2
+    weights = targets.float()
+    loss = weights.sum(dim=1) * lse - (weights * owned).sum(dim=1)
+    return loss, lse, owned, inv_q, inv_c
+
+
+def _normalize_backward(x: Tensor, inv_norm: Tensor, grad_hat: Tensor) -> Tensor:
+    """Chain rule of x / max(||x||, eps): (h - n <n, h>) / ||x||, or h / eps when clamped."""
+    inv = inv_norm.unsqueeze(1)
+    unit = x.float() * inv
+    along = (unit * grad_hat).sum(dim=1, keepdim=True)
+    along = torch.where(inv < 1.0 / NORM_EPS, along, torch.zeros_like(along))
+    return ((grad_hat - unit * along) * inv).to(x.dtype)
+
+
+def soft_target_ce_backward(
+    grad: Tensor,
+    queries: Tensor,
+    candidates: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    owned: Tensor,
+    inv_q: Tensor,
+    inv_c: Tensor,
+    *,
+    temperature: float,
+    target_offset: int,
+    need_queries: bool = True,
+    need_candidates: bool = False,
+    splits: int | None = None,
+    block: dict | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """Gradients of ``sum_j grad_j * loss_j``: ``(dq or None, dC or None, dt)`` in input dtypes.
+
+    ``grad`` is ``(B,)``; the other tensors are the forward's inputs and outputs.
+    """
+    num_rows, width = queries.shape
+    num_cols = candidates.shape[0]
+    num_slots = targets.shape[1]
+    grad = grad.float().contiguous()
+    weights = targets.float()
+    row_weight = (grad * weights.sum(dim=1)).contiguous()
+    grad_targets = (grad.unsqueeze(1) * (lse.unsqueeze(1) - owned)).to(targets.dtype)
+    inv_temperature = 1.0 / temperature
+    precision = _precision()
+    strides = (
+        queries.stride(0), queries.stride(1), candidates.stride(0), candidates.stride(1),
+        targets.stride(0), targets.stride(1),
+    )  # fmt: skip
+    grad_queries = grad_candidates = None
+    if need_queries:
+        splits, cols_per_split = _split_layout(num_rows, num_cols, splits, block)
+        partial = torch.empty(splits, num_rows, width, device=queries.device, dtype=torch.float32)
+        kernel, meta = _launch(_bwd_dq_tuned, block)
+        grid = lambda meta: (  # noqa: E731
+            triton.cdiv(num_rows, meta["BLOCK_B"]), splits, triton.cdiv(width, meta["BLOCK_DO"])
+        )
+        kernel[grid](
+            queries, candidates, targets, inv_q, inv_c, lse, grad, row_weight, partial,
+            num_rows, num_cols, width, num_slots, target_offset, cols_per_split, inv_temperature,
+            *strides, partial.stride(0), partial.stride(1), partial.stride(2),
+            **meta, **precision,
+        )  # fmt: skip
+        # Fixed-order sum over splits keeps the gradient deterministic.
+        grad_queries = _normalize_backward(queries, inv_q, partial.sum(dim=0))
+    if need_candidates:
+        grad_hat = torch.empty(num_cols, width, device=queries.device, dtype=torch.float32)
+        kernel, meta = _launch(_bwd_dc_tuned, block)
+        grid = lambda meta: (  # noqa: E731
+            triton.cdiv(num_cols, meta["BLOCK_N"]), triton.cdiv(width, meta["BLOCK_DO"])
+        )
+        kernel[grid](
+            queries, candidates, targets, inv_q, inv_c, lse, grad, row_weight, grad_hat,
+            num_rows, num_cols, width, num_slots, target_offset, inv_temperature,
+            *strides, grad_hat.stride(0), grad_hat.stride(1),
+            **meta, **precision,
+        )  # fmt: skip
+        grad_candidates = _normalize_backward(candidates, inv_c, grad_hat)
+    return grad_queries, grad_candidates, grad_targets
