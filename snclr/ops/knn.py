@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from snclr import reference
+from snclr.ops import knn_triton
 from snclr.ops._checks import (
     check_exclude,
     check_features,
@@ -69,8 +70,6 @@ def knn_topk(
     _check_knn_topk(query, bank, k, exclude)
     if resolve_backend(backend, query.device) == "torch":
         return reference.knn_topk(query, bank, k, exclude=exclude)
-    from snclr.ops import knn_triton
-
     return knn_triton.knn_topk(query, bank, k, exclude=exclude)
 
 
@@ -141,6 +140,4 @@ def soft_neighbors(
     options = dict(temperature=float(temperature), threshold=bool(threshold), exclude=exclude)
     if resolve_backend(backend, key.device) == "torch":
         return reference.soft_neighbors(key, online, bank, k, **options)
-    from snclr.ops import knn_triton
-
     return knn_triton.soft_neighbors(key, online, bank, k, **options)
