@@ -1,0 +1,238 @@
+"""Fused soft-target contrastive loss (``snclr.kernels.soft_target_ce``) against the reference.
+
+On CPU the kernels run under the Triton interpreter (set in conftest.py); sizes stay small.
+"""
+
+import pytest
+import torch
+
+import snclr.ops  # noqa: F401  (registers the snclr:: custom ops)
+from conftest import TOLERANCES, requires_cuda
+from snclr import reference
+from snclr.kernels import soft_target_ce
+from snclr.ops import soft_target_contrastive_loss
+
+# (B, M, D, S, target_offset): B*S + target_offset <= M; no M is a multiple of the tiles.
+SHAPES = [
+    (1, 70, 16, 1, 0),  # a single row, plain InfoNCE
+    (7, 203, 64, 4, 13),  # K = 3 soft neighbours, offset inside the candidates
+    (33, 150, 96, 4, 5),  # D not a power of two, several row blocks
+    (7, 301, 64, 17, 100),  # K = 16
+    (33, 598, 16, 1, 17),  # InfoNCE with an offset, many column tiles
+]
+TEMPERATURES = [0.05, 0.2, 1.0]
+
+
+def _ids(shape):
+    return "B{}-M{}-D{}-S{}-off{}".format(*shape)
+
+
+def _inputs(shape, *, dtype=torch.float32, device="cpu"):
+    num_rows, num_cols, width, num_slots, _ = shape
+    queries = torch.randn(num_rows, width, device=device, dtype=dtype)
+    candidates = torch.randn(num_cols, width, device=device, dtype=dtype)
+    # Soft targets like SNCLR's: 1 for the key column, attention weights in (0, 1) after.
+    targets = torch.rand(num_rows, num_slots, device=device, dtype=dtype) * 0.9 + 0.05
+    targets[:, 0] = 1.0
+    return queries, candidates, targets
+
+
+def _loss_and_grads(backend, queries, candidates, targets, grad, *, candidate_grad, **options):
+    q = queries.detach().clone().requires_grad_()
+    c = candidates.detach().clone().requires_grad_(candidate_grad)
+    t = targets.detach().clone().requires_grad_()
+    loss = soft_target_contrastive_loss(q, c, t, backend=backend, **options)
+    loss.backward(grad)
+    return loss.detach(), q.grad, c.grad, t.grad
+
+
+def _assert_matches(queries, candidates, targets, *, candidate_grad=True, tol=None, **options):
+    atol, rtol = tol or TOLERANCES[torch.float32]
+    grad = torch.rand(queries.shape[0], device=queries.device) + 0.5
+    args = (queries, candidates, targets, grad)
+    got = _loss_and_grads("triton", *args, candidate_grad=candidate_grad, **options)
+    want = _loss_and_grads("torch", *args, candidate_grad=candidate_grad, **options)
+    for name, g, w in zip(("loss", "dq", "dC", "dt"), got, want):
+        if w is None:
+            assert g is None, name
+            continue
+        assert g.dtype == w.dtype, name
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_matches_reference(shape, temperature):
+    queries, candidates, targets = _inputs(shape)
+    _assert_matches(
+        queries, candidates, targets, temperature=temperature, target_offset=shape[4]
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:3], ids=_ids)
+def test_without_candidate_gradient(shape):
+    queries, candidates, targets = _inputs(shape)
+    _assert_matches(
+        queries, candidates, targets, candidate_grad=False, temperature=0.2, target_offset=shape[4]
+    )
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+def test_launchers_any_split_and_block(splits):
+    """Split counts and block sizes change the reduction order only, not the result."""
+    shape = (33, 459, 64, 4, 21)
+    queries, candidates, targets = _inputs(shape)
+    grad = torch.rand(shape[0]) + 0.5
+    options = dict(temperature=0.1, target_offset=shape[4], splits=splits)
+    block = dict(BLOCK_B=16, BLOCK_N=32, BLOCK_D=16, BLOCK_DO=32) if splits % 2 else None
+    loss, *saved = soft_target_ce.soft_target_ce_forward(
+        queries, candidates, targets, block=block, **options
+    )
+    grads = soft_target_ce.soft_target_ce_backward(
+        grad, queries, candidates, targets, *saved, need_candidates=True, block=block, **options
+    )
+    q, c, t = (x.clone().requires_grad_() for x in (queries, candidates, targets))
+    want = reference.soft_target_contrastive_loss(q, c, t, temperature=0.1, target_offset=shape[4])
+    want.backward(grad)
+    torch.testing.assert_close(loss, want.detach(), atol=1e-4, rtol=1e-4)
+    for got, ref in zip(grads, (q.grad, c.grad, t.grad)):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_inverse_norms():
+    x = torch.randn(45, 96) * torch.logspace(-3, 3, 45).unsqueeze(1)
+    torch.testing.assert_close(
+        soft_target_ce.inverse_norms(x), 1.0 / x.norm(dim=1), atol=0, rtol=1e-5
+    )
+
+
+def test_large_logits_do_not_overflow():
+    """Queries equal to their key columns at T = 0.05: logits of 20 next to the others."""
+    num_rows, width = 7, 64
+    candidates = torch.randn(150, width) * 100.0
+    queries = candidates[:num_rows].clone() * 3.0
+    targets = torch.ones(num_rows, 1)
+    loss = soft_target_contrastive_loss(
+        queries, candidates, targets, temperature=0.05, backend="triton"
+    )
+    assert torch.isfinite(loss).all()
+    _assert_matches(queries, candidates, targets, temperature=0.05, target_offset=0)
+
+
+def test_row_without_target_mass():
+    shape = (7, 203, 64, 4, 13)
+    queries, candidates, targets = _inputs(shape)
+    targets[3] = 0.0
+    _assert_matches(queries, candidates, targets, temperature=0.2, target_offset=shape[4])
+    q = queries.clone().requires_grad_()
+    loss = soft_target_contrastive_loss(
+        q, candidates, targets, temperature=0.2, target_offset=13, backend="triton"
+    )
+    loss.sum().backward()
+    assert loss[3].item() == 0.0
+    assert torch.count_nonzero(q.grad[3]) == 0
+
+
+def test_non_contiguous_inputs():
+    shape = (7, 203, 64, 4, 13)
+    queries, candidates, targets = _inputs(shape)
+    candidates = candidates.t().contiguous().t()  # column-major (M, D)
+    queries = torch.randn(shape[2], 2 * shape[0])[:, ::2].t()  # strided rows and features
+    _assert_matches(queries, candidates, targets, temperature=0.2, target_offset=shape[4])
+
+
+def test_float64_takes_exact_reference():
+    queries, candidates, targets = _inputs((7, 70, 16, 4, 3), dtype=torch.float64)
+    got = soft_target_contrastive_loss(
+        queries, candidates, targets, temperature=0.2, target_offset=3, backend="triton"
+    )
+    want = reference.soft_target_contrastive_loss(
+        queries, candidates, targets, temperature=0.2, target_offset=3
+    )
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1]], ids=_ids)
+def test_opcheck(shape):
+    queries, candidates, targets = _inputs(shape)
+    args = (queries, candidates, targets, 0.2, shape[4])
+    torch.library.opcheck(torch.ops.snclr.soft_target_contrastive_loss.default, args)
+    grad_args = tuple(x.requires_grad_() if isinstance(x, torch.Tensor) else x for x in args)
+    torch.library.opcheck(torch.ops.snclr.soft_target_contrastive_loss.default, grad_args)
+
+
+def test_torch_compile_forward_backward():
+    shape = (7, 203, 64, 4, 13)
+    queries, candidates, targets = _inputs(shape)
+
+    def total(q, c, t):
+        loss = soft_target_contrastive_loss(
+            q, c, t, temperature=0.2, target_offset=13, backend="triton"
+        )
+        return (loss * torch.linspace(0.5, 1.5, loss.shape[0])).sum()
+
+    compiled = torch.compile(total, backend="inductor", fullgraph=True)
+    results = []
+    for fn in (total, compiled):
+        leaves = [x.clone().requires_grad_() for x in (queries, candidates, targets)]
+        value = fn(*leaves)
+        value.backward()
+        results.append((value.detach(), *(x.grad for x in leaves)))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+HALF_TOLERANCES = [
+    (torch.float16, *TOLERANCES[torch.float16]),
+    (torch.bfloat16, *TOLERANCES[torch.bfloat16]),
+]
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol, rtol", HALF_TOLERANCES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(256, 70000, 256, 17, 4096), (33, 5000, 96, 4, 7)], ids=_ids)
+def test_half_precision_on_gpu(shape, dtype, atol, rtol):
+    queries, candidates, targets = _inputs(shape, dtype=dtype, device="cuda")
+    _assert_matches(
+        queries, candidates, targets, tol=(atol, rtol), temperature=0.2, target_offset=shape[4]
+    )
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_large_queue_on_gpu():
+    shape = (64, 1 << 20, 128, 31, 12345)
+    queries, candidates, targets = _inputs(shape, device="cuda")
+    _assert_matches(
+        queries, candidates, targets, tol=(1e-3, 1e-3), temperature=0.05, target_offset=shape[4]
+    )
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [16, 96, 256, 1024])
+def test_every_config_compiles_on_gpu(width):
+    shape = (70, 3000, width, 4, 9)
+    queries, candidates, targets = _inputs(shape, device="cuda")
+    grad = torch.rand(shape[0], device="cuda")
+    q, c, t = (x.clone().requires_grad_() for x in (queries, candidates, targets))
+    want = reference.soft_target_contrastive_loss(q, c, t, temperature=0.2, target_offset=9)
+    want.backward(grad)
+    configs = {
+        tuple(sorted(cfg.kwargs.items())): cfg
+        for phase in ("forward", "backward")
+        for cfg in soft_target_ce.soft_target_ce_configs(phase)
+    }
+    for cfg in configs.values():
+        options = dict(temperature=0.2, target_offset=9, block=cfg.kwargs)
+        loss, *saved = soft_target_ce.soft_target_ce_forward(queries, candidates, targets, **options)
+        grads = soft_target_ce.soft_target_ce_backward(
+            grad, queries, candidates, targets, *saved, need_candidates=True, **options
+        )
+        torch.testing.assert_close(loss, want.detach(), atol=2e-3, rtol=2e-3)
+        for got, ref in zip(grads, (q.grad, c.grad, t.grad)):
+            torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
