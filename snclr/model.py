@@ -183,7 +183,9 @@ class SNCLR(nn.Module):
     def _direction(self, z: Tensor, y: Tensor, key: Tensor, k: int) -> tuple[Tensor, dict]:
         options = dict(temperature=self.temperature, detach_positiveness=self.detach_positiveness, attention=self.attention, backend=self.backend)
         if k == 0:
+            # MoCo v3 terms only, whatever the attention (NNCLR included) while the queue fills.
             neighbors = key.new_zeros(key.shape[0], 0, key.shape[1])
+            options["attention"] = "cosine"
             return functional.soft_neighbor_loss(z, y, key, neighbors, **options), {}
         queue_dtype = self.bank.queue.dtype
         found = self.bank.search(

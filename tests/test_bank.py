@@ -1,0 +1,80 @@
+"""MemoryBank: FIFO wrap-around, fill count, state_dict round trip, search of filled rows."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from snclr import MemoryBank
+
+
+def test_enqueue_wraps_around_without_dropping_rows():
+    bank = MemoryBank(5, 3)
+    first, second = torch.randn(3, 3), torch.randn(4, 3)
+    bank.enqueue(first, torch.arange(3))
+    assert bank.num_filled == 3 and int(bank.pointer) == 3
+    bank.enqueue(second, torch.arange(10, 14))
+    # Rows 3, 4 take second[0:2]; the ring wraps and second[2:4] overwrite rows 0, 1.
+    expected = torch.cat([F.normalize(second[2:], dim=1), F.normalize(first[2:3], dim=1), F.normalize(second[:2], dim=1)])
+    torch.testing.assert_close(bank.queue, expected)
+    assert bank.labels.tolist() == [12, 13, 2, 10, 11]
+    assert bank.num_filled == 5 and int(bank.filled) == 5 and int(bank.pointer) == 2
+
+
+def test_oversized_enqueue_keeps_the_newest_rows():
+    bank = MemoryBank(4, 2)
+    keys = torch.randn(10, 2)
+    bank.enqueue(keys)
+    torch.testing.assert_close(bank.queue, F.normalize(keys[-4:], dim=1))
+    assert bank.num_filled == 4 and int(bank.pointer) == 0
+
+
+def test_search_sees_only_filled_rows_by_default():
+    bank = MemoryBank(100, 8)
+    assert bank.rows().shape == (0, 8)
+    keys = torch.randn(6, 8)
+    bank.enqueue(keys)
+    assert bank.rows().shape == (6, 8)
+    found = bank.search(keys, keys, 6)
+    assert found.indices.max() < 6
+    with pytest.raises(ValueError, match=r"k=7 exceeds the 6 searchable rows"):
+        bank.search(keys, keys, 7)
+
+
+def test_search_unfilled_reproduces_the_reference_initialisation():
+    bank = MemoryBank(50, 8, search_unfilled=True)
+    assert bank.rows().shape == (50, 8)
+    torch.testing.assert_close(bank.queue.norm(dim=1), torch.ones(50))
+    assert bank.search(torch.randn(3, 8), torch.randn(3, 8), 10).indices.shape == (3, 10)
+
+
+def test_state_dict_round_trip_restores_queue_and_pointers():
+    bank = MemoryBank(6, 4)
+    bank.enqueue(torch.randn(8, 4), torch.arange(8))
+    restored = MemoryBank(6, 4)
+    restored.load_state_dict(bank.state_dict())
+    assert restored.num_filled == 6 and restored._pointer == 0
+    assert torch.equal(restored.queue, bank.queue) and torch.equal(restored.labels, bank.labels)
+    more = torch.randn(3, 4)
+    bank.enqueue(more)
+    restored.enqueue(more)
+    assert torch.equal(restored.queue, bank.queue)
+
+
+def test_bfloat16_storage():
+    bank = MemoryBank(8, 4, dtype=torch.bfloat16)
+    bank.enqueue(torch.randn(3, 4))
+    assert bank.queue.dtype == torch.bfloat16 and bank.rows().shape == (3, 4)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: MemoryBank(0, 4), r"size and dim must be >= 1"),
+        (lambda: MemoryBank(4, 4, mode="sharded"), r"mode must be one of"),
+        (lambda: MemoryBank(4, 4).enqueue(torch.randn(2, 3)), r"keys must have shape \(n, 4\), got \(2, 3\)"),
+        (lambda: MemoryBank(4, 4).enqueue(torch.randn(2, 4), torch.arange(3)), r"labels must have shape \(2,\)"),
+    ],
+)
+def test_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

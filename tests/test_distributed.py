@@ -1,0 +1,87 @@
+"""Two gloo processes with b/2 samples each equal one process with b samples."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from snclr import MemoryBank, distributed
+from snclr.functional import soft_neighbor_loss
+
+BATCH, K, DIM, WORLD = 8, 3, 16, 2
+
+
+def make_inputs():
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(*s, generator=g, dtype=torch.float64) for s in ((BATCH, DIM),) * 3 + ((BATCH, K, DIM),)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+        z, y, key, nbr = (t[rows].clone() for t in make_inputs())
+        z.requires_grad_(), y.requires_grad_()
+        loss = soft_neighbor_loss(z, y, key, nbr, threshold=True)
+        grad_z, grad_y = torch.autograd.grad(loss, (z, y))
+        bank = MemoryBank(6, DIM, mode="global")
+        bank.enqueue(key, torch.arange(BATCH)[rows])
+        gathered = distributed.gather_no_grad(torch.full((2,), float(rank)))
+        torch.save(
+            dict(loss=loss.detach(), grad_z=grad_z, grad_y=grad_y, bank=bank.state_dict(),
+                 mean=distributed.all_reduce_mean(loss), gathered=gathered, rank=distributed.rank(),
+                 world=distributed.world_size()),
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("gloo"))
+    mp.start_processes(worker, args=(free_port(), out_dir), nprocs=WORLD, start_method="spawn")
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+def test_helpers_are_noops_on_one_process():
+    t = torch.randn(3, 2)
+    assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
+    assert torch.equal(distributed.gather_no_grad(t), t) and torch.equal(distributed.all_reduce_mean(t), t)
+
+
+def test_gather_and_reduce_across_ranks(ranks):
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world"] == WORLD
+    assert ranks[0]["gathered"].tolist() == [0.0, 0.0, 1.0, 1.0]
+    torch.testing.assert_close(ranks[0]["mean"], (ranks[0]["loss"] + ranks[1]["loss"]) / 2)
+
+
+def test_two_ranks_equal_one_rank(ranks):
+    z, y, key, nbr = make_inputs()
+    z.requires_grad_(), y.requires_grad_()
+    loss = soft_neighbor_loss(z, y, key, nbr, threshold=True)
+    grad_z, grad_y = torch.autograd.grad(loss, (z, y))
+    # The global loss is the mean of the ranks' local means; DDP averages gradients the same way.
+    torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, loss, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(torch.cat([r["grad_z"] for r in ranks]) / WORLD, grad_z, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(torch.cat([r["grad_y"] for r in ranks]) / WORLD, grad_y, atol=1e-12, rtol=1e-12)
+
+
+def test_global_bank_is_identical_on_every_rank(ranks):
+    _, _, key, _ = make_inputs()
+    single = MemoryBank(6, DIM)
+    single.enqueue(key, torch.arange(BATCH))
+    for r in ranks:
+        torch.testing.assert_close(r["bank"]["queue"], single.queue)
+        assert torch.equal(r["bank"]["labels"], single.labels) and int(r["bank"]["pointer"]) == single._pointer

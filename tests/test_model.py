@@ -1,0 +1,109 @@
+"""SNCLR model: training reduces the loss, EMA-only momentum branch, queue fills, variants."""
+
+import pytest
+import torch
+
+from snclr import SNCLR, create_model
+from snclr.encoders import create_encoder, list_encoders, register_encoder
+
+SMALL = dict(in_chans=1, img_size=28, projector_hidden=64, projector_dim=32, predictor_hidden=64)
+
+
+def views(images, generator):
+    noise = lambda: 0.3 * torch.randn(images.shape, generator=generator)  # noqa: E731
+    return images + noise(), images + noise()
+
+
+def train(model, steps, batch=16):
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 1, 28, 28, generator=generator)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        out = model(*views(images, generator))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        model.momentum_update(0.9)
+        model.enqueue(out.keys)
+        losses.append(out.loss.item())
+    return losses, out
+
+
+def test_training_reduces_the_loss_and_fills_the_queue():
+    model = create_model("small_cnn", num_neighbors=3, queue_size=64, **SMALL)
+    losses, out = train(model, 12)
+    assert model.bank.num_filled == 64
+    assert sum(losses[-3:]) / 3 < sum(losses[3:6]) / 3  # after the neighbour terms switch on
+    assert out.neighbor_indices.shape == (16, 3) and out.positiveness.shape == (16, 3)
+    assert 0 < out.positiveness_entropy <= torch.log(torch.tensor(3.0)) + 1e-6
+
+
+def test_momentum_branch_changes_only_through_ema():
+    model = create_model("small_cnn", num_neighbors=2, queue_size=32, **SMALL)
+    before = [p.detach().clone() for p in model.momentum_parameters()]
+    out = model(torch.randn(8, 1, 28, 28), torch.randn(8, 1, 28, 28))
+    out.loss.backward()
+    assert all(p.grad is None for p in model.momentum_parameters())
+    online = [p.detach().clone() for p in model.online_parameters()]
+    model.momentum_update(0.75)
+    for m, b, o in zip(model.momentum_parameters(), before, online):
+        torch.testing.assert_close(m, 0.75 * b + 0.25 * o)
+
+
+def test_forward_does_not_change_the_queue():
+    model = create_model("small_cnn", num_neighbors=2, queue_size=32, **SMALL)
+    model.enqueue(torch.randn(8, 32))
+    snapshot = model.bank.queue.clone()
+    model(torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28))
+    assert torch.equal(snapshot, model.bank.queue) and model.bank.num_filled == 8
+
+
+@pytest.mark.parametrize("method", ["snclr", "mocov3", "nnclr", "snclr-uniform", "snclr-learned"])
+def test_every_method_trains(method):
+    model = create_model("small_cnn", method=method, num_neighbors=3, queue_size=32, threshold=True, **SMALL)
+    losses, out = train(model, 4, batch=8)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    expected_k = {"mocov3": 0, "nnclr": 1}.get(method, 3)
+    assert model.num_neighbors == expected_k
+    if expected_k:
+        assert out.neighbor_indices.shape == (8, expected_k)
+    if method == "snclr-learned":
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.attention_head.parameters())
+
+
+def test_vit_encoder_gets_a_three_layer_projector():
+    model = create_model("vit_tiny", in_chans=1, img_size=28, projector_hidden=32, projector_dim=16, predictor_hidden=32, queue_size=16)
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.projector) == 3
+    assert model(torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28)).loss.isfinite()
+
+
+def test_custom_encoder_module():
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 40))
+    model = SNCLR(encoder, num_features=40, num_neighbors=2, queue_size=16, projector_hidden=32, projector_dim=8, predictor_hidden=32)
+    model.enqueue(torch.randn(4, 8))
+    assert model(torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28)).loss.isfinite()
+
+
+def test_encoder_registry_refuses_duplicates_and_unknown_names():
+    assert {"small_cnn", "resnet18", "resnet50", "vit_small"} <= set(list_encoders())
+    with pytest.raises(ValueError, match="already registered"):
+        register_encoder("small_cnn")(lambda **kw: None)
+    with pytest.raises(ValueError, match="unknown encoder 'resnet7'"):
+        create_encoder("resnet7")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_neighbors=10, queue_size=5), r"queue_size=5 must be >= num_neighbors=10"),
+        (dict(attention="dot"), r"attention must be one of"),
+        (dict(num_neighbors=-1), r"num_neighbors must be >= 0"),
+        (dict(temperature=0), r"must be > 0"),
+    ],
+)
+def test_bad_configuration(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SNCLR(create_encoder("small_cnn", in_chans=1), **kwargs)
+    with pytest.raises(ValueError, match="unknown method 'byol'"):
+        create_model("small_cnn", method="byol")

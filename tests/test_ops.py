@@ -1,0 +1,67 @@
+"""Public ops: input validation, backend resolution, and the documented examples."""
+
+import doctest
+import importlib
+
+import pytest
+import torch
+
+from snclr import ops
+
+Q, BANK = torch.randn(4, 8), torch.randn(20, 8)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: ops.knn_topk(Q[0], BANK, 2), ValueError, r"query must have 2 dimensions, got shape \(8,\)"),
+        (lambda: ops.knn_topk(Q, BANK[:, :5], 2), ValueError, r"feature dimension D must match: got query \(4, 8\), bank \(20, 5\)"),
+        (lambda: ops.knn_topk(Q, BANK, 21), ValueError, r"k=21 exceeds the 20 searchable rows of bank"),
+        (lambda: ops.knn_topk(Q, BANK, 0), ValueError, r"k must be >= 1, got 0"),
+        (lambda: ops.knn_topk(Q, BANK, 2.0), TypeError, r"k must be an int"),
+        (lambda: ops.knn_topk(Q.long(), BANK, 2), TypeError, r"query must be a floating-point tensor, got dtype torch.int64"),
+        (lambda: ops.knn_topk(Q, BANK.to("meta"), 2), ValueError, r"one device: got query on cpu, bank on meta"),
+        (lambda: ops.knn_topk(Q, BANK[:0], 1), ValueError, r"bank must not be empty"),
+        (lambda: ops.knn_topk(Q[:0], BANK, 1), ValueError, r"query must not be empty"),
+        (lambda: ops.knn_topk(Q, BANK, 2, exclude=torch.zeros(3, 1, dtype=torch.long)), ValueError, r"exclude must have shape \(B=4, E\)"),
+        (lambda: ops.knn_topk(Q, BANK, 2, exclude=torch.zeros(4, 1)), TypeError, r"exclude must be int64"),
+        (lambda: ops.knn_topk(Q, BANK, 2, backend="cuda"), ValueError, r"backend must be one of"),
+        (lambda: ops.knn_topk([[1.0]], BANK, 2), TypeError, r"query must be a torch.Tensor, got list"),
+        (lambda: ops.soft_neighbors(Q, Q[:3], BANK, 2), ValueError, r"key and online must have the same batch size B"),
+        (lambda: ops.soft_neighbors(Q, Q, BANK, 2, temperature=0.0), ValueError, r"temperature must be a finite number > 0, got 0.0"),
+        (lambda: ops.soft_neighbors(Q, Q, BANK, 2, temperature=float("nan")), ValueError, r"temperature must be a finite number"),
+        (lambda: ops.soft_neighbors(Q, Q[:, :4], BANK, 2), ValueError, r"feature dimension D must match"),
+        (lambda: ops.soft_neighbors(Q, Q, BANK, 30), ValueError, r"k=30 exceeds the 20 searchable rows"),
+        (lambda: ops.soft_target_contrastive_loss(Q, BANK, torch.ones(4, 3), temperature=0.2, target_offset=9), ValueError, r"target columns \[9, 21\) of B=4 rows x S=3 slots must lie within the M=20 candidates"),
+        (lambda: ops.soft_target_contrastive_loss(Q, BANK, torch.ones(4, 3), temperature=0.2, target_offset=-1), ValueError, r"must lie within"),
+        (lambda: ops.soft_target_contrastive_loss(Q, BANK, torch.ones(5, 3), temperature=0.2), ValueError, r"targets must have shape \(B=4, S\), got \(5, 3\)"),
+        (lambda: ops.soft_target_contrastive_loss(Q, BANK, torch.ones(4), temperature=0.2), ValueError, r"targets must have 2 dimensions"),
+        (lambda: ops.soft_target_contrastive_loss(Q, BANK, torch.ones(4, 3, dtype=torch.long), temperature=0.2), TypeError, r"targets must be a floating-point tensor"),
+        (lambda: ops.soft_target_contrastive_loss(Q, BANK, torch.ones(4, 3), temperature=-1), ValueError, r"temperature must be a finite number > 0, got -1"),
+        (lambda: ops.soft_target_contrastive_loss(Q, BANK, torch.ones(4, 3), temperature=0.2, target_offset=1.5), TypeError, r"target_offset must be an int"),
+    ],
+)
+def test_bad_input_raises_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors \(got cpu\)"):
+        ops.knn_topk(Q, BANK, 2, backend="triton")
+
+
+def test_auto_backend_on_cpu_is_the_reference():
+    from snclr import reference
+
+    for got, expected in zip(ops.knn_topk(Q, BANK, 3), reference.knn_topk(Q, BANK, 3)):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "module", ["snclr.ops.knn", "snclr.ops.contrastive", "snclr.functional", "snclr.bank", "snclr.model", "snclr.encoders"]
+)
+def test_docstring_examples_run(module):
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
