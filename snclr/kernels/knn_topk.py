@@ -292,11 +292,13 @@ def knn_topk_split(
     block_b: int | None = None,
     block_n: int | None = None,
     block_d: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Per-split top-k candidates as packed int64 keys, ``(B, SPLITS, K)``, unsorted.
 
-    ``num_splits`` and the block sizes override the heuristic and the autotuned config
-    (tests use them to cover several split counts and tile edges).
+    ``num_splits``, the block sizes and the launch options override the heuristic and the
+    autotuned config (tests use them to cover split counts, tile edges and every config).
     """
     num_queries, dim = query.shape
     num_rows = bank.shape[0]
@@ -319,7 +321,7 @@ def knn_topk_split(
         K=k, K_PAD=k_pad, HAS_EXCLUDE=has_exclude, CAST_FP32=cast,
         INPUT_PRECISION=_input_precision(query.dtype if not cast else torch.float32),
     )
-    overrides = (block_b, block_n, block_d)
+    overrides = (block_b, block_n, block_d, num_warps, num_stages)
     if _interpreted() or any(o is not None for o in overrides):
         default = split_configs()[0][0].kwargs if _interpreted() else {
             "BLOCK_B": 64, "BLOCK_N": 64, "BLOCK_D": 64}
@@ -328,6 +330,10 @@ def knn_topk_split(
             "BLOCK_N": block_n or default["BLOCK_N"],
             "BLOCK_D": block_d or default["BLOCK_D"],
         }
+        if num_warps is not None:
+            meta["num_warps"] = num_warps
+        if num_stages is not None:
+            meta["num_stages"] = num_stages
         grid = (triton.cdiv(num_queries, meta["BLOCK_B"]), splits)
         _knn_topk_split_kernel[grid](**args, **meta)
     else:

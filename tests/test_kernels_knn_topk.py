@@ -1,0 +1,299 @@
+"""Triton knn_topk / soft_neighbors (split + merge kernels) against the torch reference.
+
+On CPU the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1), so
+the interpreted cases stay small (bank <= 4096 rows). Top-K checks are robust to ties:
+values match, the recomputed scores of the returned indices equal the returned values, and
+every returned value is >= the reference K-th value; exact index equality is asserted only
+where the expected order is forced (duplicated rows, NaN / excluded rows).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import snclr.ops as ops
+from conftest import TOLERANCES, requires_cuda
+from snclr import reference
+from snclr.kernels import knn_topk as kernels
+
+ATOL, RTOL = TOLERANCES[torch.float32]
+
+# (B, N, D, K): odd batch sizes, banks that are not a multiple of the 64-row tile.
+SEARCH_SHAPES = [
+    (1, 1, 16, 1),  # a single bank row
+    (7, 5, 16, 3),
+    (33, 100, 64, 16),
+    (7, 333, 96, 3),
+    (33, 333, 64, 1),  # K = 1 running-argmax path
+    (7, 300, 64, 64),  # the largest K
+    (1, 4096, 16, 16),  # the largest interpreted bank
+]
+
+
+def _ids(shapes):
+    return ["B{}-N{}-D{}-K{}".format(*s) for s in shapes]
+
+
+def assert_topk_consistent(query, bank, k, values, indices, exclude=None):
+    """Tie-robust comparison of a top-k result with the reference."""
+    ref_values, _ = reference.knn_topk(query, bank, k, exclude=exclude)
+    assert values.shape == indices.shape == (query.shape[0], k)
+    assert indices.dtype == torch.int64 and values.dtype == ref_values.dtype
+    assert int(indices.min()) >= 0 and int(indices.max()) < bank.shape[0]
+    assert all(len(set(row)) == k for row in indices.tolist()), "repeated index in a row"
+    torch.testing.assert_close(values, ref_values, atol=ATOL, rtol=RTOL)
+    rescored = torch.einsum("bd,bkd->bk", query.double(), bank.double()[indices]).float()
+    finite = values.isfinite()
+    torch.testing.assert_close(values[finite], rescored[finite], atol=ATOL, rtol=RTOL)
+    kth = ref_values[:, -1:]
+    assert bool((values >= kth - ATOL - RTOL * kth.abs()).all())
+
+
+@pytest.mark.parametrize("shape", SEARCH_SHAPES, ids=_ids(SEARCH_SHAPES))
+def test_knn_topk_matches_reference(shape):
+    batch, rows, dim, k = shape
+    query, bank = torch.randn(batch, dim), torch.randn(rows, dim)
+    values, indices = ops.knn_topk(query, bank, k, backend="triton")
+    assert_topk_consistent(query, bank, k, values, indices)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+@pytest.mark.parametrize("k", [1, 3, 16])
+def test_split_counts_and_small_tiles(num_splits, k):
+    query, bank = torch.randn(33, 64), torch.randn(333, 64)
+    candidates = kernels.knn_topk_split(
+        query, bank, k, num_splits=num_splits, block_b=16, block_n=64, block_d=32
+    )
+    assert candidates.shape == (33, num_splits, k)
+    indices, values, positiveness = kernels.knn_topk_merge(
+        candidates, query, bank, k, values_dtype=torch.float32
+    )
+    assert positiveness is None
+    assert_topk_consistent(query, bank, k, values, indices)
+
+
+def test_duplicated_rows_tie_to_the_smaller_index():
+    base = torch.randn(40, 32)
+    # Every row appears three times, spread across tiles and splits.
+    bank = torch.cat([base, base, base])[torch.randperm(120)]
+    query = torch.randn(7, 32)
+    for num_splits in (1, 3):
+        candidates = kernels.knn_topk_split(query, bank, 9, num_splits=num_splits, block_n=16 * 4)
+        indices, values, _ = kernels.knn_topk_merge(
+            candidates, query, bank, 9, values_dtype=torch.float32
+        )
+        ref_values, ref_indices = reference.knn_topk(query, bank, 9)
+        assert torch.equal(indices, ref_indices)
+        torch.testing.assert_close(values, ref_values, atol=ATOL, rtol=RTOL)
+
+
+def test_k_equals_n_returns_every_row_sorted():
+    query, bank = torch.randn(7, 16), torch.randn(12, 16)
+    values, indices = ops.knn_topk(query, bank, 12, backend="triton")
+    assert torch.equal(indices.sort(dim=1).values, torch.arange(12).expand(7, 12))
+    assert bool((values[:, :-1] >= values[:, 1:]).all())
+    assert_topk_consistent(query, bank, 12, values, indices)
+
+
+def test_very_negative_scores():
+    query = torch.rand(7, 16) + 0.1
+    bank = -(torch.rand(200, 16) + 0.1) * 1e3
+    values, indices = ops.knn_topk(query, bank, 5, backend="triton")
+    ref_values, ref_indices = reference.knn_topk(query, bank, 5)
+    assert bool((values < -1e2).all())
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(values, ref_values, atol=ATOL, rtol=RTOL)
+
+
+def test_nan_rows_never_win():
+    query, bank = torch.randn(7, 16), torch.randn(150, 16)
+    bank[::3] = float("nan")
+    values, indices = ops.knn_topk(query, bank, 10, backend="triton")
+    assert not bool((indices % 3 == 0).any())
+    assert_topk_consistent(query, bank, 10, values, indices)
+
+
+def test_nan_rows_fill_the_tail_as_minus_inf_like_the_reference():
+    query, bank = torch.randn(7, 16), torch.full((70, 16), float("nan"))
+    bank[[5, 40, 66]] = torch.randn(3, 16)
+    values, indices = ops.knn_topk(query, bank, 6, backend="triton")
+    ref_values, ref_indices = reference.knn_topk(query, bank, 6)
+    assert torch.equal(indices, ref_indices)
+    assert torch.equal(indices[:, 3:], torch.tensor([0, 1, 2]).expand(7, 3))
+    assert bool((values[:, 3:] == float("-inf")).all())
+    torch.testing.assert_close(values, ref_values, atol=ATOL, rtol=RTOL)
+
+
+def test_exclusion_with_padding():
+    query, bank = torch.randn(7, 32), torch.randn(333, 32)
+    _, best = reference.knn_topk(query, bank, 4)
+    # Exclude each query's two best rows, with -1 padding and a repeated entry.
+    exclude = torch.cat([best[:, :2], torch.full((7, 2), -1), best[:, :1]], dim=1)
+    values, indices = ops.knn_topk(query, bank, 4, exclude=exclude, backend="triton")
+    assert not bool((indices.unsqueeze(2) == best[:, None, :2]).any())
+    assert torch.equal(indices[:, :2], best[:, 2:])
+    assert_topk_consistent(query, bank, 4, values, indices, exclude=exclude)
+
+
+def test_exclusion_leaving_fewer_than_k_rows():
+    query, bank = torch.randn(3, 16), torch.randn(6, 16)
+    exclude = torch.tensor([[0, 1, 2, 3], [5, -1, -1, -1], [4, 2, 0, -1]])
+    values, indices = ops.knn_topk(query, bank, 5, exclude=exclude, backend="triton")
+    ref_values, ref_indices = reference.knn_topk(query, bank, 5, exclude=exclude)
+    assert torch.equal(indices, ref_indices)
+    assert bool((values[0, 2:] == float("-inf")).all())
+    torch.testing.assert_close(values, ref_values, atol=ATOL, rtol=RTOL)
+
+
+def test_knn_topk_gradients_match_reference():
+    query = torch.randn(7, 64, requires_grad=True)
+    bank = torch.randn(333, 64, requires_grad=True)
+    exclude = torch.tensor([[3, -1]] * 7)
+    upstream = torch.randn(7, 16)
+    grads = {}
+    for backend in ("torch", "triton"):
+        values, _ = ops.knn_topk(query, bank, 16, exclude=exclude, backend=backend)
+        grads[backend] = torch.autograd.grad((values * upstream).sum(), (query, bank))
+    for ours, ref in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(ours, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_knn_topk_query_only_gradient_skips_bank():
+    query = torch.randn(7, 16, requires_grad=True)
+    values, _ = ops.knn_topk(query, torch.randn(50, 16), 3, backend="triton")
+    (grad,) = torch.autograd.grad(values.sum(), query)
+    assert grad.shape == query.shape and bool(grad.abs().sum() > 0)
+
+
+SOFT_SHAPES = [(1, 5, 16, 3), (7, 333, 96, 16), (33, 100, 64, 1)]
+
+
+@pytest.mark.parametrize("threshold", [False, True], ids=["plain", "threshold"])
+@pytest.mark.parametrize("shape", SOFT_SHAPES, ids=_ids(SOFT_SHAPES))
+def test_soft_neighbors_values_and_gradients(shape, threshold):
+    batch, rows, dim, k = shape
+    key = torch.randn(batch, dim, requires_grad=True)
+    online = torch.randn(batch, dim, requires_grad=True)
+    bank = F.normalize(torch.randn(rows, dim), dim=1).requires_grad_()
+    weights = [torch.randn(batch, k), torch.randn(batch, k), torch.randn(batch, k, dim)]
+    results, grads = {}, {}
+    for backend in ("torch", "triton"):
+        out = ops.soft_neighbors(
+            key, online, bank, k, temperature=0.2, threshold=threshold, backend=backend
+        )
+        results[backend] = out
+        loss = sum(
+            (w * t).sum() for w, t in zip(weights, (out.similarity, out.positiveness, out.neighbors))
+        )
+        grads[backend] = torch.autograd.grad(loss, (key, online, bank))
+    ours, ref = results["triton"], results["torch"]
+    assert isinstance(ours, reference.SoftNeighbors)
+    assert torch.equal(ours.indices, ref.indices)
+    assert ours.neighbors.dtype == bank.dtype and torch.equal(ours.neighbors, ref.neighbors)
+    torch.testing.assert_close(ours.similarity, ref.similarity, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(ours.positiveness, ref.positiveness, atol=ATOL, rtol=RTOL)
+    if threshold:
+        assert bool((ours.positiveness.sum(1) <= 1 + ATOL).all())
+    else:
+        torch.testing.assert_close(ours.positiveness.sum(1), torch.ones(batch))
+    for name, g_ours, g_ref in zip(("key", "online", "bank"), grads["triton"], grads["torch"]):
+        torch.testing.assert_close(g_ours, g_ref, atol=ATOL, rtol=RTOL, msg=name)
+
+
+def test_soft_neighbors_positiveness_gradient_through_online_only():
+    key, bank = torch.randn(7, 32), F.normalize(torch.randn(64, 32), dim=1)
+    online = torch.randn(7, 32, requires_grad=True)
+    upstream = torch.randn(7, 5)
+    grads = []
+    for backend in ("torch", "triton"):
+        out = ops.soft_neighbors(key, online, bank, 5, temperature=0.5, backend=backend)
+        grads.append(torch.autograd.grad((out.positiveness * upstream).sum(), online)[0])
+    torch.testing.assert_close(grads[1], grads[0], atol=ATOL, rtol=RTOL)
+
+
+def test_ops_register_on_import():
+    assert hasattr(torch.ops.snclr, "knn_topk") and hasattr(torch.ops.snclr, "soft_neighbors")
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_knn_topk(requires_grad):
+    query = torch.randn(7, 32, requires_grad=requires_grad)
+    bank = torch.randn(100, 32, requires_grad=requires_grad)
+    torch.library.opcheck(torch.ops.snclr.knn_topk.default, (query, bank, 3, None))
+    exclude = torch.tensor([[1, -1]] * 7)
+    torch.library.opcheck(torch.ops.snclr.knn_topk.default, (query, bank, 1, exclude))
+
+
+def test_opcheck_soft_neighbors():
+    query = F.normalize(torch.randn(7, 32), dim=1).requires_grad_()
+    online = F.normalize(torch.randn(7, 32), dim=1).requires_grad_()
+    bank = F.normalize(torch.randn(100, 32), dim=1).requires_grad_()
+    exclude = torch.tensor([[2, 5]] * 7)
+    op = torch.ops.snclr.soft_neighbors.default
+    torch.library.opcheck(op, (query, online, bank, 4, 0.5, True, exclude))
+    torch.library.opcheck(op, (query.detach(), online, bank.detach(), 3, 1.0, False, None))
+
+
+def test_torch_compile_with_gradient():
+    key = torch.randn(7, 32, requires_grad=True)
+    online = torch.randn(7, 32, requires_grad=True)
+    bank = F.normalize(torch.randn(100, 32), dim=1)
+
+    def loss_fn(key, online, bank, backend):
+        out = ops.soft_neighbors(key, online, bank, 4, temperature=0.5, backend=backend)
+        return (out.similarity.sum() + (out.positiveness * out.similarity).sum())
+
+    compiled = torch.compile(loss_fn, backend="inductor", fullgraph=True)
+    loss = compiled(key, online, bank, "triton")
+    grads = torch.autograd.grad(loss, (key, online))
+    ref_loss = loss_fn(key, online, bank, "torch")
+    ref_grads = torch.autograd.grad(ref_loss, (key, online))
+    torch.testing.assert_close(loss, ref_loss, atol=ATOL, rtol=RTOL)
+    for ours, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(ours, ref, atol=ATOL, rtol=RTOL)
+
+
+# GPU-only: low precision, a large bank, and every autotune configuration compiling.
+
+GPU_DTYPES = [(torch.bfloat16, *TOLERANCES[torch.bfloat16]), (torch.float16, *TOLERANCES[torch.float16])]
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,atol,rtol", GPU_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(33, 4099, 96, 16), (1024, 1 << 20, 256, 16)], ids=["odd", "large"])
+def test_low_precision_and_large_bank_on_gpu(shape, dtype, atol, rtol):
+    batch, rows, dim, k = shape
+    key = torch.randn(batch, dim, device="cuda", dtype=dtype)
+    online = torch.randn(batch, dim, device="cuda", dtype=dtype)
+    bank = F.normalize(torch.randn(rows, dim, device="cuda"), dim=1).to(dtype)
+    out = ops.soft_neighbors(key, online, bank, k, backend="triton")
+    ref = reference.soft_neighbors(key, online, bank, k)
+    torch.testing.assert_close(out.similarity.float(), ref.similarity.float(), atol=atol, rtol=rtol)
+    kth = ref.similarity.float()[:, -1:]
+    assert bool((out.similarity.float() >= kth - atol).all())
+    rescored = torch.einsum("bd,bkd->bk", F.normalize(key.float(), dim=1), bank.float()[out.indices])
+    torch.testing.assert_close(out.similarity.float(), rescored, atol=atol, rtol=rtol)
+    # Positiveness of the returned neighbours, independent of tie resolution.
+    expected = torch.softmax(
+        torch.einsum("bd,bkd->bk", F.normalize(online.float(), dim=1),
+                     F.normalize(out.neighbors.float(), dim=2)), dim=1)
+    torch.testing.assert_close(out.positiveness, expected, atol=1e-3, rtol=1e-3)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [1, 16, 64])
+def test_every_split_config_compiles_and_runs(k):
+    configs, _ = kernels.split_configs()
+    query = torch.randn(129, 128, device="cuda")
+    bank = torch.randn(1000, 128, device="cuda")
+    ref_values, _ = reference.knn_topk(query, bank, k)
+    for config in configs:
+        meta = config.kwargs
+        candidates = kernels.knn_topk_split(
+            query, bank, k, num_splits=3, block_b=meta["BLOCK_B"], block_n=meta["BLOCK_N"],
+            block_d=meta["BLOCK_D"], num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        _, values, _ = kernels.knn_topk_merge(candidates, query, bank, k, values_dtype=torch.float32)
+        torch.testing.assert_close(values, ref_values, atol=2e-2, rtol=2e-2, msg=str(config))
