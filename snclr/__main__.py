@@ -1,0 +1,7 @@
+"""``python -m snclr``: the same command as the installed ``snclr`` script."""
+
+import sys
+
+from snclr.cli import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""The ``snclr`` command: parse arguments into a frozen config, then train or evaluate.
+
+Subcommands: ``pretrain``, ``knn``, ``linear`` and ``demo`` (pretrain the demo preset, then
+kNN of the trained and of a random encoder, side by side). Configuration errors print one
+line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from snclr.config import PRESETS, Config, ConfigError, apply_overrides, load_config_file, preset
+from snclr.model import METHODS
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+# Options shown in --help with a short description; every other Config field still has a
+# flag (--field-name), listed under "all options".
+_DOCUMENTED = {
+    "data": "built-in dataset name (animal-mnist) or ImageFolder directory with train/ [val/]",
+    "output_dir": "run folder: checkpoint.pt, config.yaml, metrics.jsonl/csv, report.md, plots",
+    "method": f"one of {', '.join(sorted(METHODS))}",
+    "epochs": "training epochs",
+    "batch_size": "global batch size (summed over processes)",
+}
+_HIDDEN = {"limit_samples", "stop_after"}  # for tests: a data subset, a simulated interruption
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    documented = parser.add_argument_group("main options")
+    others = parser.add_argument_group("all options (override the preset and --config)")
+    for field in fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        group = documented if field.name in _DOCUMENTED else others
+        help_text = argparse.SUPPRESS if field.name in _HIDDEN else _DOCUMENTED.get(field.name, f"(default {field.default})")
+        if field.type.startswith("bool"):
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=field.name, default=None, metavar=field.name.upper(), help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="snclr", description="SNCLR self-supervised pretraining and evaluation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain an encoder", description="Pretrain an encoder with SNCLR (or a variant).")
+    p.add_argument("--preset", default="demo", help=f"starting values: {', '.join(PRESETS)} (default demo)")
+    p.add_argument("--config", help="YAML or JSON file of option: value, applied over the preset")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt (automatic when it exists)")
+    _add_config_flags(p)
+
+    for name, text in (("knn", "weighted kNN accuracy (k=20, 200) of a checkpoint's backbone"),
+                       ("linear", "linear-probe accuracy of a checkpoint's frozen backbone")):
+        e = sub.add_parser(name, help=text, description=text)
+        e.add_argument("--checkpoint", required=True, help="checkpoint.pt written by pretrain")
+        e.add_argument("--data", help="dataset name or folder (default: the one the checkpoint trained on)")
+        e.add_argument("--json", action="store_true", help="print one JSON object")
+        e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        e.add_argument("--num-workers", type=int, default=0)
+        e.add_argument("--random-init", action="store_true", help="evaluate the same architecture untrained")
+        if name == "linear":
+            e.add_argument("--epochs", type=int, default=100, help="classifier epochs (default 100)")
+            e.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
+
+    d = sub.add_parser("demo", help="pretrain the demo preset, then kNN of trained vs random encoder",
+                       description="Pretrain the demo preset, then compare kNN accuracy of the trained and a random encoder.")
+    d.add_argument("--data", default="animal-mnist")
+    d.add_argument("--output-dir", default="runs/demo")
+    d.add_argument("--json", action="store_true")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Preset, then the --config file, then explicit flags; each a new frozen config."""
+    config = preset(args.preset)
+    if args.config:
+        config = apply_overrides(config, load_config_file(args.config), source=f"config file {args.config!r}")
+    flags = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
+    return apply_overrides(config, flags, source="command line")
+
+
+def _print_result(result: dict, *, as_json: bool, label: str) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(f"{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from snclr import evaluate, train
+
+    if args.command == "pretrain":
+        config = config_from_args(args)
+        last = train.pretrain(config, resume=args.resume)
+        from snclr.distributed import is_main
+
+        if is_main():
+            print(f"finished {last.get('epoch', 0)} epochs; run folder {config.output_dir}" +
+                  (f"; kNN top-1 {last['knn_top1']:.4f}" if last.get("knn_top1") is not None else ""))
+        return 0
+    if args.command in ("knn", "linear"):
+        data = args.data or _checkpoint_data(args.checkpoint)
+        common = dict(random_init=args.random_init, num_workers=args.num_workers, device=args.device)
+        if args.command == "knn":
+            result = evaluate.run_knn(args.checkpoint, data, **common)
+        else:
+            result = evaluate.run_linear(args.checkpoint, data, epochs=args.epochs, lr=args.lr, **common)
+        label = f"{args.command} ({'random init' if args.random_init else 'trained'})"
+        _print_result(result, as_json=args.json, label=label)
+        return 0
+    # demo
+    config = apply_overrides(preset("demo"), {"data": args.data, "output_dir": args.output_dir})
+    train.pretrain(config)
+    checkpoint = str(Path(args.output_dir) / "checkpoint.pt")
+    trained = evaluate.run_knn(checkpoint, args.data)
+    random = evaluate.run_knn(checkpoint, args.data, random_init=True)
+    if args.json:
+        print(json.dumps({"trained": trained, "random_init": random}))
+    else:
+        print(f"{'kNN top-1':<12}{'trained':>10}{'random':>10}")
+        for key in trained:
+            if key != "top1":
+                print(f"{key:<12}{trained[key]:>10.4f}{random[key]:>10.4f}")
+    return 0
+
+
+def _checkpoint_data(checkpoint: str) -> str:
+    from snclr.checkpoint import read_checkpoint
+
+    return read_checkpoint(checkpoint)["config"]["data"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``snclr`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ConfigError as err:
+        print(f"snclr {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The training configuration: one frozen dataclass, named presets, files, validation.
+
+A run is fully described by a :class:`Config`. The command line starts from a preset,
+applies a ``--config`` file (YAML or JSON) and then explicit flags, each step through
+``dataclasses.replace`` so no config is ever mutated. The effective config is saved as
+``DIR/config.yaml`` and inside every checkpoint (as a plain dict).
+
+Learning rates follow the MoCo v3 convention: ``lr`` is the base rate for a batch of 256 and
+the rate used is ``lr * batch_size / 256`` (``batch_size`` is the global batch, summed over
+processes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+__all__ = ["PRESETS", "Config", "ConfigError", "apply_overrides", "load_config_file", "preset"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration or input; the command line prints it as one line and exits 2."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a pretraining run needs. Defaults are the ``demo`` preset.
+
+    Model options are passed by name to :func:`snclr.model.create_model`; ``None`` means the
+    model's own default (e.g. the projector depth of the encoder family).
+    """
+
+    # data
+    data: str = "animal-mnist"
+    img_size: int = 0  # 0: the dataset's native size (28 for animal-mnist, 224 for folders)
+    augmentation: str = "auto"  # auto | byol | greyscale
+    crop_scale_min: float = 0.4
+    num_workers: int = 2
+    limit_samples: int = 0  # 0: all; >0: a fixed stratified subset of the train split (tests)
+    # model
+    encoder: str = "small_cnn"
+    method: str = "snclr"
+    num_neighbors: int = 5
+    queue_size: int = 4096
+    temperature: float = 0.2
+    attention_temperature: float = 1.0
+    threshold: bool = False
+    detach_positiveness: bool = False
+    projector_layers: int | None = None
+    projector_hidden: int = 512
+    projector_dim: int = 128
+    predictor_hidden: int = 512
+    bank_mode: str = "local"
+    backend: str = "auto"
+    # optimisation
+    epochs: int = 12
+    batch_size: int = 256
+    optimizer: str = "adamw"  # adamw | lars
+    lr: float = 2e-3  # base rate per 256 images
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    momentum_base: float = 0.96
+    momentum_final: float = 1.0
+    grad_clip: float = 0.0  # 0: off
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    # run
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    save_every: int = 1  # epochs between checkpoints (and always at the end)
+    knn_every: int = 1  # epochs between kNN evaluations (0: off)
+    knn_k: int = 20
+    log_every: int = 10  # steps between metric rows
+    stop_after: int = 0  # hidden: stop after this many epochs (simulates an interruption)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, *, source: str = "config") -> "Config":
+        return apply_overrides(cls(), values, source=source)
+
+
+PRESETS: dict[str, dict] = {
+    # CPU-sized: Animal-MNIST, small CNN, a few minutes on 2 cores.
+    "demo": {},
+    # SNCLR paper recipe for ViT-S (DESIGN section 8): 300 epochs, batch 4096, AdamW wd 0.1,
+    # 40 warm-up epochs, momentum 0.99 -> 1, T = 0.2, K = 30, queue 128,000 per GPU, MoCo v3
+    # heads (3-layer 4096 -> 256 projector, 2-layer predictor), BYOL augmentations at 224 px.
+    # Base lr 1.5e-4 per 256 is MoCo v3's ViT-S value (lr = 2.4e-3 at batch 4096).
+    "vit-small": {
+        "data": "imagenet", "img_size": 224, "augmentation": "byol", "crop_scale_min": 0.08,
+        "num_workers": 10, "encoder": "vit_small", "num_neighbors": 30, "queue_size": 128000,
+        "temperature": 0.2, "projector_layers": 3, "projector_hidden": 4096,
+        "projector_dim": 256, "predictor_hidden": 4096, "epochs": 300, "batch_size": 4096,
+        "optimizer": "adamw", "lr": 1.5e-4, "weight_decay": 0.1, "warmup_epochs": 40,
+        "momentum_base": 0.99, "output_dir": "runs/vit-small", "knn_every": 0, "log_every": 50,
+        "save_every": 5,
+    },
+    # MoCo v3 ResNet-50 recipe (its CONFIG.md, 100 epochs): LARS, base lr 0.6 per 256,
+    # wd 1e-6, 10 warm-up epochs, momentum 0.99 -> 1, T = 1.0, 2-layer projector (4096 ->
+    # 256), 2-layer predictor, batch 4096, BYOL augmentations; SNCLR adds K = 30 and a queue.
+    # Its 300-epoch recipe is lr 0.3, wd 1.5e-6 (override with --lr/--weight-decay).
+    "resnet50": {
+        "data": "imagenet", "img_size": 224, "augmentation": "byol", "crop_scale_min": 0.08,
+        "num_workers": 10, "encoder": "resnet50", "num_neighbors": 30, "queue_size": 128000,
+        "temperature": 1.0, "projector_layers": 2, "projector_hidden": 4096,
+        "projector_dim": 256, "predictor_hidden": 4096, "epochs": 100, "batch_size": 4096,
+        "optimizer": "lars", "lr": 0.6, "weight_decay": 1e-6, "warmup_epochs": 10,
+        "momentum_base": 0.99, "output_dir": "runs/resnet50", "knn_every": 0, "log_every": 50,
+        "save_every": 5,
+    },
+}
+
+_FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+
+
+def _coerce(name: str, value, source: str):
+    kind = _FIELD_TYPES[name]
+    if value is None and "None" in kind:
+        return None
+    try:
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {name} must be {kind.split(' ')[0]}, got {value!r}") from None
+
+
+def apply_overrides(config: Config, values: dict, *, source: str = "config") -> Config:
+    """A copy of ``config`` with ``values`` (field name -> value, types coerced) applied."""
+    unknown = sorted(set(values) - set(_FIELD_TYPES))
+    if unknown:
+        raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
+    return dataclasses.replace(config, **{k: _coerce(k, v, source) for k, v in values.items()})
+
+
+def preset(name: str) -> Config:
+    """The named preset (``demo``, ``vit-small``, ``resnet50``)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return apply_overrides(Config(), PRESETS[name], source=f"preset {name}")
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a YAML or JSON mapping of option -> value (``yaml.safe_load`` reads both)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {str(err).splitlines()[0]}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of option: value")
+    return values
+
+
+def validate(config: Config) -> None:
+    """Checks that need no data or model; raises :class:`ConfigError` with one line."""
+    from snclr.encoders import list_encoders
+    from snclr.model import METHODS
+
+    if config.encoder not in list_encoders():
+        raise ConfigError(f"unknown encoder {config.encoder!r}; choose one of {list_encoders()}")
+    if config.method not in METHODS:
+        raise ConfigError(f"unknown method {config.method!r}; choose one of {sorted(METHODS)}")
+    k = METHODS[config.method].get("num_neighbors", config.num_neighbors)
+    if config.queue_size < k:
+        raise ConfigError(f"queue_size={config.queue_size} is smaller than K={k} neighbours")
+    choices = {
+        "optimizer": ("adamw", "lars"), "precision": ("auto", "fp32", "bf16", "fp16"),
+        "augmentation": ("auto", "byol", "greyscale"), "bank_mode": ("local", "global"),
+        "device": ("auto", "cpu", "cuda"),
+    }
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
+    positive = ("epochs", "batch_size", "queue_size", "save_every", "log_every", "knn_k")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.lr <= 0 or config.temperature <= 0:
+        raise ConfigError("lr and temperature must be > 0")
+    if not 0 < config.crop_scale_min <= 1:
+        raise ConfigError(f"crop_scale_min must be in (0, 1], got {config.crop_scale_min}")
+    if not 0 <= config.momentum_base <= config.momentum_final <= 1:
+        raise ConfigError("need 0 <= momentum_base <= momentum_final <= 1")

@@ -1,0 +1,280 @@
+"""Datasets and two-view augmentations (offline only: nothing is ever downloaded).
+
+``--data`` is either a built-in name or an ImageFolder directory:
+
+- ``animal-mnist`` (built-in): 10,000 28x28 greyscale animal silhouettes in 10 balanced
+  classes, read from the ``animal_mnist`` package (``pip install --no-deps
+  animal-mnist==0.4``). No split ships with it, so we use a fixed stratified 80/20 split:
+  within each class, the images are permuted with ``numpy.random.default_rng(0)`` and the
+  first 80% (800 per class) form the train split, the rest (200 per class) the test split.
+  The split never depends on the run's seed, so every command sees the same one.
+- a directory with ``train/`` (and optionally ``val/``) class sub-folders; without
+  ``val/`` the same stratified 80/20 rule splits ``train/``.
+
+Augmentation is a pure function of ``(seed, epoch, index)``: each sample is transformed
+under its own seeded RNG, so data order and crops are reproducible regardless of the number
+of workers and a resumed run sees exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2
+
+from snclr.config import ConfigError
+
+__all__ = [
+    "BUILTIN_DATASETS", "ImageSet", "TwoViewDataset", "EvalDataset", "eval_transform",
+    "load_dataset", "make_loader", "stratified_split", "two_view_transforms",
+]
+
+BUILTIN_DATASETS = ("animal-mnist",)
+INSTALL_HINT = "pip install --no-deps animal-mnist==0.4"
+SPLIT_SEED = 0
+TRAIN_FRACTION = 0.8
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Labelled images of one split: built-in arrays or an ImageFolder subset.
+
+    Attributes:
+        images: ``(N, C, H, W)`` uint8 tensor, or None for folder data.
+        labels: ``(N,)`` int64 class indices.
+        folder: torchvision ``ImageFolder`` (PIL images) or None.
+        indices: ``(N,)`` rows of ``folder`` in this split (folder data only).
+        in_chans, img_size, num_classes: what the model needs to know.
+    """
+
+    labels: Tensor
+    in_chans: int
+    img_size: int
+    num_classes: int
+    images: Tensor | None = None
+    folder: object | None = None
+    indices: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, i: int):
+        if self.images is not None:
+            return self.images[i]
+        return self.folder[int(self.indices[i])][0]
+
+    def subset(self, rows: np.ndarray) -> "ImageSet":
+        rows_t = torch.as_tensor(rows, dtype=torch.long)
+        return ImageSet(
+            labels=self.labels[rows_t], in_chans=self.in_chans, img_size=self.img_size,
+            num_classes=self.num_classes,
+            images=None if self.images is None else self.images[rows_t],
+            folder=self.folder, indices=None if self.indices is None else self.indices[rows],
+        )
+
+
+def stratified_split(labels: np.ndarray, *, train_fraction: float = TRAIN_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed per-class split: ``(train_rows, test_rows)``, each sorted ascending."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    train, test = [], []
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        cut = int(round(len(rows) * train_fraction))
+        train.append(rows[:cut])
+        test.append(rows[cut:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def limit(dataset: ImageSet, count: int) -> ImageSet:
+    """A fixed, class-balanced subset of ``count`` rows (first ``count`` of a seeded order)."""
+    if count <= 0 or count >= len(dataset):
+        return dataset
+    labels = dataset.labels.numpy()
+    rng = np.random.default_rng(SPLIT_SEED)
+    # Interleave the classes so any prefix is as balanced as possible.
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    order = [rows[i] for i in range(max(map(len, per_class))) for rows in per_class if i < len(rows)]
+    return dataset.subset(np.sort(np.array(order[:count])))
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    # The package ships pickled numpy arrays; refuse anything else a pickle could run.
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name} in dataset file")
+        return super().find_class(module, name)
+
+
+def _read_pickled_array(resource) -> np.ndarray:
+    with resource.open("rb") as raw, gzip.open(raw) as f:
+        return np.asarray(_NumpyOnlyUnpickler(io.BytesIO(f.read())).load())
+
+
+def _load_animal_mnist() -> tuple[Tensor, Tensor]:
+    try:
+        root = importlib.resources.files("animal_mnist") / "data" / "Animal_MNIST"
+    except ModuleNotFoundError:
+        raise ConfigError(f"dataset 'animal-mnist' is not installed; install it with: {INSTALL_HINT}") from None
+    images_file = root / "animal_data_version_3.gz"
+    labels_file = root / "animal_label_version_3.gz"
+    if not (images_file.is_file() and labels_file.is_file()):
+        raise ConfigError(f"dataset files of 'animal-mnist' are missing; reinstall with: {INSTALL_HINT}")
+    images = _read_pickled_array(images_file)  # (10000, 28, 28) uint8
+    labels = _read_pickled_array(labels_file)  # (10000,) int64
+    return torch.from_numpy(images.astype(np.uint8)).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_dataset(name_or_dir: str, *, split: str) -> ImageSet:
+    """The ``"train"`` or ``"test"`` split of a built-in dataset or ImageFolder directory.
+
+    Raises:
+        ConfigError: unknown name, missing folder, or the built-in package not installed.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if name_or_dir == "animal-mnist":
+        images, labels = _load_animal_mnist()
+        train_rows, test_rows = stratified_split(labels.numpy())
+        full = ImageSet(labels=labels, images=images, in_chans=1, img_size=28, num_classes=10)
+        return full.subset(train_rows if split == "train" else test_rows)
+    root = Path(name_or_dir)
+    if not root.exists():
+        raise ConfigError(
+            f"dataset {name_or_dir!r} is neither a built-in ({', '.join(BUILTIN_DATASETS)}) "
+            "nor an existing directory"
+        )
+    if not (root / "train").is_dir():
+        raise ConfigError(f"dataset directory {name_or_dir!r} has no train/ sub-folder of class folders")
+    from torchvision.datasets import ImageFolder
+
+    def folder_set(path: Path) -> ImageSet:
+        try:
+            folder = ImageFolder(str(path))
+        except (FileNotFoundError, RuntimeError) as err:
+            raise ConfigError(f"cannot read image folder {str(path)!r}: {err}") from None
+        labels = torch.tensor(folder.targets, dtype=torch.long)
+        return ImageSet(labels=labels, in_chans=3, img_size=224, num_classes=len(folder.classes),
+                        folder=folder, indices=np.arange(len(labels)))
+
+    if (root / "val").is_dir():
+        return folder_set(root / ("train" if split == "train" else "val"))
+    full = folder_set(root / "train")
+    train_rows, test_rows = stratified_split(full.labels.numpy())
+    return full.subset(train_rows if split == "train" else test_rows)
+
+
+def _normalize(in_chans: int) -> v2.Normalize:
+    if in_chans == 1:
+        return v2.Normalize([0.5], [0.5])
+    return v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # ImageNet statistics
+
+
+def two_view_transforms(kind: str, *, img_size: int, crop_scale_min: float, in_chans: int) -> tuple[v2.Compose, v2.Compose]:
+    """The two view transforms (view 1, view 2).
+
+    ``byol`` (MoCo v3 / BYOL, colour images): random resized crop, flip, colour jitter
+    (p 0.8), greyscale (p 0.2), Gaussian blur (p 1.0 / 0.1), solarise (p 0 / 0.2): the
+    asymmetric pair. ``greyscale`` (small greyscale images such as 28x28): random resized
+    crop, flip and random erasing, the same for both views (no colour ops).
+    """
+    to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    crop = v2.RandomResizedCrop(img_size, scale=(crop_scale_min, 1.0), antialias=True)
+    if kind == "greyscale":
+        ops = v2.Compose([
+            # No RandomAffine: on 28x28 tensors it costs ~10 ms a sample (grid_sample),
+            # 100x the rest; the resized crop already shifts and scales.
+            *to_float, crop, v2.RandomHorizontalFlip(),
+            _normalize(in_chans), v2.RandomErasing(p=0.25, scale=(0.02, 0.1)),
+        ])
+        return ops, ops
+    if kind != "byol":
+        raise ConfigError(f"augmentation must be 'byol' or 'greyscale', got {kind!r}")
+
+    def view(blur_p: float, solarize_p: float) -> v2.Compose:
+        blur_kernel = 2 * (img_size // 20) + 1  # ~10% of the image, odd (23 px at 224)
+        return v2.Compose([
+            *to_float, crop,
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=blur_p),
+            v2.RandomSolarize(threshold=0.5, p=solarize_p),
+            v2.RandomHorizontalFlip(),
+            _normalize(in_chans),
+        ])
+
+    return view(1.0, 0.0), view(0.1, 0.2)
+
+
+def eval_transform(*, img_size: int, native_size: int, in_chans: int) -> v2.Compose:
+    """Deterministic evaluation transform: resize (+ centre crop at 224 px) and normalise."""
+    resize = [] if img_size == native_size else [v2.Resize(int(img_size * 256 / 224) if img_size >= 64 else img_size, antialias=True), v2.CenterCrop(img_size)]
+    return v2.Compose([v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True), _normalize(in_chans)])
+
+
+class TwoViewDataset(Dataset):
+    """``(view1, view2, label)`` triples; sample i of epoch e is augmented under seed (seed, e, i)."""
+
+    def __init__(self, images: ImageSet, transform1, transform2, *, seed: int) -> None:
+        self.images, self.transform1, self.transform2, self.seed = images, transform1, transform2, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        image = self.images.image(i)
+        # A private RNG stream per (seed, epoch, sample): reproducible across workers/resume.
+        with torch.random.fork_rng(devices=[]):
+            # default_generator only: torch.manual_seed would also seed CUDA (slow, and
+            # must not touch the training RNG).
+            torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            return self.transform1(image), self.transform2(image), self.images.labels[i]
+
+
+class EvalDataset(Dataset):
+    """``(image, label)`` pairs under a deterministic transform."""
+
+    def __init__(self, images: ImageSet, transform) -> None:
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images.image(i)), self.images.labels[i]
+
+
+def make_loader(
+    dataset: Dataset, *, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
+    pin_memory: bool = False, world_size: int = 1, rank: int = 0,
+) -> DataLoader:
+    """A loader; for training a sharded, shuffled, drop-last sampler (call ``set_epoch``).
+
+    The distributed sampler is used on one process too, so the data order is a function of
+    ``(seed, epoch)`` only (``sampler.set_epoch``); drop_last keeps batches equal across
+    ranks, which the gathered loss needs.
+    """
+    sampler = None
+    if train:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train,
+        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
+    )

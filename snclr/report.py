@@ -1,0 +1,114 @@
+"""The end-of-run report: PNG plots (matplotlib, Agg backend) and ``report.md``.
+
+Reads only the metric rows the training loop logged (``metrics.jsonl``), so a report can be
+rebuilt from a run folder at any time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["read_metrics", "write_report"]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _plot(path: Path, title: str, series: list[tuple[str, list, list]], xlabel: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never opens a window
+    import matplotlib.pyplot as plt
+
+    if not any(x for _, x, _ in series):
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, x, y in series:
+        ax.plot(x, y, marker="o" if len(x) < 30 else None, label=label)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _plot_histogram(path: Path, counts: list[float], title: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not counts or sum(counts) == 0:
+        return False
+    edges = [i / len(counts) for i in range(len(counts) + 1)]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.stairs(counts, edges, fill=True)
+    ax.set_title(title)
+    ax.set_xlabel("positiveness weight w")
+    ax.set_ylabel("count")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_report(run_dir: Path, config: dict, *, histogram: list[float], wall_s: float) -> Path:
+    """Write the plots and ``report.md`` into ``run_dir``; return the report path."""
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    steps = [r for r in rows if r["kind"] == "step"]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    plots = []
+
+    def epoch_series(key):
+        picked = [r for r in epochs if r.get(key) is not None]
+        return [r["epoch"] for r in picked], [r[key] for r in picked]
+
+    if _plot(run_dir / "loss.png", "training loss", [("loss", [r["step"] for r in steps], [r["loss"] for r in steps])], "step"):
+        plots.append(("Loss per step", "loss.png"))
+    if _plot(run_dir / "lr.png", "learning rate", [("lr", [r["step"] for r in steps], [r["lr"] for r in steps])], "step"):
+        plots.append(("Learning rate per step", "lr.png"))
+    if _plot(run_dir / "knn.png", f"kNN top-1 (k={config['knn_k']})", [("kNN top-1", *epoch_series("knn_top1"))], "epoch"):
+        plots.append(("kNN accuracy per epoch", "knn.png"))
+    if _plot(run_dir / "purity.png", "neighbour purity", [("purity", *epoch_series("neighbor_purity"))], "epoch"):
+        plots.append(("Neighbour purity per epoch", "purity.png"))
+    if _plot_histogram(run_dir / "positiveness.png", histogram, "positiveness of selected neighbours (last epoch)"):
+        plots.append(("Positiveness histogram (last epoch)", "positiveness.png"))
+
+    last = epochs[-1] if epochs else {}
+    lines = [
+        f"# snclr pretraining report: {config['method']} / {config['encoder']} on {config['data']}",
+        "",
+        f"- epochs: {last.get('epoch', 0)} of {config['epochs']}, steps: {steps[-1]['step'] if steps else 0}, "
+        f"batch {config['batch_size']}, optimizer {config['optimizer']} (base lr {config['lr']}, wd {config['weight_decay']})",
+        f"- K = {config['num_neighbors']}, queue {config['queue_size']}, T = {config['temperature']}",
+        f"- wall time this session: {wall_s:.1f} s",
+        "",
+        "| epoch | loss | kNN top-1 | neighbour purity | positiveness entropy |",
+        "|---|---|---|---|---|",
+    ]
+
+    def fmt(value):
+        return "" if value is None else f"{value:.4f}"
+
+    for r in epochs:
+        lines.append(
+            f"| {r['epoch']} | {fmt(r.get('loss'))} | {fmt(r.get('knn_top1'))} | "
+            f"{fmt(r.get('neighbor_purity'))} | {fmt(r.get('positiveness_entropy'))} |"
+        )
+    lines.append("")
+    for title, name in plots:
+        lines += [f"## {title}", "", f"![{title}]({name})", ""]
+    lines += ["## Configuration", "", "```yaml"]
+    lines += [f"{k}: {v}" for k, v in config.items()]
+    lines += ["```", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

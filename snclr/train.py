@@ -1,0 +1,301 @@
+"""Pretraining: setup, the epoch loop and ``train_one_epoch`` (MoCo v3 style).
+
+One process on a CPU is the first-class path; under ``torchrun`` (``WORLD_SIZE`` > 1) the
+same code adds a process group (NCCL on GPU, gloo on CPU), a sharded sampler, DDP and, on
+CUDA, SyncBatchNorm. Only rank 0 writes files or prints.
+
+The step: ``out = model(x1, x2)``; ``out.loss.backward()``; optimiser step;
+``momentum_update(m)``; ``enqueue(out.keys, labels)``. Learning rate and EMA momentum are
+pure functions of the fractional epoch, data order and augmentation pure functions of
+``(seed, epoch)``, and every piece of state lives in the checkpoint, so an interrupted and
+resumed run reproduces an uninterrupted one (bit for bit on a CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from snclr import distributed
+from snclr.checkpoint import (build_model, config_of, get_rng_state, load_model_state, read_checkpoint,
+                              set_rng_state, write_checkpoint)
+from snclr.config import Config, ConfigError, validate
+from snclr.data import TwoViewDataset, limit, load_dataset, make_loader, two_view_transforms
+from snclr.evaluate import extract_features, knn_accuracy
+from snclr.model import SNCLR, cosine_momentum
+from snclr.optim import cosine_lr, create_optimizer
+from snclr.report import write_report
+
+__all__ = ["Plan", "pretrain", "train_one_epoch"]
+
+CSV_COLUMNS = ("kind", "epoch", "step", "loss", "lr", "momentum", "images_per_s", "knn_top1",
+               "neighbor_purity", "positiveness_entropy", "neighbor_similarity")
+HISTOGRAM_BINS = 20
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Values derived once from the config, the data and the process group."""
+
+    device: torch.device
+    world_size: int
+    rank: int
+    local_batch: int
+    lr: float  # base lr * batch_size / 256
+    steps_per_epoch: int
+    amp_dtype: torch.dtype | None  # None: fp32
+    in_chans: int
+    img_size: int
+
+
+@dataclass
+class State:
+    """The mutable training state (everything a checkpoint holds)."""
+
+    model: SNCLR
+    wrapped: nn.Module  # DDP(model) or model itself
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps completed
+
+
+def _init_distributed() -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _device(config: Config) -> torch.device:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available")
+    if config.device != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _set_threads(device: torch.device) -> None:
+    # Without OMP_NUM_THREADS, share the cores among the ranks on this machine.
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def _plan(config: Config, device: torch.device, train_size: int, in_chans: int, native: int) -> Plan:
+    world = distributed.world_size()
+    if config.batch_size % world:
+        raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {world} processes")
+    if config.batch_size > train_size:
+        raise ConfigError(f"batch_size={config.batch_size} is larger than the {train_size} training images")
+    precision = config.precision if device.type == "cuda" else "fp32"  # autocast on GPU only
+    amp = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    return Plan(
+        device=device, world_size=world, rank=distributed.rank(), local_batch=config.batch_size // world,
+        lr=config.lr * config.batch_size / 256, steps_per_epoch=train_size // config.batch_size,
+        amp_dtype=amp, in_chans=in_chans, img_size=config.img_size or native,
+    )
+
+
+def _checkpoint_payload(config: Config, plan: Plan, state: State) -> dict:
+    return {
+        "config": config.to_dict(), "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(), "scaler": state.scaler.state_dict(),
+        "epoch": state.epoch, "step": state.step, "rng": get_rng_state(),
+        "data_shape": {"in_chans": plan.in_chans, "img_size": plan.img_size},
+    }
+
+
+class MetricsLog:
+    """Rank 0's JSONL and CSV metric rows (appended to on resume)."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool) -> None:
+        self.enabled, self.jsonl, self.csv = enabled, run_dir / "metrics.jsonl", run_dir / "metrics.csv"
+        if enabled and not self.csv.exists():
+            with self.csv.open("w", newline="") as f:
+                csv.writer(f).writerow(CSV_COLUMNS)
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        with self.csv.open("a", newline="") as f:
+            csv.writer(f).writerow(["" if row.get(c) is None else row[c] for c in CSV_COLUMNS])
+
+
+def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: MetricsLog) -> dict:
+    """One pass over the loader; returns the epoch's statistics (synchronised over ranks)."""
+    model, device = state.model, plan.device
+    sums = torch.zeros(5, device=device)  # loss, purity, entropy, similarity, purity-steps
+    histogram = torch.zeros(HISTOGRAM_BINS, device=device)
+    bar = tqdm(loader, total=plan.steps_per_epoch, desc=f"epoch {state.epoch + 1}/{config.epochs}",
+               disable=not distributed.is_main(), dynamic_ncols=True, leave=False)
+    tic, seen = time.perf_counter(), 0
+    for i, (x1, x2, labels) in enumerate(bar):
+        x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        fraction = state.epoch + i / plan.steps_per_epoch
+        lr = cosine_lr(fraction, lr=plan.lr, warmup_epochs=config.warmup_epochs, epochs=config.epochs)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=plan.amp_dtype or torch.float32, enabled=plan.amp_dtype is not None):
+            out = state.wrapped(x1, x2)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(out.loss).backward()
+        if config.grad_clip > 0:
+            state.scaler.unscale_(state.optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        momentum = cosine_momentum(fraction / config.epochs, base=config.momentum_base, final=config.momentum_final)
+        model.momentum_update(momentum)
+        sums[0] += out.loss.detach().float()
+        if out.neighbor_indices is not None:
+            # Purity before enqueue: the indices refer to this step's queue snapshot.
+            sums[1] += (model.bank.labels[out.neighbor_indices] == labels[:, None]).float().mean()
+            sums[3] += out.neighbor_similarity.float()
+            sums[4] += 1
+            if out.positiveness is not None:
+                sums[2] += out.positiveness_entropy.float()
+                histogram += torch.histc(out.positiveness.float(), bins=HISTOGRAM_BINS, min=0, max=1)
+        model.enqueue(out.keys, labels)
+        state.step += 1
+        seen += config.batch_size
+        if state.step % config.log_every == 0 or i + 1 == plan.steps_per_epoch:
+            loss = distributed.all_reduce_mean(out.loss.detach().float()).item()  # periodic sync only
+            rate = seen / max(time.perf_counter() - tic, 1e-9)
+            tic, seen = time.perf_counter(), 0
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+            log.write({"kind": "step", "epoch": state.epoch + 1, "step": state.step, "loss": loss,
+                       "lr": lr, "momentum": momentum, "images_per_s": rate})
+    bar.close()
+    sums = distributed.all_reduce_mean(sums).tolist()
+    steps, nbr_steps = plan.steps_per_epoch, sums[4]
+    if plan.world_size > 1:
+        dist.all_reduce(histogram)
+    return {
+        "loss": sums[0] / steps,
+        "neighbor_purity": sums[1] / nbr_steps if nbr_steps else None,
+        "positiveness_entropy": sums[2] / nbr_steps if nbr_steps and sums[2] else None,
+        "neighbor_similarity": sums[3] / nbr_steps if nbr_steps else None,
+        "histogram": histogram.tolist(),
+    }
+
+
+def _knn(config: Config, plan: Plan, model: SNCLR, train_set, test_set) -> float:
+    train = extract_features(model.encoder, train_set, img_size=plan.img_size, device=plan.device)
+    test = extract_features(model.encoder, test_set, img_size=plan.img_size, device=plan.device)
+    return knn_accuracy(*train, *test, ks=(config.knn_k,), num_classes=train_set.num_classes)[f"top1_k{config.knn_k}"]
+
+
+def pretrain(config: Config, *, resume: bool = False) -> dict:
+    """Run (or resume) pretraining into ``config.output_dir``; returns the last epoch's row.
+
+    Resumes automatically when ``DIR/checkpoint.pt`` exists. Nothing in the run folder is
+    written before the config, data and any checkpoint have been checked.
+
+    Raises:
+        ConfigError: bad configuration, data or checkpoint (the run folder is left as it was).
+    """
+    validate(config)
+    started_group = _init_distributed()
+    try:
+        return _pretrain(config, resume=resume)
+    finally:
+        if started_group:
+            dist.destroy_process_group()
+
+
+def _pretrain(config: Config, *, resume: bool) -> dict:
+    wall = time.perf_counter()
+    device = _device(config)
+    _set_threads(device)
+    train_set = limit(load_dataset(config.data, split="train"), config.limit_samples)
+    test_set = load_dataset(config.data, split="test") if config.knn_every else None
+    plan = _plan(config, device, len(train_set), train_set.in_chans, train_set.img_size)
+    run_dir = Path(config.output_dir)
+    ckpt_path = run_dir / "checkpoint.pt"
+    payload = None
+    if ckpt_path.exists():
+        payload = read_checkpoint(ckpt_path)
+        if payload["data_shape"] != {"in_chans": plan.in_chans, "img_size": plan.img_size}:
+            raise ConfigError(f"{ckpt_path} was trained on {payload['data_shape']}, this run feeds "
+                              f"{plan.in_chans} channels at {plan.img_size} px")
+    elif resume:
+        raise ConfigError(f"--resume given but {ckpt_path} does not exist")
+
+    torch.manual_seed(config.seed)
+    model = build_model(config, in_chans=plan.in_chans, img_size=plan.img_size)
+    if payload is not None:
+        load_model_state(model, payload["model"], source=f"checkpoint {str(ckpt_path)!r}")
+        previous = config_of(payload)
+        if previous.method != config.method or previous.encoder != config.encoder:
+            raise ConfigError(f"{ckpt_path} is a {previous.method}/{previous.encoder} run, not {config.method}/{config.encoder}")
+    model.to(device)
+    wrapped: nn.Module = model
+    if plan.world_size > 1:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # find_unused_parameters: the neighbour terms (and learned attention) are absent until
+        # the queue fills. broadcast_buffers=False: each rank keeps its own queue ("local").
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True, broadcast_buffers=False)
+    optimizer = create_optimizer(model, config.optimizer, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=plan.amp_dtype == torch.float16)
+    state = State(model=model, wrapped=wrapped, optimizer=optimizer, scaler=scaler)
+    if payload is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+        scaler.load_state_dict(payload["scaler"])
+        state.epoch, state.step = payload["epoch"], payload["step"]
+        set_rng_state(payload["rng"])
+
+    main = distributed.is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    log = MetricsLog(run_dir, enabled=main)
+    transforms = two_view_transforms(
+        _augmentation(config, plan), img_size=plan.img_size, crop_scale_min=config.crop_scale_min, in_chans=plan.in_chans)
+    dataset = TwoViewDataset(train_set, *transforms, seed=config.seed)
+    loader = make_loader(dataset, batch_size=plan.local_batch, train=True, seed=config.seed,
+                         num_workers=config.num_workers, pin_memory=device.type == "cuda",
+                         world_size=plan.world_size, rank=plan.rank)
+    last: dict = {}
+    histogram: list[float] = []
+    stop = config.epochs if not config.stop_after else min(config.epochs, config.stop_after)
+    while state.epoch < stop:
+        loader.sampler.set_epoch(state.epoch)
+        dataset.set_epoch(state.epoch)
+        stats = train_one_epoch(config, plan, state, loader, log)
+        state.epoch += 1
+        histogram = stats.pop("histogram")
+        knn = None
+        if config.knn_every and (state.epoch % config.knn_every == 0 or state.epoch == config.epochs):
+            knn = _knn(config, plan, model, train_set, test_set) if main else None
+        last = {"kind": "epoch", "epoch": state.epoch, "step": state.step, "knn_top1": knn, **stats}
+        log.write(last)
+        if main and (state.epoch % config.save_every == 0 or state.epoch == stop):
+            write_checkpoint(ckpt_path, _checkpoint_payload(config, plan, state))
+        if plan.world_size > 1:
+            dist.barrier()  # ranks wait for rank 0's evaluation and checkpoint
+    if main:
+        write_report(run_dir, config.to_dict(), histogram=histogram, wall_s=time.perf_counter() - wall)
+    return last
+
+
+def _augmentation(config: Config, plan: Plan) -> str:
+    if config.augmentation != "auto":
+        return config.augmentation
+    return "greyscale" if plan.in_chans == 1 else "byol"
