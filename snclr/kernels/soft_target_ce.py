@@ -23,10 +23,12 @@ Algorithm::
         per-split partials summed in fixed order (deterministic, no atomics)
     backward dC grid (column blocks, D chunks): stream all row tiles, acc += (ds * iq / T)^T @ q
 
-Cost: forward reads B*D + splits*... i.e. C once per row block (M*D*ceil(B/BLOCK_B) elements,
-mostly from L2 since row blocks of a split run together), writes O(B*splits + B*S); 2*B*M*D
-flops. Backward dq: 2*B*M*D (recompute) + 2*B*M*D flops per D chunk of the output; dC adds the
-same again. No B x M tensor ever exists; extra memory is O(B + B*S + M + splits*B*D).
+Cost (elements read, flops): the forward reads q once and C once per row block (B/BLOCK_B
+passes over M*D, mostly from L2 since the row blocks of one split run together) and writes
+O(B*splits + B*S) floats for 2*B*M*D flops. The dq pass recomputes the logits (2*B*M*D) and
+accumulates 2*B*M*D, the logits once per output D chunk; the dC pass (only when C needs a
+gradient) costs the same again. The owned-column work runs only on the tiles that meet the row
+block's owned range. No B x M tensor exists; extra memory is O(B + B*S + M + splits*B*D).
 
 Interpreter limits respected: tiles are cast to fp32 before ``tl.dot`` (bf16 dot is wrong
 there), a single configuration (no benchmarking), no block pointers, every load masked with
@@ -145,19 +147,30 @@ def _soft_target_ce_owner(cols, B, S, target_offset):
 
 
 @triton.jit
+def _soft_target_ce_touches_owned(row0, col0, S, target_offset, BLOCK_B, BLOCK_N):
+    """Whether columns [col0, col0+BLOCK_N) meet those owned by rows [row0, row0+BLOCK_B)."""
+    own_lo = target_offset + row0 * S
+    own_hi = own_lo + BLOCK_B * S
+    return (col0 < own_hi) & (col0 + BLOCK_N > own_lo)
+
+
+@triton.jit
 def _soft_target_ce_dlogits(
-    s, rows, cols, col_mask, lse2, grad, row_weight, t_ptr, stride_tb, stride_ts,
-    B, S, target_offset,
+    s, row0, col0, rows, cols, col_mask, lse2, grad, row_weight, t_ptr, stride_tb, stride_ts,
+    B, S, target_offset, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """ds = g * (sum(t) * p - target) on a tile; target_jc is read only where row j owns c."""
     p = tl.exp2(s * 1.4426950408889634 - lse2[:, None])
-    p = tl.where(col_mask[None, :], p, 0.0)
-    owner, slot = _soft_target_ce_owner(cols, B, S, target_offset)
-    t_col = tl.load(
-        t_ptr + owner * stride_tb + slot * stride_ts, mask=owner >= 0, other=0.0
-    ).to(tl.float32)
-    target = tl.where(owner[None, :] == rows[:, None], t_col[None, :], 0.0)
-    return row_weight[:, None] * p - grad[:, None] * target
+    ds = row_weight[:, None] * tl.where(col_mask[None, :], p, 0.0)
+    # Most tiles own nothing: the target gather and compare run only where they can hit.
+    if _soft_target_ce_touches_owned(row0, col0, S, target_offset, BLOCK_B, BLOCK_N):
+        owner, slot = _soft_target_ce_owner(cols, B, S, target_offset)
+        t_col = tl.load(
+            t_ptr + owner * stride_tb + slot * stride_ts, mask=owner >= 0, other=0.0
+        ).to(tl.float32)
+        target = tl.where(owner[None, :] == rows[:, None], t_col[None, :], 0.0)
+        ds = ds - grad[:, None] * target
+    return ds
 
 
 # ----------------------------------------------------------------------------------- kernels
@@ -213,10 +226,11 @@ def _soft_target_ce_fwd_kernel(
             BLOCK_B, BLOCK_N, BLOCK_D, INPUT_PRECISION, CAST_FP32,
         )  # fmt: skip
         # Owned logits: each owned column lies in exactly one tile of one split, so one store.
-        owner, slot = _soft_target_ce_owner(cols, B, S, target_offset)
-        mine = (owner >= row0) & (owner < row0 + BLOCK_B)
-        owned_s = tl.sum(tl.where(owner[None, :] == rows[:, None], s, 0.0), axis=0)
-        tl.store(owned_ptr + owner * stride_ob + slot * stride_os, owned_s, mask=mine)
+        if _soft_target_ce_touches_owned(row0, col0, S, target_offset, BLOCK_B, BLOCK_N):
+            owner, slot = _soft_target_ce_owner(cols, B, S, target_offset)
+            mine = (owner >= row0) & (owner < row0 + BLOCK_B)
+            owned_s = tl.sum(tl.where(owner[None, :] == rows[:, None], s, 0.0), axis=0)
+            tl.store(owned_ptr + owner * stride_ob + slot * stride_os, owned_s, mask=mine)
         # Every tile has a valid column, so m_new is finite and exp2(-inf) = 0 rescales cleanly.
         s2 = tl.where(col_mask[None, :], s * 1.4426950408889634, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s2, axis=1))
@@ -238,7 +252,8 @@ def _soft_target_ce_bwd_dq_kernel(
 ):  # fmt: skip
     tl.static_assert(BLOCK_B >= 16 and BLOCK_N >= 16 and BLOCK_DO >= 16)
     split = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row0 = tl.program_id(0) * BLOCK_B
+    rows = row0 + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     out_feats = tl.program_id(2) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_mask = out_feats < D
@@ -260,8 +275,8 @@ def _soft_target_ce_bwd_dq_kernel(
             BLOCK_B, BLOCK_N, BLOCK_D, INPUT_PRECISION, CAST_FP32,
         )  # fmt: skip
         ds = _soft_target_ce_dlogits(
-            s, rows, cols, col_mask, lse2, grad, row_weight, t_ptr, stride_tb, stride_ts,
-            B, S, target_offset,
+            s, row0, col0, rows, cols, col_mask, lse2, grad, row_weight, t_ptr,
+            stride_tb, stride_ts, B, S, target_offset, BLOCK_B, BLOCK_N,
         )  # fmt: skip
         # d s / d n(q) = n(C) / T = C * ic / T: the column scale goes on ds, C stays raw.
         ds = ds * (inv_c * inv_temperature)[None, :]
@@ -284,7 +299,8 @@ def _soft_target_ce_bwd_dc_kernel(
     INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr,
 ):  # fmt: skip
     tl.static_assert(BLOCK_B >= 16 and BLOCK_N >= 16 and BLOCK_DO >= 16)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = tl.program_id(0) * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
     col_mask = cols < M
     out_feats = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_mask = out_feats < D
@@ -303,8 +319,8 @@ def _soft_target_ce_bwd_dc_kernel(
             BLOCK_B, BLOCK_N, BLOCK_D, INPUT_PRECISION, CAST_FP32,
         )  # fmt: skip
         ds = _soft_target_ce_dlogits(
-            s, rows, cols, col_mask, lse2, grad, row_weight, t_ptr, stride_tb, stride_ts,
-            B, S, target_offset,
+            s, row0, col0, rows, cols, col_mask, lse2, grad, row_weight, t_ptr,
+            stride_tb, stride_ts, B, S, target_offset, BLOCK_B, BLOCK_N,
         )  # fmt: skip
         ds = ds * (inv_q * inv_temperature)[:, None]
         q = tl.load(
