@@ -182,9 +182,8 @@ def test_soft_neighbors_values_and_gradients(shape, threshold):
             key, online, bank, k, temperature=0.2, threshold=threshold, backend=backend
         )
         results[backend] = out
-        loss = sum(
-            (w * t).sum() for w, t in zip(weights, (out.similarity, out.positiveness, out.neighbors))
-        )
+        outputs = (out.similarity, out.positiveness, out.neighbors)
+        loss = sum((w * t).sum() for w, t in zip(weights, outputs))
         grads[backend] = torch.autograd.grad(loss, (key, online, bank))
     ours, ref = results["triton"], results["torch"]
     assert isinstance(ours, reference.SoftNeighbors)
@@ -255,13 +254,15 @@ def test_torch_compile_with_gradient():
 
 # GPU-only: low precision, a large bank, and every autotune configuration compiling.
 
-GPU_DTYPES = [(torch.bfloat16, *TOLERANCES[torch.bfloat16]), (torch.float16, *TOLERANCES[torch.float16])]
+GPU_DTYPES = [(dtype, *TOLERANCES[dtype]) for dtype in (torch.bfloat16, torch.float16)]
 
 
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,atol,rtol", GPU_DTYPES, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("shape", [(33, 4099, 96, 16), (1024, 1 << 20, 256, 16)], ids=["odd", "large"])
+@pytest.mark.parametrize(
+    "shape", [(33, 4099, 96, 16), (1024, 1 << 20, 256, 16)], ids=["odd", "large"]
+)
 def test_low_precision_and_large_bank_on_gpu(shape, dtype, atol, rtol):
     batch, rows, dim, k = shape
     key = torch.randn(batch, dim, device="cuda", dtype=dtype)
@@ -269,10 +270,12 @@ def test_low_precision_and_large_bank_on_gpu(shape, dtype, atol, rtol):
     bank = F.normalize(torch.randn(rows, dim, device="cuda"), dim=1).to(dtype)
     out = ops.soft_neighbors(key, online, bank, k, backend="triton")
     ref = reference.soft_neighbors(key, online, bank, k)
-    torch.testing.assert_close(out.similarity.float(), ref.similarity.float(), atol=atol, rtol=rtol)
+    similarity = out.similarity.float()
+    torch.testing.assert_close(similarity, ref.similarity.float(), atol=atol, rtol=rtol)
     kth = ref.similarity.float()[:, -1:]
     assert bool((out.similarity.float() >= kth - atol).all())
-    rescored = torch.einsum("bd,bkd->bk", F.normalize(key.float(), dim=1), bank.float()[out.indices])
+    unit_key = F.normalize(key.float(), dim=1)
+    rescored = torch.einsum("bd,bkd->bk", unit_key, bank.float()[out.indices])
     torch.testing.assert_close(out.similarity.float(), rescored, atol=atol, rtol=rtol)
     # Positiveness of the returned neighbours, independent of tie resolution.
     expected = torch.softmax(
@@ -295,5 +298,7 @@ def test_every_split_config_compiles_and_runs(k):
             query, bank, k, num_splits=3, block_b=meta["BLOCK_B"], block_n=meta["BLOCK_N"],
             block_d=meta["BLOCK_D"], num_warps=config.num_warps, num_stages=config.num_stages,
         )
-        _, values, _ = kernels.knn_topk_merge(candidates, query, bank, k, values_dtype=torch.float32)
+        _, values, _ = kernels.knn_topk_merge(
+            candidates, query, bank, k, values_dtype=torch.float32
+        )
         torch.testing.assert_close(values, ref_values, atol=2e-2, rtol=2e-2, msg=str(config))
