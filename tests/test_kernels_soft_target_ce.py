@@ -77,6 +77,22 @@ def test_without_candidate_gradient(shape):
     )
 
 
+def test_candidate_gradient_only():
+    """Queries that need no gradient skip the dq pass; dC and dt must still be right."""
+    shape = (7, 203, 64, 4, 13)
+    queries, candidates, targets = _inputs(shape)
+    grads = []
+    for backend in ("triton", "torch"):
+        c = candidates.clone().requires_grad_()
+        t = targets.clone().requires_grad_()
+        loss = soft_target_contrastive_loss(
+            queries, c, t, temperature=0.2, target_offset=13, backend=backend
+        )
+        grads.append(torch.autograd.grad(loss.sum(), (c, t)))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("splits", [1, 2, 3, 7])
 def test_launchers_any_split_and_block(splits):
     """Split counts and block sizes change the reduction order only, not the result."""

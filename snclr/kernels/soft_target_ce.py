@@ -286,7 +286,8 @@ def _soft_target_ce_bwd_dq_kernel(
             other=0.0,
         )
         acc = _soft_target_ce_mma(ds, c, acc, INPUT_PRECISION, CAST_FP32)
-    out = dq_ptr + split * stride_ps + rows.to(tl.int64)[:, None] * stride_pb
+    # splits * B * D can pass 2**31 when a caller asks for many splits.
+    out = dq_ptr + split.to(tl.int64) * stride_ps + rows.to(tl.int64)[:, None] * stride_pb
     tl.store(out + out_feats[None, :] * stride_pd, acc, mask=row_mask[:, None] & out_mask[None, :])
 
 
