@@ -13,7 +13,7 @@ row j at ``own(j, s) = target_offset + j*S + s``::
 
 Algorithm::
 
-    inverse norms of q and C                      (_inverse_norm_kernel, O(B + M) floats)
+    inverse norms of q and C                      (_soft_target_ce_inverse_norm_kernel, O(B + M))
     forward grid (row blocks fastest, column splits):
         for each column tile of the split: s = (q_tile @ C_tile^T) * iq * ic * log2(e)/T
             online max / sum of exp2 per row; store s at owned columns of this row block
@@ -26,8 +26,9 @@ Algorithm::
 Cost (elements read, flops): the forward reads q once and C once per row block (B/BLOCK_B
 passes over M*D, mostly from L2 since the row blocks of one split run together) and writes
 O(B*splits + B*S) floats for 2*B*M*D flops. The dq pass recomputes the logits (2*B*M*D) and
-accumulates 2*B*M*D, the logits once per output D chunk; the dC pass (only when C needs a
-gradient) costs the same again. The owned-column work runs only on the tiles that meet the row
+accumulates 2*B*M*D, recomputing the logits once per output D chunk; the dC pass (only when C
+needs a gradient) costs the same again and stages an fp32 (M, D) gradient before the
+normalisation chain rule. The owned-column work runs only on the tiles that meet the row
 block's owned range. No B x M tensor exists; extra memory is O(B + B*S + M + splits*B*D).
 
 Interpreter limits respected: tiles are cast to fp32 before ``tl.dot`` (bf16 dot is wrong
