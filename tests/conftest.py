@@ -21,7 +21,25 @@ TOLERANCES = {
     torch.bfloat16: (5e-2, 5e-2),
 }
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def requires_cuda(test):
+    """Mark a test GPU-only: selected by ``-m gpu``, skipped where CUDA is absent."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    return pytest.mark.gpu(skip(test))
+
+
+@pytest.fixture(autouse=True)
+def _kernel_tests_on_the_gpu(request):
+    """On a CUDA machine the kernel tests run compiled: their tensors default to CUDA.
+
+    Without a GPU they run on CPU tensors under the Triton interpreter (set above).
+    """
+    if torch.cuda.is_available() and request.module.__name__.split(".")[-1].startswith("test_kernels"):
+        with torch.device("cuda"):
+            yield
+    else:
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -258,7 +258,6 @@ GPU_DTYPES = [(dtype, *TOLERANCES[dtype]) for dtype in (torch.bfloat16, torch.fl
 
 
 @requires_cuda
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype,atol,rtol", GPU_DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize(
     "shape", [(33, 4099, 96, 16), (1024, 1 << 20, 256, 16)], ids=["odd", "large"]
@@ -285,7 +284,6 @@ def test_low_precision_and_large_bank_on_gpu(shape, dtype, atol, rtol):
 
 
 @requires_cuda
-@pytest.mark.gpu
 @pytest.mark.parametrize("k", [1, 16, 64])
 def test_every_split_config_compiles_and_runs(k):
     configs, _ = kernels.split_configs()

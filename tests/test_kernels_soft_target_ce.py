@@ -208,7 +208,6 @@ HALF_TOLERANCES = [
 
 
 @requires_cuda
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype, atol, rtol", HALF_TOLERANCES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape", [(256, 70000, 256, 17, 4096), (33, 5000, 96, 4, 7)], ids=_ids)
 def test_half_precision_on_gpu(shape, dtype, atol, rtol):
@@ -219,7 +218,6 @@ def test_half_precision_on_gpu(shape, dtype, atol, rtol):
 
 
 @requires_cuda
-@pytest.mark.gpu
 def test_large_queue_on_gpu():
     shape = (64, 1 << 20, 128, 31, 12345)
     queries, candidates, targets = _inputs(shape, device="cuda")
@@ -229,7 +227,6 @@ def test_large_queue_on_gpu():
 
 
 @requires_cuda
-@pytest.mark.gpu
 @pytest.mark.parametrize("width", [16, 96, 256, 1024])
 def test_every_config_compiles_on_gpu(width):
     shape = (70, 3000, width, 4, 9)
