@@ -6,10 +6,10 @@ RUN ?= runs/demo
 
 .PHONY: demo test bench-cpu clean
 
+# animal-mnist's metadata wrongly requires tensorflow, so the data installs with --no-deps.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
-	# animal-mnist's metadata wrongly requires tensorflow: install the data without it.
 	$(PY) -m pip install --quiet --no-deps animal-mnist==0.4
 	touch $@
 
