@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
         e.add_argument("--num-workers", type=int, default=0)
         e.add_argument("--random-init", action="store_true", help="evaluate the same architecture untrained")
+        e.add_argument("--limit-samples", type=int, default=0, help=argparse.SUPPRESS)  # tests
         if name == "linear":
             e.add_argument("--epochs", type=int, default=100, help="classifier epochs (default 100)")
             e.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
@@ -104,7 +105,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("knn", "linear"):
         data = args.data or _checkpoint_data(args.checkpoint)
-        common = dict(random_init=args.random_init, num_workers=args.num_workers, device=args.device)
+        common = dict(random_init=args.random_init, num_workers=args.num_workers, device=args.device,
+                      limit_samples=args.limit_samples)
         if args.command == "knn":
             result = evaluate.run_knn(args.checkpoint, data, **common)
         else:

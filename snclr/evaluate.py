@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from snclr.checkpoint import build_model, config_of, load_model_state, read_checkpoint
 from snclr.config import ConfigError
-from snclr.data import EvalDataset, ImageSet, eval_transform, load_dataset, make_loader
+from snclr.data import EvalDataset, ImageSet, eval_transform, limit, load_dataset, make_loader
 
 __all__ = ["extract_features", "knn_accuracy", "linear_probe", "load_backbone", "parameter_checksum", "weighted_knn_predict"]
 
@@ -140,9 +140,10 @@ def _device(name: str = "auto") -> torch.device:
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def _features(checkpoint: str, data: str, *, random_init: bool, num_workers: int, device: torch.device):
+def _features(checkpoint: str, data: str, *, random_init: bool, num_workers: int, device: torch.device,
+              limit_samples: int = 0):
     encoder, info = load_backbone(checkpoint, random_init=random_init)
-    train, test = load_dataset(data, split="train"), load_dataset(data, split="test")
+    train, test = (limit(load_dataset(data, split=split), limit_samples) for split in ("train", "test"))
     if train.in_chans != info["in_chans"]:
         raise ConfigError(f"the checkpoint expects {info['in_chans']}-channel images, {data!r} has {train.in_chans}")
     encoder.to(device)
@@ -155,17 +156,22 @@ def _features(checkpoint: str, data: str, *, random_init: bool, num_workers: int
 
 
 def run_knn(checkpoint: str, data: str, *, random_init: bool = False, ks: tuple[int, ...] = (20, 200),
-            num_workers: int = 0, device: str = "auto") -> dict[str, float]:
-    """``snclr knn``: weighted kNN top-1 of a checkpoint's backbone on a dataset."""
+            num_workers: int = 0, device: str = "auto", limit_samples: int = 0) -> dict[str, float]:
+    """``snclr knn``: weighted kNN top-1 of a checkpoint's backbone on a dataset.
+
+    ``limit_samples`` > 0 evaluates on fixed class-balanced subsets of both splits (tests).
+    """
     dev = _device(device)
-    ((train_f, train_y), (test_f, test_y)), num_classes = _features(checkpoint, data, random_init=random_init, num_workers=num_workers, device=dev)
+    ((train_f, train_y), (test_f, test_y)), num_classes = _features(
+        checkpoint, data, random_init=random_init, num_workers=num_workers, device=dev, limit_samples=limit_samples)
     result = knn_accuracy(train_f, train_y, test_f, test_y, ks=ks, num_classes=num_classes)
     return {"top1": result[f"top1_k{ks[0]}"], **result}
 
 
 def run_linear(checkpoint: str, data: str, *, epochs: int = 100, lr: float = 0.1, random_init: bool = False,
-               num_workers: int = 0, device: str = "auto") -> dict[str, float]:
+               num_workers: int = 0, device: str = "auto", limit_samples: int = 0) -> dict[str, float]:
     """``snclr linear``: linear-probe top-1 of a checkpoint's frozen backbone on a dataset."""
     dev = _device(device)
-    ((train_f, train_y), (test_f, test_y)), num_classes = _features(checkpoint, data, random_init=random_init, num_workers=num_workers, device=dev)
+    ((train_f, train_y), (test_f, test_y)), num_classes = _features(
+        checkpoint, data, random_init=random_init, num_workers=num_workers, device=dev, limit_samples=limit_samples)
     return linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes, epochs=epochs, lr=lr)
