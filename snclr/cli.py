@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -97,9 +98,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "pretrain":
         config = config_from_args(args)
         last = train.pretrain(config, resume=args.resume)
-        from snclr.distributed import is_main
-
-        if is_main():
+        # The process group is gone by now: ask torchrun's environment which rank this is.
+        if int(os.environ.get("RANK", "0")) == 0:
             print(f"finished {last.get('epoch', 0)} epochs; run folder {config.output_dir}" +
                   (f"; kNN top-1 {last['knn_top1']:.4f}" if last.get("knn_top1") is not None else ""))
         return 0

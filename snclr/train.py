@@ -117,13 +117,21 @@ def _checkpoint_payload(config: Config, plan: Plan, state: State) -> dict:
 
 
 class MetricsLog:
-    """Rank 0's JSONL and CSV metric rows (appended to on resume)."""
+    """Rank 0's JSONL and CSV metric rows (appended to on resume), and TensorBoard if installed."""
 
     def __init__(self, run_dir: Path, *, enabled: bool) -> None:
         self.enabled, self.jsonl, self.csv = enabled, run_dir / "metrics.jsonl", run_dir / "metrics.csv"
+        self.tensorboard = None
         if enabled and not self.csv.exists():
             with self.csv.open("w", newline="") as f:
                 csv.writer(f).writerow(CSV_COLUMNS)
+        if enabled:
+            try:  # optional: tensorboard is not a dependency
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                pass
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -132,6 +140,11 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
         with self.csv.open("a", newline="") as f:
             csv.writer(f).writerow(["" if row.get(c) is None else row[c] for c in CSV_COLUMNS])
+        if self.tensorboard is not None:
+            for name, value in row.items():
+                if isinstance(value, float):
+                    self.tensorboard.add_scalar(f"{row['kind']}/{name}", value, row["step"])
+            self.tensorboard.flush()
 
 
 def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: MetricsLog) -> dict:
