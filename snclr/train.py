@@ -285,7 +285,7 @@ def _pretrain(config: Config, *, resume: bool) -> dict:
     loader = make_loader(dataset, batch_size=plan.local_batch, train=True, seed=config.seed,
                          num_workers=config.num_workers, pin_memory=device.type == "cuda",
                          world_size=plan.world_size, rank=plan.rank)
-    last: dict = {}
+    last: dict = {"kind": "epoch", "epoch": state.epoch, "step": state.step}
     histogram: list[float] = []
     stop = config.epochs if not config.stop_after else min(config.epochs, config.stop_after)
     while state.epoch < stop:

@@ -98,3 +98,12 @@ def test_corrupt_checkpoint_exits_2_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "truncated or corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["demo", "vit-small", "resnet50"])
+def test_presets_are_valid(name):
+    from snclr.config import preset, validate
+
+    config = preset(name)
+    validate(config)
+    assert config.lr * config.batch_size / 256 > 0
