@@ -57,10 +57,10 @@ class Config:
     bank_mode: str = "local"
     backend: str = "auto"
     # optimisation
-    epochs: int = 12
+    epochs: int = 8
     batch_size: int = 256
     optimizer: str = "adamw"  # adamw | lars
-    lr: float = 2e-3  # base rate per 256 images
+    lr: float = 3e-3  # base rate per 256 images
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     momentum_base: float = 0.96
