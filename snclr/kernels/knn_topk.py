@@ -82,7 +82,16 @@ def split_configs() -> tuple[list[triton.Config], callable]:
     def prune(configs, named_args, **kwargs):
         # The running list lives in registers: BLOCK_B * K_PAD int64 keys per program.
         k_pad = named_args.get("K_PAD", kwargs.get("K_PAD", 1))
-        kept = [c for c in configs if c.kwargs["BLOCK_B"] * k_pad <= 4096]
+
+        def fits(c):
+            if c.kwargs["BLOCK_B"] * k_pad > 4096:
+                return False
+            # K > 1 also keeps the (BLOCK_B, BLOCK_N) int64 key tile live through the
+            # replace loop: beyond 32 keys per thread ptxas spills (sm_90 compile, 255 regs).
+            tile = c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_N"]
+            return k_pad == 1 or tile <= 32 * 32 * c.num_warps
+
+        kept = [c for c in configs if fits(c)]
         return kept or configs[:1]
 
     return configs, prune
@@ -260,7 +269,8 @@ def _tuned_split_kernel():
     if _split_tuned is None:
         configs, prune = split_configs()
         _split_tuned = triton.autotune(
-            configs, key=["B", "N", "D", "K_PAD"],
+            # INPUT_PRECISION too: an "ieee" fp32 dot has other winning tiles than "tf32".
+            configs, key=["B", "N", "D", "K_PAD", "INPUT_PRECISION"],
             prune_configs_by={"early_config_prune": prune} if prune else None,
         )(_knn_topk_split_kernel)
     return _split_tuned

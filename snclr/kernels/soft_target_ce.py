@@ -81,15 +81,23 @@ def soft_target_ce_configs(phase: str) -> list[triton.Config]:
         )
         for (b, n, d, w, st) in shapes
         for o in outs
-        # Backward accumulators of BLOCK_B x BLOCK_DO fp32 must stay in registers.
-        if phase == "forward" or b * o <= 128 * 128
+        # Backward accumulators (dq: BLOCK_B x BLOCK_DO, dC: BLOCK_N x BLOCK_DO fp32) must stay
+        # in registers: beyond 64 per thread the sm_90 compile spills heavily.
+        if phase == "forward" or max(b, n) * o <= 64 * 32 * w
     ]
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop feature chunks wider than the padded D (they only load masked zeros)."""
+    """Drop feature chunks wider than the padded D (they only load masked zeros), and for
+    "ieee" fp32 the logit tiles above 32 per thread: that dot runs on FMA units with its
+    operands in registers, and larger tiles spill tens of KB (minutes of ptxas per config)."""
     width = max(16, triton.next_power_of_2(named_args["D"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs["BLOCK_DO"] <= width]
+    ieee = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION")) == "ieee"
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_D"] <= width and c.kwargs["BLOCK_DO"] <= width
+        and not (ieee and c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_N"] > 32 * 32 * c.num_warps)
+    ]  # fmt: skip
     return kept or configs[:1]
 
 
@@ -335,7 +343,10 @@ def _soft_target_ce_bwd_dc_kernel(
     tl.store(out, acc, mask=col_mask[:, None] & out_mask[None, :])
 
 
-_TUNE = dict(key=["D", "S"], prune_configs_by={"early_config_prune": _prune_configs})
+# INPUT_PRECISION is a key because the prune keeps other configs for "ieee" fp32.
+_TUNE = dict(
+    key=["D", "S", "INPUT_PRECISION"], prune_configs_by={"early_config_prune": _prune_configs}
+)
 _fwd_tuned = triton.autotune(configs=soft_target_ce_configs("forward"), **_TUNE)(
     _soft_target_ce_fwd_kernel
 )
