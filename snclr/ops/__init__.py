@@ -2,7 +2,8 @@
 
 ``backend="auto"`` runs the Triton kernels on CUDA tensors and the pure-PyTorch
 references (``snclr.reference``) elsewhere; ``"torch"`` always runs the reference and
-``"triton"`` forces the kernels (on CPU only under ``TRITON_INTERPRET=1``).
+``"triton"`` forces the kernels (on CPU only under ``TRITON_INTERPRET=1``). float64 inputs
+always run the reference, which is exact; the kernels accumulate in fp32.
 """
 
 from snclr.ops.contrastive import soft_target_contrastive_loss

@@ -87,6 +87,6 @@ def soft_target_contrastive_loss(
     """
     _check_soft_target_contrastive_loss(queries, candidates, targets, temperature, target_offset)
     options = dict(temperature=float(temperature), target_offset=int(target_offset))
-    if resolve_backend(backend, queries.device) == "torch":
+    if resolve_backend(backend, queries, candidates, targets) == "torch":
         return reference.soft_target_contrastive_loss(queries, candidates, targets, **options)
     return contrastive_triton.soft_target_contrastive_loss(queries, candidates, targets, **options)

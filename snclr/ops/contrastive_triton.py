@@ -7,8 +7,7 @@ never the B x M logits). ``snclr::soft_target_contrastive_loss_backward`` recomp
 tile by tile. Both are ``torch.library.custom_op`` with ``register_fake`` (the registration
 that also traces under the Triton interpreter: eager, ``torch.compile`` and ``opcheck``).
 
-float64 inputs do not reach the kernels: they run the float64 reference (exact, differentiable),
-because the kernels accumulate in fp32 and would silently lose the precision asked for.
+float64 inputs never get here: ``snclr.ops`` sends them to the float64 reference.
 Inputs are validated by ``snclr.ops.contrastive`` before this module is called.
 """
 
@@ -17,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from snclr import reference
 from snclr.kernels.soft_target_ce import soft_target_ce_backward, soft_target_ce_forward
 
 __all__ = ["soft_target_contrastive_loss"]
@@ -125,12 +123,8 @@ def soft_target_contrastive_loss(
     """Fused :func:`snclr.reference.soft_target_contrastive_loss`; inputs already validated.
 
     Shapes: queries ``(B, D)``, candidates ``(M, D)``, targets ``(B, S)``; returns ``(B,)``
-    float32 (float64 inputs take the float64 reference, see the module docstring).
+    float32.
     """
-    if torch.float64 in (queries.dtype, candidates.dtype, targets.dtype):
-        return reference.soft_target_contrastive_loss(
-            queries, candidates, targets, temperature=temperature, target_offset=target_offset
-        )
     # The kernels read queries and candidates in one dtype (the dot operands must match).
     dtype = torch.promote_types(queries.dtype, candidates.dtype)
     loss, *_ = _loss_op(

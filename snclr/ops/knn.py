@@ -68,7 +68,7 @@ def knn_topk(
         [[1, 3]]
     """
     _check_knn_topk(query, bank, k, exclude)
-    if resolve_backend(backend, query.device) == "torch":
+    if resolve_backend(backend, query, bank) == "torch":
         return reference.knn_topk(query, bank, k, exclude=exclude)
     return knn_triton.knn_topk(query, bank, k, exclude=exclude)
 
@@ -138,6 +138,6 @@ def soft_neighbors(
     """
     _check_soft_neighbors(key, online, bank, k, temperature, exclude)
     options = dict(temperature=float(temperature), threshold=bool(threshold), exclude=exclude)
-    if resolve_backend(backend, key.device) == "torch":
+    if resolve_backend(backend, key, online, bank) == "torch":
         return reference.soft_neighbors(key, online, bank, k, **options)
     return knn_triton.soft_neighbors(key, online, bank, k, **options)

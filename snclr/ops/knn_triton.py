@@ -8,7 +8,7 @@ rows (O(B*K*D)) and scatters into the bank gradient only when the bank requires 
 Registered with ``torch.library.custom_op`` + ``register_fake`` + ``register_autograd`` so
 the ops work eagerly, under ``torch.compile`` and ``torch.library.opcheck``, also under the
 Triton interpreter on CPU tensors (DESIGN section 4). Scores and values are computed in
-fp32 (float64 inputs get float64 outputs of fp32 accuracy).
+fp32; float64 inputs never get here (``snclr.ops`` sends them to the reference).
 """
 
 # No `from __future__ import annotations`: custom_op infers the schema from real types.
