@@ -58,9 +58,9 @@ class Config:
     backend: str = "auto"
     # optimisation
     epochs: int = 8
-    batch_size: int = 256
+    batch_size: int = 128  # 128 beat 256 at equal time in the demo (more steps: kNN 0.880 vs 0.869)
     optimizer: str = "adamw"  # adamw | lars
-    lr: float = 3e-3  # base rate per 256 images
+    lr: float = 6e-3  # base rate per 256 images (3e-3 at the demo batch of 128)
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     momentum_base: float = 0.96
