@@ -27,13 +27,6 @@ __all__ = ["knn_topk", "soft_neighbors"]
 _NORM_EPS = 1e-12
 
 
-def _accumulation_dtype(*tensors: Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def _similarity_grads(
     grad: Tensor, values: Tensor, query: Tensor, rows: Tensor
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -92,7 +85,7 @@ def _knn_topk_setup_context(ctx, inputs, output) -> None:
 
 def _knn_topk_backward(ctx, grad_values: Tensor, _grad_indices: Optional[Tensor]):
     query, bank, values, indices = ctx.saved_tensors
-    acc = _accumulation_dtype(query, bank)
+    acc = torch.float32  # float64 inputs take the reference (snclr.ops)
     rows = bank[indices].to(acc)  # (B, K, D), transient
     grad_query, grad_rows = _similarity_grads(grad_values, values, query, rows)
     grad_bank = _scatter_rows(bank, indices, grad_rows) if ctx.needs_input_grad[1] else None
@@ -105,17 +98,7 @@ _knn_topk_op.register_autograd(_knn_topk_backward, setup_context=_knn_topk_setup
 def knn_topk(
     query: Tensor, bank: Tensor, k: int, *, exclude: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor]:
-    """Triton ``knn_topk``; same contract as :func:`snclr.reference.knn_topk`.
-
-    Args:
-        query: ``(B, D)`` float.
-        bank: ``(N, D)`` float, same device.
-        k: ``1 <= k <= N`` (at most 64 for the kernels' register lists).
-        exclude: optional ``(B, E)`` int64 rows to skip, ``-1`` padding.
-
-    Returns:
-        ``(values, indices)``, ``(B, K)`` each; values in the promoted input dtype.
-    """
+    """Triton ``knn_topk``; same contract as :func:`snclr.reference.knn_topk`."""
     return torch.ops.snclr.knn_topk(query, bank, k, exclude)
 
 
@@ -200,7 +183,7 @@ def _positiveness_grads(
 
 def _soft_neighbors_backward(ctx, grad_similarity, grad_positiveness, _grad_indices):
     query, online, bank, indices, similarity = ctx.saved_tensors
-    acc = _accumulation_dtype(query, online, bank)
+    acc = torch.float32
     rows = bank[indices].to(acc)  # (B, K, D), transient
     grad_query = grad_online = None
     grad_rows = torch.zeros_like(rows)
@@ -233,21 +216,11 @@ def soft_neighbors(
 ) -> SoftNeighbors:
     """Triton ``soft_neighbors``; same contract as :func:`snclr.reference.soft_neighbors`.
 
-    Args:
-        key: ``(B, D)`` features that choose the neighbours (normalised here).
-        online: ``(B, D)`` features that score them (normalised here).
-        bank: ``(N, D)`` stored rows.
-        k: ``1 <= k <= min(N, 64)``.
-        temperature: positiveness softmax temperature.
-        threshold: zero weights ``<= 1/k`` without renormalising.
-        exclude: optional ``(B, E)`` int64 rows to skip, ``-1`` padding.
-
-    Returns:
-        :class:`~snclr.reference.SoftNeighbors`; ``neighbors = bank[indices]`` in the bank's
-        dtype, differentiable w.r.t. ``bank``.
+    ``key`` and ``online`` are normalised here, so autograd differentiates the normalisation
+    exactly as the reference does; ``neighbors = bank[indices]`` is a plain gather.
     """
     query = F.normalize(key, dim=-1)
-    online_unit = F.normalize(online.to(_accumulation_dtype(online, bank)), dim=-1)
+    online_unit = F.normalize(online.float(), dim=-1)
     similarity, positiveness, indices = torch.ops.snclr.soft_neighbors(
         query, online_unit, bank, k, float(temperature), bool(threshold), exclude
     )
