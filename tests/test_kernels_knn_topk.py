@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 
 import snclr.ops as ops
-from conftest import TOLERANCES, requires_cuda
 from snclr import reference
 from snclr.kernels import knn_topk as kernels
+
+from conftest import TOLERANCES, requires_cuda
+from sm90 import compile_for_sm90
 
 ATOL, RTOL = TOLERANCES[torch.float32]
 
@@ -302,26 +304,9 @@ def test_every_split_config_compiles_and_runs(k):
         torch.testing.assert_close(values, ref_values, atol=2e-2, rtol=2e-2, msg=str(config))
 
 
-# Compiles (no launch) for an H200 target in a fresh process: the interpreter set by conftest
-# accepts code that the GPU compiler rejects, and no GPU is needed to reach a cubin.
-_SM90_COMPILE = r'''
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+# Main variants of every kernel compile for an H200 (see tests/sm90.py).
+_SM90_BODY = r'''
 from snclr.kernels import knn_topk as kk
-
-def build(fn, dtypes, constexprs, num_warps=4, num_stages=3):
-    # Unit inner strides are specialised and ints aligned to 16, as in a real launch.
-    consts = dict(constexprs, stride_qd=1, stride_bd=1, stride_od=1, stride_ee=1)
-    sig = {n: "constexpr" if n in consts
-           else dtypes.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n][0] == "*" or (sig[n] == "i32" and (n.startswith("stride") or n == "D"))}
-    consts = {n: v for n, v in consts.items() if n in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                   target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=num_warps, num_stages=num_stages))
 
 split = dict(exclude_ptr="*i64", cand_ptr="*i64")
 for k, dtype, exclude, cast, precision in [(1, "bf16", False, False, "tf32"),
@@ -340,23 +325,5 @@ print("compiled")
 '''
 
 
-def _compile_for_sm90(script: str) -> None:
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    triton = pytest.importorskip("triton")
-    backends = getattr(getattr(triton, "backends", None), "backends", {})
-    if "nvidia" not in backends or not shutil.which(
-        "ptxas", path=os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
-    ):
-        pytest.skip("this Triton build cannot target CUDA (no nvidia backend or ptxas)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-4000:]
-
-
 def test_kernels_compile_for_sm90():
-    _compile_for_sm90(_SM90_COMPILE)
+    compile_for_sm90(_SM90_BODY)

@@ -8,6 +8,7 @@ import torch
 
 import snclr.ops  # noqa: F401  (registers the snclr:: custom ops)
 from conftest import TOLERANCES, requires_cuda
+from sm90 import compile_for_sm90
 from snclr import reference
 from snclr.kernels import soft_target_ce
 from snclr.ops import soft_target_contrastive_loss
@@ -251,24 +252,9 @@ def test_every_config_compiles_on_gpu(width):
             torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
 
 
-# Compiled for an H200 target in a fresh process, without a GPU (see the knn_topk tests).
-_SM90_COMPILE = r'''
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+# Main variants of every kernel compile for an H200 (see tests/sm90.py).
+_SM90_BODY = r'''
 from snclr.kernels import soft_target_ce as st
-
-def build(fn, dtypes, constexprs, num_warps=4, num_stages=3):
-    # Unit inner strides are specialised and ints aligned to 16, as in a real launch.
-    consts = dict(constexprs, stride_qd=1, stride_cd=1, stride_xd=1)
-    sig = {n: "constexpr" if n in consts
-           else dtypes.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n][0] == "*" or (sig[n] == "i32" and (n.startswith("stride") or n == "D"))}
-    consts = {n: v for n, v in consts.items() if n in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                   target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=num_warps, num_stages=num_stages))
 
 build(st._soft_target_ce_inverse_norm_kernel, dict(x_ptr="*bf16", eps="fp32"),
       dict(BLOCK_R=32, BLOCK_D=128))
@@ -283,6 +269,4 @@ print("compiled")
 
 
 def test_kernels_compile_for_sm90():
-    from test_kernels_knn_topk import _compile_for_sm90
-
-    _compile_for_sm90(_SM90_COMPILE)
+    compile_for_sm90(_SM90_BODY)
