@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from snclr import distributed
+from snclr.bank import MemoryBank
 from snclr.checkpoint import (build_model, config_of, get_rng_state, load_model_state, read_checkpoint,
                               set_rng_state, write_checkpoint)
 from snclr.config import Config, ConfigError, validate
@@ -108,12 +109,37 @@ def _plan(config: Config, device: torch.device, train_size: int, in_chans: int, 
 
 
 def _checkpoint_payload(config: Config, plan: Plan, state: State) -> dict:
+    """The checkpoint contents. Collective under torch.distributed: every rank must call it."""
     return {
         "config": config.to_dict(), "model": state.model.state_dict(),
         "optimizer": state.optimizer.state_dict(), "scaler": state.scaler.state_dict(),
         "epoch": state.epoch, "step": state.step, "rng": get_rng_state(),
         "data_shape": {"in_chans": plan.in_chans, "img_size": plan.img_size},
+        "rank_banks": _rank_banks(state.model.bank),
     }
+
+
+def _rank_banks(bank: MemoryBank) -> dict | None:
+    """Every rank's rows of a per-rank ("local") queue, ``(W, N, D)`` and ``(W, N)`` on the CPU.
+
+    The model state written by rank 0 holds only rank 0's queue. Pointer and fill count are
+    the same on every rank (equal batches). None on one process or with a ``global`` queue,
+    which is identical everywhere. Collective: every rank must call it.
+    """
+    if distributed.world_size() == 1 or bank.mode != "local":
+        return None
+    return {"queue": distributed.gather_no_grad(bank.queue[None]).cpu(),
+            "labels": distributed.gather_no_grad(bank.labels[None]).cpu()}
+
+
+def _restore_rank_bank(bank: MemoryBank, banks: dict | None, rank: int) -> None:
+    """Load this rank's queue rows saved by :func:`_rank_banks` (rank modulo the saved world)."""
+    if banks is None:
+        return
+    source = rank % banks["queue"].shape[0]
+    with torch.no_grad():
+        bank.queue.copy_(banks["queue"][source])
+        bank.labels.copy_(banks["labels"][source])
 
 
 class MetricsLog:
@@ -252,6 +278,7 @@ def _pretrain(config: Config, *, resume: bool) -> dict:
     model = build_model(config, in_chans=plan.in_chans, img_size=plan.img_size)
     if payload is not None:
         load_model_state(model, payload["model"], source=f"checkpoint {str(ckpt_path)!r}")
+        _restore_rank_bank(model.bank, payload.get("rank_banks"), plan.rank)
         previous = config_of(payload)
         if previous.method != config.method or previous.encoder != config.encoder:
             raise ConfigError(f"{ckpt_path} is a {previous.method}/{previous.encoder} run, not {config.method}/{config.encoder}")
@@ -299,8 +326,10 @@ def _pretrain(config: Config, *, resume: bool) -> dict:
             knn = _knn(config, plan, model, train_set, test_set) if main else None
         last = {"kind": "epoch", "epoch": state.epoch, "step": state.step, "knn_top1": knn, **stats}
         log.write(last)
-        if main and (state.epoch % config.save_every == 0 or state.epoch == stop):
-            write_checkpoint(ckpt_path, _checkpoint_payload(config, plan, state))
+        if state.epoch % config.save_every == 0 or state.epoch == stop:
+            payload = _checkpoint_payload(config, plan, state)  # collective: all ranks
+            if main:
+                write_checkpoint(ckpt_path, payload)
         if plan.world_size > 1:
             dist.barrier()  # ranks wait for rank 0's evaluation and checkpoint
     if main:

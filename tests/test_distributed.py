@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 from snclr import MemoryBank, distributed
 from snclr.functional import soft_neighbor_loss
+from snclr.train import _rank_banks, _restore_rank_bank
 
 BATCH, K, DIM, WORLD = 8, 3, 16, 2
 
@@ -38,10 +39,12 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         bank = MemoryBank(6, DIM, mode="global")
         bank.enqueue(key, torch.arange(BATCH)[rows])
         gathered = distributed.gather_no_grad(torch.full((2,), float(rank)))
+        local = MemoryBank(6, DIM, mode="local")
+        local.enqueue(key, torch.arange(BATCH)[rows])
         torch.save(
             dict(loss=loss.detach(), grad_z=grad_z, grad_y=grad_y, bank=bank.state_dict(),
                  mean=distributed.all_reduce_mean(loss), gathered=gathered, rank=distributed.rank(),
-                 world=distributed.world_size()),
+                 world=distributed.world_size(), local=local.state_dict(), rank_banks=_rank_banks(local)),
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -85,3 +88,16 @@ def test_global_bank_is_identical_on_every_rank(ranks):
     for r in ranks:
         torch.testing.assert_close(r["bank"]["queue"], single.queue)
         assert torch.equal(r["bank"]["labels"], single.labels) and int(r["bank"]["pointer"]) == single._pointer
+
+
+def test_checkpoint_keeps_every_ranks_local_queue(ranks):
+    banks = ranks[0]["rank_banks"]  # what rank 0 writes into the checkpoint
+    assert banks["queue"].shape == (WORLD, 6, DIM)
+    assert not torch.equal(ranks[0]["local"]["queue"], ranks[1]["local"]["queue"])
+    for r in ranks:
+        restored = MemoryBank(6, DIM, mode="local")
+        restored.load_state_dict(ranks[0]["local"])  # the model state holds rank 0's queue
+        _restore_rank_bank(restored, banks, r["rank"])
+        assert torch.equal(restored.queue, r["local"]["queue"])
+        assert torch.equal(restored.labels, r["local"]["labels"])
+    assert _rank_banks(MemoryBank(6, DIM)) is None  # one process: the model state suffices
