@@ -117,6 +117,7 @@ def test_threshold_removes_the_weights_not_above_one_over_k():
         (dict(temperature=0), r"temperature must be a finite number > 0"),
         (dict(neighbors=torch.randn(4, 0, 8), attention="nearest"), r"needs at least one neighbour"),
         (dict(y=torch.randn(3, 8)), r"y must have B=4 rows"),
+        (dict(y=torch.randn(4, 6)), r"y must have D=8 columns"),
     ],
 )
 def test_bad_input(kwargs, match):
