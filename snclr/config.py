@@ -196,8 +196,13 @@ def validate(config: Config) -> None:
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
-    if config.lr <= 0 or config.temperature <= 0:
-        raise ConfigError("lr and temperature must be > 0")
+    non_negative = ("img_size", "num_workers", "limit_samples", "warmup_epochs", "weight_decay",
+                    "grad_clip", "knn_every", "stop_after")
+    for name in non_negative:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
+    if config.lr <= 0 or config.temperature <= 0 or config.attention_temperature <= 0:
+        raise ConfigError("lr, temperature and attention_temperature must be > 0")
     if not 0 < config.crop_scale_min <= 1:
         raise ConfigError(f"crop_scale_min must be in (0, 1], got {config.crop_scale_min}")
     if not 0 <= config.momentum_base <= config.momentum_final <= 1:

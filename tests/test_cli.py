@@ -52,10 +52,11 @@ def test_preset_then_config_file_then_flags(tmp_path):
         (["pretrain", "--queue-size", "2", "--num-neighbors", "5"], "smaller than K=5"),
         (["pretrain", "--preset", "nope"], "unknown preset"),
         (["pretrain", "--epochs", "two"], "epochs must be int"),
+        (["pretrain", "--num-workers", "-1"], "num_workers must be >= 0"),
         (["pretrain", "--config", "missing.yaml"], "does not exist"),
         (["knn", "--checkpoint", "missing.pt", "--data", "animal-mnist"], "does not exist"),
     ],
-    ids=["encoder", "dataset", "batch", "queue", "preset", "type", "config-file", "checkpoint"],
+    ids=["encoder", "dataset", "batch", "queue", "preset", "type", "workers", "config-file", "checkpoint"],
 )
 def test_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
