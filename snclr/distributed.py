@@ -5,15 +5,41 @@ No other module calls ``torch.distributed`` directly.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_mean", "gather_no_grad", "is_main", "rank", "world_size"]
+__all__ = ["all_reduce_mean", "all_reduce_sum", "barrier", "destroy", "gather_no_grad", "init_from_env",
+           "is_main", "rank", "world_size"]
 
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def init_from_env() -> bool:
+    """Join torchrun's process group (NCCL with CUDA, else gloo) when ``WORLD_SIZE`` > 1.
+
+    Returns True when this call started the group (the caller then calls :func:`destroy`).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _active():
+        return False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def destroy() -> None:
+    """Leave the process group (no-op without one)."""
+    if _active():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op on one process)."""
+    if world_size() > 1:
+        dist.barrier()
 
 
 def world_size() -> int:
@@ -55,4 +81,13 @@ def all_reduce_mean(tensor: Tensor) -> Tensor:
     if world_size() > 1:
         dist.all_reduce(out)
         out /= world_size()
+    return out
+
+
+@torch.no_grad()
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum of ``tensor`` over ranks (a copy; no gradient). For logging and statistics."""
+    out = tensor.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(out)
     return out

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 from torch import nn
 from tqdm import tqdm
@@ -69,13 +68,6 @@ class State:
     scaler: torch.amp.GradScaler
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps completed
-
-
-def _init_distributed() -> bool:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
 
 
 def _device(config: Config) -> torch.device:
@@ -221,8 +213,7 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
     bar.close()
     sums = distributed.all_reduce_mean(sums).tolist()
     steps, nbr_steps = plan.steps_per_epoch, sums[4]
-    if plan.world_size > 1:
-        dist.all_reduce(histogram)
+    histogram = distributed.all_reduce_sum(histogram)
     return {
         "loss": sums[0] / steps,
         "neighbor_purity": sums[1] / nbr_steps if nbr_steps else None,
@@ -248,12 +239,12 @@ def pretrain(config: Config, *, resume: bool = False) -> dict:
         ConfigError: bad configuration, data or checkpoint (the run folder is left as it was).
     """
     validate(config)
-    started_group = _init_distributed()
+    started_group = distributed.init_from_env()
     try:
         return _pretrain(config, resume=resume)
     finally:
         if started_group:
-            dist.destroy_process_group()
+            distributed.destroy()
 
 
 def _pretrain(config: Config, *, resume: bool) -> dict:
@@ -330,8 +321,7 @@ def _pretrain(config: Config, *, resume: bool) -> dict:
             payload = _checkpoint_payload(config, plan, state)  # collective: all ranks
             if main:
                 write_checkpoint(ckpt_path, payload)
-        if plan.world_size > 1:
-            dist.barrier()  # ranks wait for rank 0's evaluation and checkpoint
+        distributed.barrier()  # ranks wait for rank 0's evaluation and checkpoint
     if main:
         write_report(run_dir, config.to_dict(), histogram=histogram, wall_s=time.perf_counter() - wall)
     return last
