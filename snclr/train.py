@@ -278,11 +278,12 @@ def _pretrain(config: Config, *, resume: bool) -> dict:
     if plan.world_size > 1:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # find_unused_parameters: the neighbour terms (and learned attention) are absent until
-        # the queue fills. broadcast_buffers=False: each rank keeps its own queue ("local").
+        # Only the learned-attention head can sit out a step (until the queue holds K rows),
+        # and the unused-parameter search costs a graph walk per step: enable it only then.
+        # broadcast_buffers=False: each rank keeps its own queue ("local").
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True, broadcast_buffers=False)
+            find_unused_parameters=model.attention_head is not None, broadcast_buffers=False)
     optimizer = create_optimizer(model, config.optimizer, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.amp_dtype == torch.float16)
     state = State(model=model, wrapped=wrapped, optimizer=optimizer, scaler=scaler)
