@@ -125,3 +125,16 @@ def test_bad_input(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         soft_neighbor_loss(**args)
+
+
+@pytest.mark.parametrize("threshold", [False, True], ids=["plain", "threshold"])
+def test_triton_path_equals_reference(threshold, device):
+    """The whole loss on the fused kernels (interpreted on a CPU) against the reference."""
+    z, y, key, nbr = (t.float().to(device) for t in inputs(33, 5, 24))
+    results = []
+    for backend in ("torch", "triton"):
+        zz, yy = z.detach().requires_grad_(), y.detach().requires_grad_()
+        loss = soft_neighbor_loss(zz, yy, key, nbr, threshold=threshold, backend=backend)
+        results.append((loss, *torch.autograd.grad(loss, (zz, yy))))
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
