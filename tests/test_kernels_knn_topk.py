@@ -75,10 +75,12 @@ def test_split_counts_and_small_tiles(num_splits, k):
 
 
 def test_duplicated_rows_tie_to_the_smaller_index():
-    base = torch.randn(40, 32)
+    # Small integers: every score is exact, so equal rows score exactly equal whatever the
+    # summation order of the tile (random floats would differ in the last bit).
+    base = torch.randint(-3, 4, (40, 32)).float()
     # Every row appears three times, spread across tiles and splits.
     bank = torch.cat([base, base, base])[torch.randperm(120)]
-    query = torch.randn(7, 32)
+    query = torch.randint(-3, 4, (7, 32)).float()
     for num_splits in (1, 3):
         candidates = kernels.knn_topk_split(query, bank, 9, num_splits=num_splits, block_n=16 * 4)
         indices, values, _ = kernels.knn_topk_merge(
@@ -145,6 +147,75 @@ def test_exclusion_leaving_fewer_than_k_rows():
     assert torch.equal(indices, ref_indices)
     assert bool((values[0, 2:] == float("-inf")).all())
     torch.testing.assert_close(values, ref_values, atol=ATOL, rtol=RTOL)
+
+
+def _split_and_merge(query, bank, k, **options):
+    """The two kernels directly, with the split count and tiles given."""
+    candidates = kernels.knn_topk_split(query, bank, k, **options)
+    indices, values, _ = kernels.knn_topk_merge(candidates, query, bank, k,
+                                                values_dtype=torch.float32)
+    return values, indices
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_many_equal_scores_straddling_the_threshold(num_splits):
+    # Scores in {-1, 0, 1}: hundreds of rows tie with the K-th, in every tile and split;
+    # only the smaller indices may win, exactly as the reference's stable sort.
+    query = torch.ones(9, 16)
+    bank = torch.zeros(700, 16)
+    bank[:, 0] = torch.randint(-1, 2, (700,)).float()
+    values, indices = _split_and_merge(query, bank, 16, num_splits=num_splits, block_n=64)
+    ref_values, ref_indices = reference.knn_topk(query, bank, 16)
+    assert torch.equal(indices, ref_indices)
+    assert torch.equal(values, ref_values)
+
+
+def test_all_nan_rows_report_minus_inf_at_the_smallest_indices():
+    query, bank = torch.randn(5, 16), torch.randn(300, 16)
+    query[[1, 3]] = float("nan")
+    values, indices = ops.knn_topk(query, bank, 7, backend="triton")
+    ref_values, ref_indices = reference.knn_topk(query, bank, 7)
+    assert torch.equal(indices, ref_indices)
+    assert torch.equal(indices[1], torch.arange(7))
+    assert bool((values[[1, 3]] == float("-inf")).all())
+    torch.testing.assert_close(values, ref_values, atol=ATOL, rtol=RTOL)
+
+
+def test_exclusion_of_rows_at_the_threshold():
+    # Exclude the K-th and (K+1)-th best rows of each query and a row tied with the K-th:
+    # the next rows must move up, in order.
+    query = torch.randint(-2, 3, (6, 32)).float()
+    bank = torch.randint(-2, 3, (500, 32)).float()
+    _, order = reference.knn_topk(query, bank, 12)
+    exclude = order[:, 7:9]
+    for num_splits in (1, 4):
+        values, indices = ops.knn_topk(query, bank, 8, exclude=exclude, backend="triton")
+        ref_values, ref_indices = reference.knn_topk(query, bank, 8, exclude=exclude)
+        assert torch.equal(indices, ref_indices)
+        torch.testing.assert_close(values, ref_values, atol=ATOL, rtol=RTOL)
+        v, i = _split_and_merge(query, bank, 8, exclude=exclude, num_splits=num_splits,
+                                block_n=64)
+        assert torch.equal(i, ref_indices)
+
+
+@pytest.mark.parametrize("rows", [10, 70, 130])
+def test_fewer_rows_than_k_times_splits(rows):
+    # Some splits hold fewer than K rows, or none at all.
+    query, bank = torch.randn(7, 16), torch.randn(rows, 16)
+    k = min(rows, 9)
+    values, indices = _split_and_merge(query, bank, k, num_splits=5, block_n=64)
+    assert_topk_consistent(query, bank, k, values, indices)
+
+
+def test_top_k_all_in_one_tile():
+    # The K best rows sit together in the middle of one tile of the last split.
+    query = F.normalize(torch.randn(33, 64), dim=1)
+    bank = torch.randn(1000, 64) * 0.01
+    bank[900:916] = query[:1] * torch.linspace(2, 1, 16)[:, None]
+    for num_splits in (1, 3):
+        values, indices = _split_and_merge(query, bank, 16, num_splits=num_splits, block_n=64)
+        assert torch.equal(indices[0], torch.arange(900, 916))
+        assert_topk_consistent(query, bank, 16, values, indices)
 
 
 def test_knn_topk_gradients_match_reference():
@@ -296,7 +367,7 @@ def test_every_split_config_compiles_and_runs(k):
         meta = config.kwargs
         candidates = kernels.knn_topk_split(
             query, bank, k, num_splits=3, block_b=meta["BLOCK_B"], block_n=meta["BLOCK_N"],
-            block_d=meta["BLOCK_D"], num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps,
         )
         _, values, _ = kernels.knn_topk_merge(
             candidates, query, bank, k, values_dtype=torch.float32
@@ -309,12 +380,16 @@ _SM90_BODY = r'''
 from snclr.kernels import knn_topk as kk
 
 split = dict(exclude_ptr="*i64", cand_ptr="*i64")
-for k, dtype, exclude, cast, precision in [(1, "bf16", False, False, "tf32"),
-                                          (8, "fp32", True, False, "ieee"),
-                                          (5, "fp64", True, True, "tf32")]:
+# (K, dtype, D, BLOCK_D, exclude, cast, precision): one-pass and D-chunked widths.
+for k, dtype, dim, block_d, exclude, cast, precision in [
+        (1, "bf16", 256, 256, False, False, "tf32"),
+        (16, "bf16", 96, 128, True, False, "tf32"),
+        (8, "fp32", 128, 128, True, False, "ieee"),
+        (5, "fp64", 320, 64, True, True, "tf32")]:
     build(kk._knn_topk_split_kernel, dict(split, q_ptr="*" + dtype, bank_ptr="*" + dtype),
-          dict(K=k, K_PAD=triton.next_power_of_2(k), HAS_EXCLUDE=exclude, CAST_FP32=cast,
-               INPUT_PRECISION=precision, BLOCK_B=64, BLOCK_N=64, BLOCK_D=64))
+          dict(K=k, K_PAD=triton.next_power_of_2(k), HAS_EXCLUDE=exclude, E_PAD=4, D=dim,
+               CAST_FP32=cast, INPUT_PRECISION=precision, BLOCK_B=64, BLOCK_N=64,
+               BLOCK_D=block_d))
 merge = dict(cand_ptr="*i64", q_ptr="*bf16", bank_ptr="*bf16", idx_ptr="*i64",
              val_ptr="*bf16", inv_temperature="fp32", threshold_value="fp32")
 for k, positiveness, threshold in [(1, False, False), (16, True, True)]:

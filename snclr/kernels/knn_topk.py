@@ -56,8 +56,15 @@ _LOWEST = tl.constexpr(-(2**63))
 _HIGHEST = tl.constexpr(2**63 - 1)
 # The monotone int32 image of -inf: every NaN score and excluded row gets it.
 _NEG_INF_KEY32 = tl.constexpr(-2139095041)
-# Rows per split are a multiple of this (the largest BLOCK_N), whatever config runs.
+# Larger than any column: the argmax of a tile is the min column holding the max.
+_NO_COL = tl.constexpr(2**31 - 1)
+# Rows per split are a multiple of this (>= the largest BLOCK_N), whatever config runs.
 _SPLIT_ALIGN = 256
+# Widths up to this are scored with the query block loaded once and one dot per tile.
+_MAX_ONE_PASS_D = 256
+_CHUNK_D = 64
+# 32-bit registers per thread for the score tile and the running list (sm_90: 255 in all).
+_REGISTER_BUDGET = 128
 # Cap on SPLITS * K_PAD so the merge holds all candidates of a query row in registers.
 _MAX_CANDIDATES = 2048
 
@@ -67,34 +74,39 @@ def _interpreted() -> bool:
 
 
 def split_configs() -> tuple[list[triton.Config], callable]:
-    """Autotune list for the split kernel and its prune predicate (key: B, N, D, K_PAD)."""
+    """Autotune list for the split kernel and its prune predicate (key: B, N, D, K_PAD).
+
+    BLOCK_D is not tuned: it is the padded width D (one dot per tile, the query block
+    loaded once) up to _MAX_ONE_PASS_D, else _CHUNK_D. The tile loop holds the insertion
+    loop, so Triton does not software-pipeline it and num_stages is left alone: a second
+    program per SM hides the loads instead.
+    """
     if _interpreted():
-        return [triton.Config({"BLOCK_B": 32, "BLOCK_N": 64, "BLOCK_D": 64})], None
+        return [triton.Config({"BLOCK_B": 32, "BLOCK_N": 64})], None
     configs = [
-        triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_B": bb, "BLOCK_N": bn}, num_warps=w)
         for bb in (64, 128)
         for bn in (64, 128)
-        for bd in (32, 64)
         for w in (4, 8)
-        for s in (2, 3)
     ]
 
     def prune(configs, named_args, **kwargs):
-        # The running list lives in registers: BLOCK_B * K_PAD int64 keys per program.
         k_pad = named_args.get("K_PAD", kwargs.get("K_PAD", 1))
-
-        def fits(c):
-            if c.kwargs["BLOCK_B"] * k_pad > 4096:
-                return False
-            # K > 1 also keeps the (BLOCK_B, BLOCK_N) int64 key tile live through the
-            # replace loop: beyond 32 keys per thread ptxas spills (sm_90 compile, 255 regs).
-            tile = c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_N"]
-            return k_pad == 1 or tile <= 32 * 32 * c.num_warps
-
-        kept = [c for c in configs if fits(c)]
-        return kept or configs[:1]
+        return [c for c in configs if _fits_registers(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_N"],
+                                                      k_pad, c.num_warps)] or configs[:1]
 
     return configs, prune
+
+
+def _fits_registers(block_b: int, block_n: int, k_pad: int, num_warps: int) -> bool:
+    """Configs that compile for sm_90 without local memory (tests/sm90.py checks them).
+
+    Per thread: the fp32 score tile and the (BLOCK_B, K_PAD) int64 list.
+    """
+    threads = 32 * num_warps
+    tile = block_b * block_n // threads
+    top = 2 * block_b * k_pad // threads
+    return tile + top <= _REGISTER_BUDGET
 
 
 @triton.jit
@@ -114,30 +126,65 @@ def _knn_unpack_col(key):
 
 
 @triton.jit
-def _knn_topk_update(top, tile, K: tl.constexpr):
-    """Merge a (BLOCK_B, BLOCK_N) key tile into the running (BLOCK_B, K_PAD) top list."""
-    if K == 1:
-        top = tl.maximum(top, tl.max(tile, axis=1)[:, None])
+def _knn_unpack_score(key):
+    """The fp32 score of a key (-inf for the empty-slot sentinels)."""
+    high = (key >> 32).to(tl.int32)
+    return tl.where(high < 0, high ^ 0x7FFFFFFF, high).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _knn_topk_update(top, threshold, scores, base, lo, hi, excluded_cols,
+                     K: tl.constexpr, HAS_EXCLUDE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Merge the fp32 scores of bank rows base + [0, BLOCK_N) into each row's top list.
+
+    ``threshold`` is the score of each row's worst key (-inf while a slot is empty). An
+    element enters only if its score is strictly above it: columns grow tile by tile, so an
+    equal score has the larger index and loses the tie, and NaN, -inf and excluded rows
+    never enter (the merge fills what they leave empty). Every tile costs one fp32 max per
+    element; only a tile where some row's best beats its threshold pays insertion rounds
+    (an argmax, a removal and a new max per element), one per element that enters. Columns
+    outside [lo, hi) are not masked up front (that would cost every tile a select per
+    element): when one comes up as a row's best it is removed without entering.
+    """
+    cols = base + tl.arange(0, BLOCK_N)
+    fresh_tile = (base >= lo) & (base + BLOCK_N <= hi)
+    best = tl.max(scores, axis=1)  # maxnum: a NaN never wins a max
+    hit = best > threshold
+    if K == 1 and not HAS_EXCLUDE:
+        # A running argmax: one round at most (the rare stale tile is masked first).
+        if not fresh_tile:
+            stale = (cols < lo) | (cols >= hi)
+            scores = tl.where(stale[None, :], float("-inf"), scores)
+            best = tl.max(scores, axis=1)
+            hit = best > threshold
+        if tl.max(hit.to(tl.int32), axis=0) > 0:
+            col = tl.min(tl.where(scores == best[:, None], cols[None, :], _NO_COL), axis=1)
+            top = tl.where(hit[:, None], _knn_pack(best, col)[:, None], top)
+            threshold = tl.where(hit, best, threshold)
     else:
-        best = tl.max(tile, axis=1)
-        worst = tl.min(top, axis=1)
-        # Gated argmax-replace: once the list is warm most tiles stop after one check.
-        while tl.sum((best > worst).to(tl.int32), axis=0) > 0:
-            replace = (top == worst[:, None]) & (best > worst)[:, None]
-            top = tl.where(replace, best[:, None], top)
-            tile = tl.where(tile == best[:, None], _LOWEST, tile)
-            best = tl.max(tile, axis=1)
+        while tl.max(hit.to(tl.int32), axis=0) > 0:
+            # The first column holding each row's best; it enters unless stale or excluded.
+            col = tl.min(tl.where(scores == best[:, None], cols[None, :], _NO_COL), axis=1)
+            hit = hit & (col >= lo) & (col < hi)
+            if HAS_EXCLUDE:
+                hit = hit & (tl.max((excluded_cols == col[:, None]).to(tl.int32), axis=1) == 0)
             worst = tl.min(top, axis=1)
-    return top
+            top = tl.where((top == worst[:, None]) & hit[:, None],
+                           _knn_pack(best, col)[:, None], top)
+            threshold = _knn_unpack_score(tl.min(top, axis=1))
+            scores = tl.where(cols[None, :] == col[:, None], float("-inf"), scores)
+            best = tl.max(scores, axis=1)
+            hit = best > threshold
+    return top, threshold
 
 
 @triton.jit
 def _knn_topk_split_kernel(
     q_ptr, bank_ptr, exclude_ptr, cand_ptr,
-    B, N, D, E, rows_per_split,
+    B, N, D: tl.constexpr, E, rows_per_split,
     stride_qb, stride_qd, stride_bn, stride_bd, stride_eb, stride_ee,
     stride_cb, stride_cs,
-    K: tl.constexpr, K_PAD: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+    K: tl.constexpr, K_PAD: tl.constexpr, HAS_EXCLUDE: tl.constexpr, E_PAD: tl.constexpr,
     CAST_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -147,48 +194,60 @@ def _knn_topk_split_kernel(
     pid_s = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
+    rows64 = rows.to(tl.int64)
     slots = tl.arange(0, K_PAD)
-    d_offs = tl.arange(0, BLOCK_D)
-    q_base = q_ptr + rows.to(tl.int64)[:, None] * stride_qb
+    d = tl.arange(0, BLOCK_D)
+    q_base = q_ptr + rows64[:, None] * stride_qb
+    # Loop-invariant int32 offsets of a bank tile: each tile adds one scalar base.
+    tile_offs = tl.arange(0, BLOCK_N)[:, None] * stride_bn + d[None, :] * stride_bd
 
-    # Phase 1: distinct sentinels in the K live slots, HIGHEST in the padding slots.
-    top = tl.where(slots[None, :] < K, _LOWEST + 1 + slots[None, :].to(tl.int64), _HIGHEST)
-    top = tl.broadcast_to(top, (BLOCK_B, K_PAD))
+    # Phase 1: the query block, loaded once when D fits in one block; the exclusion lists.
+    if BLOCK_D >= D:
+        q = tl.load(q_base + d[None, :] * stride_qd, mask=row_ok[:, None] & (d < D)[None, :],
+                    other=0.0)
+        if CAST_FP32:
+            q = q.to(tl.float32)
+    if HAS_EXCLUDE:
+        e = tl.arange(0, E_PAD)
+        excluded_cols = tl.load(exclude_ptr + rows64[:, None] * stride_eb + e[None, :] * stride_ee,
+                                mask=row_ok[:, None] & (e < E)[None, :], other=-1)
+    else:
+        excluded_cols = tl.full((BLOCK_B, 1), -1, dtype=tl.int64)
+    # Empty slots: the keys of -inf at columns 2**31 + slot (distinct, below every score).
+    # Padding slots >= K hold HIGHEST so they are never a row's worst.
+    empty = ((_NEG_INF_KEY32 + 1) << 32) - (2**31 + 1) - slots[None, :].to(tl.int64)
+    top = tl.broadcast_to(tl.where(slots[None, :] < K, empty, _HIGHEST), (BLOCK_B, K_PAD))
+    threshold = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
 
-    # Phase 2: stream this split's bank rows tile by tile.
+    # Phase 2: stream this split's rows. The last tile slides back to end at ``stop`` so
+    # no load is masked (the launcher pads banks shorter than a tile); the columns it
+    # repeats, or that lie outside the split, never enter (see _knn_topk_update).
     start = pid_s * rows_per_split
     stop = tl.minimum(start + rows_per_split, N)
     for n0 in range(start, stop, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < stop
-        b_base = bank_ptr + cols.to(tl.int64)[:, None] * stride_bn
-        scores = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + d_offs
-            d_ok = d < D
-            q = tl.load(q_base + d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :],
-                        other=0.0)
-            b = tl.load(b_base + d[None, :] * stride_bd, mask=col_ok[:, None] & d_ok[None, :],
-                        other=0.0)
+        base = tl.maximum(tl.minimum(n0, stop - BLOCK_N), 0)
+        tile_ptr = bank_ptr + base.to(tl.int64) * stride_bn
+        if BLOCK_D >= D:
+            b = tl.load(tile_ptr + tile_offs, mask=(d < D)[None, :], other=0.0)
             if CAST_FP32:
-                q = q.to(tl.float32)
                 b = b.to(tl.float32)
-            scores = tl.dot(q, tl.trans(b), scores, input_precision=INPUT_PRECISION)
-        keys = _knn_pack(scores, cols[None, :])
-        if HAS_EXCLUDE:
-            # Excluded rows rank with NaN and -inf scores: key of -inf, ties by index.
-            banned = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.int1)
-            for e in range(0, E):
-                ex = tl.load(exclude_ptr + rows.to(tl.int64) * stride_eb + e * stride_ee,
-                             mask=row_ok, other=-1)
-                banned = banned | (cols[None, :].to(tl.int64) == ex[:, None])
-            neg_inf = ((_NEG_INF_KEY32 + 1) << 32) - cols[None, :].to(tl.int64) - 1
-            keys = tl.where(banned, neg_inf, keys)
-        keys = tl.where(col_ok[None, :], keys, _LOWEST)
-        top = _knn_topk_update(top, keys, K)
+            scores = tl.dot(q, tl.trans(b), input_precision=INPUT_PRECISION)
+        else:
+            scores = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d_ok = (d0 + d < D)[None, :]
+                qc = tl.load(q_base + (d0 + d)[None, :] * stride_qd,
+                             mask=row_ok[:, None] & d_ok, other=0.0)
+                b = tl.load(tile_ptr + d0 * stride_bd + tile_offs, mask=d_ok, other=0.0)
+                if CAST_FP32:
+                    qc = qc.to(tl.float32)
+                    b = b.to(tl.float32)
+                scores = tl.dot(qc, tl.trans(b), scores, input_precision=INPUT_PRECISION)
+        top, threshold = _knn_topk_update(top, threshold, scores, base, n0, stop,
+                                          excluded_cols, K, HAS_EXCLUDE, BLOCK_N)
 
     # Phase 3: this split's K candidates per row, unsorted.
-    out = cand_ptr + rows.to(tl.int64)[:, None] * stride_cb + pid_s * stride_cs + slots[None, :]
+    out = cand_ptr + rows64[:, None] * stride_cb + pid_s * stride_cs + slots[None, :]
     tl.store(out, top, mask=row_ok[:, None] & (slots[None, :] < K))
 
 
@@ -213,12 +272,27 @@ def _knn_topk_merge_kernel(
     cands = tl.load(cand_ptr + rows64[:, None] * stride_cb + c[None, :],
                     mask=row_ok[:, None] & (c[None, :] < num_candidates), other=_LOWEST)
     attention = tl.full((BLOCK_B, K_PAD), float("-inf"), dtype=tl.float32)
+    chosen = tl.full((BLOCK_B, K_PAD), -1, dtype=tl.int64)
+    filled = tl.full((BLOCK_B,), -1, dtype=tl.int64)
 
     for t in range(0, K):
         # Phase 1: the t-th best candidate (keys are unique, so one element matches).
         win = tl.max(cands, axis=1)
         cands = tl.where(cands == win[:, None], _LOWEST, cands)
         col = _knn_unpack_col(win)
+        eligible = (win >> 32) != _NEG_INF_KEY32
+        chosen = tl.where((slots[None, :] == t) & eligible[:, None], col[:, None], chosen)
+        # Fewer than K eligible rows (NaN scores, exclusions): as the reference's stable
+        # sort does, the empty slots take the smallest rows that are not eligible winners
+        # (every eligible row is one by then). They lie below 2K, so within the bank.
+        if tl.max((~eligible & row_ok).to(tl.int32), axis=0) > 0:
+            fill = filled + 1
+            taken = (tl.max((chosen == fill[:, None]).to(tl.int32), axis=1) > 0) & ~eligible
+            while tl.max(taken.to(tl.int32), axis=0) > 0:
+                fill = tl.where(taken, fill + 1, fill)
+                taken = (tl.max((chosen == fill[:, None]).to(tl.int32), axis=1) > 0) & ~eligible
+            filled = tl.where(eligible, filled, fill)
+            col = tl.where(eligible, col, fill)
         col = tl.minimum(tl.maximum(col, 0), N - 1)  # guards the gather, never changes a winner
         tl.store(idx_ptr + rows64 * stride_ib + t, col, mask=row_ok)
 
@@ -239,9 +313,8 @@ def _knn_topk_merge_kernel(
                             mask=m, other=0.0).to(tl.float32)
                 on_dot += tl.sum(o * r, axis=1)
                 sq_norm += tl.sum(r * r, axis=1)
-        # NaN scores and excluded rows were ranked as -inf; report them as -inf.
-        ineligible = (win >> 32) == _NEG_INF_KEY32
-        value = tl.where(ineligible, float("-inf"), value)
+        # NaN scores and excluded rows rank as -inf; report them as -inf.
+        value = tl.where(eligible, value, float("-inf"))
         tl.store(val_ptr + rows64 * stride_vb + t, value, mask=row_ok)
         if WITH_POSITIVENESS:
             # F.normalize semantics: divide by max(|row|, 1e-12).
@@ -292,6 +365,11 @@ def num_splits_for(num_queries: int, num_rows: int, k: int) -> int:
     return max(1, splits)
 
 
+def _block_d(dim: int) -> int:
+    width = max(16, triton.next_power_of_2(dim))
+    return width if width <= _MAX_ONE_PASS_D else _CHUNK_D
+
+
 def knn_topk_split(
     query: torch.Tensor,
     bank: torch.Tensor,
@@ -303,11 +381,10 @@ def knn_topk_split(
     block_n: int | None = None,
     block_d: int | None = None,
     num_warps: int | None = None,
-    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Per-split top-k candidates as packed int64 keys, ``(B, SPLITS, K)``, unsorted.
 
-    ``num_splits``, the block sizes and the launch options override the heuristic and the
+    ``num_splits``, the block sizes and ``num_warps`` override the heuristic and the
     autotuned config (tests use them to cover split counts, tile edges and every config).
     """
     num_queries, dim = query.shape
@@ -316,34 +393,33 @@ def knn_topk_split(
     splits = num_splits or num_splits_for(num_queries, num_rows, k)
     align = block_n or _SPLIT_ALIGN
     rows_per_split = triton.cdiv(triton.cdiv(num_rows, splits), align) * align
+    if num_rows < _SPLIT_ALIGN:
+        # No load is masked: the last tile of a split slides back to end at N, so the bank
+        # must hold at least one tile. The padding rows are never scored.
+        bank = torch.cat([bank, bank.new_zeros(_SPLIT_ALIGN - num_rows, dim)])
     candidates = torch.empty((num_queries, splits, k), dtype=torch.int64, device=query.device)
     has_exclude = exclude is not None
     ex = exclude if has_exclude else candidates  # never read when HAS_EXCLUDE is False
+    num_excluded = ex.shape[1] if has_exclude else 0
     cast = _interpreted() or query.dtype != bank.dtype or query.dtype == torch.float64
     args = dict(
         q_ptr=query, bank_ptr=bank, exclude_ptr=ex, cand_ptr=candidates,
-        B=num_queries, N=num_rows, D=dim, E=ex.shape[1] if has_exclude else 0,
-        rows_per_split=rows_per_split,
+        B=num_queries, N=num_rows, D=dim, E=num_excluded, rows_per_split=rows_per_split,
         stride_qb=query.stride(0), stride_qd=query.stride(1),
         stride_bn=bank.stride(0), stride_bd=bank.stride(1),
         stride_eb=ex.stride(0), stride_ee=ex.stride(1),
         stride_cb=candidates.stride(0), stride_cs=candidates.stride(1),
-        K=k, K_PAD=k_pad, HAS_EXCLUDE=has_exclude, CAST_FP32=cast,
+        K=k, K_PAD=k_pad, HAS_EXCLUDE=has_exclude,
+        E_PAD=triton.next_power_of_2(max(1, num_excluded)), CAST_FP32=cast,
         INPUT_PRECISION=_input_precision(query.dtype if not cast else torch.float32),
+        BLOCK_D=block_d or _block_d(dim),
     )
-    overrides = (block_b, block_n, block_d, num_warps, num_stages)
-    if _interpreted() or any(o is not None for o in overrides):
+    if _interpreted() or any(o is not None for o in (block_b, block_n, num_warps)):
         default = split_configs()[0][0].kwargs if _interpreted() else {
-            "BLOCK_B": 64, "BLOCK_N": 64, "BLOCK_D": 64}
-        meta = {
-            "BLOCK_B": block_b or default["BLOCK_B"],
-            "BLOCK_N": block_n or default["BLOCK_N"],
-            "BLOCK_D": block_d or default["BLOCK_D"],
-        }
+            "BLOCK_B": 64, "BLOCK_N": 128}
+        meta = {"BLOCK_B": block_b or default["BLOCK_B"], "BLOCK_N": block_n or default["BLOCK_N"]}
         if num_warps is not None:
             meta["num_warps"] = num_warps
-        if num_stages is not None:
-            meta["num_stages"] = num_stages
         grid = (triton.cdiv(num_queries, meta["BLOCK_B"]), splits)
         _knn_topk_split_kernel[grid](**args, **meta)
     else:
