@@ -11,8 +11,14 @@ import sys
 
 import pytest
 
-# Defines build(fn, dtypes, constexprs, num_warps, num_stages) in the child process.
+# Defines build(fn, dtypes, constexprs, num_warps, num_stages) -> compiled kernel and
+# local_memory_ops(kernel) in the child process.
 _PRELUDE = r'''
+import os
+import re
+import subprocess
+import tempfile
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -28,9 +34,19 @@ def build(fn, dtypes, constexprs, num_warps=4, num_stages=3):
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n][0] == "*" or (sig[n] == "i32" and (n.startswith("stride") or n == "D"))}
     consts = {n: v for n, v in consts.items() if n in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                   target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+def local_memory_ops(kernel):
+    # Spills show as local loads and stores (LDL / STL) in the SASS.
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    return len(re.findall(r"\b(LDL|STL)\b", sass))
 '''
 
 

@@ -218,6 +218,24 @@ def test_top_k_all_in_one_tile():
         assert_topk_consistent(query, bank, 16, values, indices)
 
 
+def test_fp32_queries_against_a_bf16_bank():
+    # The search runs in the bank's precision; values and positiveness come out in fp32
+    # from the fp32 key and online rows, recomputed from the gathered bf16 rows.
+    key, online = torch.randn(9, 64), torch.randn(9, 64)
+    bank = F.normalize(torch.randn(500, 64), dim=1).to(torch.bfloat16)
+    out = ops.soft_neighbors(key, online, bank, 8, backend="triton")
+    ref = reference.soft_neighbors(key, online, bank, 8)
+    assert out.similarity.dtype == out.positiveness.dtype == torch.float32
+    unit_key = F.normalize(key, dim=1)
+    rescored = torch.einsum("bd,bkd->bk", unit_key, bank.float()[out.indices])
+    torch.testing.assert_close(out.similarity, rescored, atol=ATOL, rtol=RTOL)
+    # Ranked with the key rounded to bf16: the K-th value may differ by that rounding.
+    torch.testing.assert_close(out.similarity, ref.similarity, atol=2e-2, rtol=0)
+    expected = torch.softmax(torch.einsum("bd,bkd->bk", F.normalize(online, dim=1),
+                                          F.normalize(out.neighbors.float(), dim=2)), dim=1)
+    torch.testing.assert_close(out.positiveness, expected, atol=ATOL, rtol=RTOL)
+
+
 def test_knn_topk_gradients_match_reference():
     query = torch.randn(7, 64, requires_grad=True)
     bank = torch.randn(333, 64, requires_grad=True)
@@ -402,3 +420,25 @@ print("compiled")
 
 def test_kernels_compile_for_sm90():
     compile_for_sm90(_SM90_BODY)
+
+
+# Every autotune config the prune keeps fits in registers: no local memory (spills) at the
+# widest one-pass width, for the smallest and the largest running list.
+_SM90_CONFIGS_BODY = r'''
+from snclr.kernels import knn_topk as kk
+
+configs, prune = kk.split_configs()
+types = dict(q_ptr="*bf16", bank_ptr="*bf16", exclude_ptr="*i64", cand_ptr="*i64")
+for k in (1, 64):
+    for c in prune(configs, dict(K_PAD=k)):
+        kernel = build(kk._knn_topk_split_kernel, types,
+                       dict(K=k, K_PAD=k, HAS_EXCLUDE=False, E_PAD=1, D=256, CAST_FP32=False,
+                            INPUT_PRECISION="tf32", BLOCK_D=256, **c.kwargs),
+                       num_warps=c.num_warps, num_stages=c.num_stages)
+        assert local_memory_ops(kernel) == 0, (k, c)
+print("compiled")
+'''
+
+
+def test_kept_split_configs_do_not_spill_on_sm90():
+    compile_for_sm90(_SM90_CONFIGS_BODY)

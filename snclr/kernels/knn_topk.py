@@ -60,8 +60,9 @@ _NEG_INF_KEY32 = tl.constexpr(-2139095041)
 _NO_COL = tl.constexpr(2**31 - 1)
 # Rows per split are a multiple of this (>= the largest BLOCK_N), whatever config runs.
 _SPLIT_ALIGN = 256
-# Widths up to this are scored with the query block loaded once and one dot per tile.
-_MAX_ONE_PASS_D = 256
+# Rows up to this many bytes (D = 256 in 16 bits, 128 in fp32) are scored with the query
+# block loaded once and one dot per tile; wider ones in _CHUNK_D slices.
+_MAX_ONE_PASS_BYTES = 512
 _CHUNK_D = 64
 # 32-bit registers per thread for the score tile and the running list (sm_90: 255 in all).
 _REGISTER_BUDGET = 128
@@ -77,14 +78,15 @@ def split_configs() -> tuple[list[triton.Config], callable]:
     """Autotune list for the split kernel and its prune predicate (key: B, N, D, K_PAD).
 
     BLOCK_D is not tuned: it is the padded width D (one dot per tile, the query block
-    loaded once) up to _MAX_ONE_PASS_D, else _CHUNK_D. The tile loop holds the insertion
-    loop, so Triton does not software-pipeline it and num_stages is left alone: a second
-    program per SM hides the loads instead.
+    loaded once) while a row of it fits in _MAX_ONE_PASS_BYTES, else _CHUNK_D. For K > 1
+    the tile loop holds the insertion loop, which Triton does not software-pipeline, so
+    num_stages only matters for K = 1 (two stages fit shared memory for every config); a
+    second program per SM hides the loads of the others.
     """
     if _interpreted():
         return [triton.Config({"BLOCK_B": 32, "BLOCK_N": 64})], None
     configs = [
-        triton.Config({"BLOCK_B": bb, "BLOCK_N": bn}, num_warps=w)
+        triton.Config({"BLOCK_B": bb, "BLOCK_N": bn}, num_warps=w, num_stages=2)
         for bb in (64, 128)
         for bn in (64, 128)
         for w in (4, 8)
@@ -101,12 +103,14 @@ def split_configs() -> tuple[list[triton.Config], callable]:
 def _fits_registers(block_b: int, block_n: int, k_pad: int, num_warps: int) -> bool:
     """Configs that compile for sm_90 without local memory (tests/sm90.py checks them).
 
-    Per thread: the fp32 score tile and the (BLOCK_B, K_PAD) int64 list.
+    Per thread: the fp32 score tile and the (BLOCK_B, K_PAD) int64 list. 128 x 128 tiles
+    leave less room (measured: 128 x 128, 8 warps, K = 64 spills at D = 256).
     """
     threads = 32 * num_warps
     tile = block_b * block_n // threads
     top = 2 * block_b * k_pad // threads
-    return tile + top <= _REGISTER_BUDGET
+    budget = _REGISTER_BUDGET if block_b * block_n <= 8192 else _REGISTER_BUDGET - 16
+    return tile + top <= budget
 
 
 @triton.jit
@@ -365,9 +369,9 @@ def num_splits_for(num_queries: int, num_rows: int, k: int) -> int:
     return max(1, splits)
 
 
-def _block_d(dim: int) -> int:
+def _block_d(dim: int, itemsize: int) -> int:
     width = max(16, triton.next_power_of_2(dim))
-    return width if width <= _MAX_ONE_PASS_D else _CHUNK_D
+    return width if width * itemsize <= _MAX_ONE_PASS_BYTES else _CHUNK_D
 
 
 def knn_topk_split(
@@ -412,7 +416,7 @@ def knn_topk_split(
         K=k, K_PAD=k_pad, HAS_EXCLUDE=has_exclude,
         E_PAD=triton.next_power_of_2(max(1, num_excluded)), CAST_FP32=cast,
         INPUT_PRECISION=_input_precision(query.dtype if not cast else torch.float32),
-        BLOCK_D=block_d or _block_d(dim),
+        BLOCK_D=block_d or _block_d(dim, 4 if cast else bank.element_size()),
     )
     if _interpreted() or any(o is not None for o in (block_b, block_n, num_warps)):
         default = split_configs()[0][0].kwargs if _interpreted() else {

@@ -41,6 +41,18 @@ def _similarity_grads(
     return grad_query, grad_rows
 
 
+def _search_candidates(query: Tensor, bank: Tensor, k: int, exclude: Optional[Tensor]) -> Tensor:
+    """The split kernel, run in the bank's precision.
+
+    A 16-bit bank is searched with the query rounded to the bank's dtype, so the tile dot
+    runs on the 16-bit tensor cores; the merge then recomputes the winners' values in fp32
+    from the query as given. The storage dtype of the bank is the search precision.
+    """
+    if bank.dtype in (torch.bfloat16, torch.float16) and query.dtype != bank.dtype:
+        query = query.to(bank.dtype)
+    return knn_topk_split(query, bank, k, exclude=exclude)
+
+
 def _scatter_rows(bank: Tensor, indices: Tensor, grad_rows: Tensor) -> Tensor:
     """``dbank[n] = sum of grad_rows[b, t] over indices[b, t] == n``."""
     flat = grad_rows.reshape(-1, bank.shape[1])
@@ -58,7 +70,7 @@ def _knn_topk_op(
     query: Tensor, bank: Tensor, k: int, exclude: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
     out_dtype = torch.promote_types(query.dtype, bank.dtype)
-    candidates = knn_topk_split(query, bank, k, exclude=exclude)
+    candidates = _search_candidates(query, bank, k, exclude)
     indices, values, _ = knn_topk_merge(
         candidates, query, bank, k, values_dtype=out_dtype
     )
@@ -120,7 +132,7 @@ def _soft_neighbors_op(
     exclude: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     # Float outputs first: opcheck sums the outputs starting from the first one.
-    candidates = knn_topk_split(query, bank, k, exclude=exclude)
+    candidates = _search_candidates(query, bank, k, exclude)
     indices, similarity, positiveness = knn_topk_merge(
         candidates, query, bank, k,
         values_dtype=torch.promote_types(query.dtype, bank.dtype),
