@@ -12,22 +12,31 @@ Algorithm::
 
     split kernel, grid (cdiv(B, BLOCK_B), SPLITS), query blocks vary fastest so the
     programs sharing a bank chunk run together and the bank is read from HBM ~once:
-        top = K sentinels per query row                       # (BLOCK_B, K_PAD) int64 keys
-        for each BLOCK_N tile of this split's rows:
-            s    = sum_d Q[:, d] @ bank_tile[:, d]^T             # fp32 accumulation
-            key  = pack(s, n)                                  # one sortable int64 per score
-            while some row's tile max beats its current worst: # gated argmax-replace
-                replace that row's worst with the tile max; drop it from the tile
+        Q = the (BLOCK_B, D) query block, loaded once         # D <= 256 (16-bit), else chunked
+        top = K empty slots per row, threshold = -inf         # (BLOCK_B, K_PAD) int64 keys
+        for each BLOCK_N tile of this split's rows (the last one slid back to end in range):
+            s    = Q @ bank_tile^T                            # fp32 accumulation
+            best = max_n s                                    # fp32, NaN ignored
+            while some row's best > its threshold:            # rare once the lists are warm
+                col = first column holding best; unless stale or excluded,
+                replace the row's worst key with pack(best, col); threshold = new worst
+                s[:, col] = -inf; best = max_n s
         candidates[b, split, :] = top                          # unsorted, K per split
     merge kernel, grid (cdiv(B, BLOCK_B),):
         K rounds of tl.max over the SPLITS*K candidates -> sorted winners
+        slots left empty (fewer than K eligible rows) take the smallest other rows
         gather each winning row once: value = <q, row> (fp32), attention = <on, row>/|row|
         softmax over K (+ threshold) -> positiveness
+
+The strict ``>`` is the tie rule: tiles arrive in column order, so a score equal to the
+threshold has a larger index than every listed one and loses, as in a stable sort; NaN
+compares false and -inf never passes, so neither enters. Only entering elements are packed.
 
 Packed key: the fp32 score maps monotonically to a signed int32 ``h`` (sign-magnitude to
 two's complement; NaN -> the key of -inf) and ``key = (h + 1) * 2**32 - n - 1``, so
 int64 order is score order and, within equal scores, the smaller index is larger. Keys
-are unique per row, so ``==`` against a maximum picks exactly one element.
+are unique per row, so ``==`` against a maximum picks exactly one element. An empty slot
+holds the key of -inf at a column past 2**31.
 
 Cost: flops 2*B*N*D (split) + ~4*B*K*D (merge). Bytes: bank read cdiv(B, BLOCK_B) times
 from L2 but ~once from HBM, query B*D per split, written B*SPLITS*K*8 candidate keys and
@@ -35,8 +44,9 @@ B*K*(8 + 4 [+ 4]) outputs; extra memory O(B*K*SPLITS), never B x N.
 
 Interpreter limits respected: bf16/fp16 tiles are cast to fp32 before ``tl.dot`` (bf16 dot
 is wrong there); no ``tl.sort``/``tl.topk`` (element-wise slow there), only ``tl.max``
-rounds on packed keys; no block pointers; a single config, no autotuning; out-of-range
-loads are masked explicitly since the interpreter does not detect them.
+rounds; no block pointers; a single config, no autotuning; tile loads stay in range by
+construction (banks shorter than a tile are padded by the launcher) since the interpreter
+does not detect out-of-range loads. Static sm_90 bounds: ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
