@@ -59,12 +59,11 @@ import triton.language as tl
 
 __all__ = ["knn_topk_merge", "knn_topk_split", "num_splits_for", "split_configs"]
 
-# Keys below every real key: LOWEST fills out-of-range tile columns, LOWEST + 1 + slot the
-# initial (distinct, so still unique) running-list entries. HIGHEST pads slots >= K so they
-# are never the row's worst and never get replaced.
+# LOWEST pads the merge's candidate rows and marks taken candidates. HIGHEST pads list
+# slots >= K so they are never the row's worst and never get replaced.
 _LOWEST = tl.constexpr(-(2**63))
 _HIGHEST = tl.constexpr(2**63 - 1)
-# The monotone int32 image of -inf: every NaN score and excluded row gets it.
+# The monotone int32 image of -inf (and of NaN): the high word of an empty slot's key.
 _NEG_INF_KEY32 = tl.constexpr(-2139095041)
 # Larger than any column: the argmax of a tile is the min column holding the max.
 _NO_COL = tl.constexpr(2**31 - 1)
