@@ -187,10 +187,11 @@ class SNCLR(nn.Module):
             neighbors = key.new_zeros(key.shape[0], 0, key.shape[1])
             options["attention"] = "cosine"
             return functional.soft_neighbor_loss(z, y, key, neighbors, **options), {}
-        queue_dtype = self.bank.queue.dtype
+        # The queue's storage dtype sets the precision of the search only: the winners'
+        # values and their positiveness are computed in fp32 from key and y as they are.
         found = self.bank.search(
-            key.to(queue_dtype),
-            y.to(queue_dtype),
+            key,
+            y.float(),
             k,
             temperature=self.attention_temperature,
             threshold=self.threshold,

@@ -130,3 +130,24 @@ def test_triton_backend_equals_reference(device):
     torch.testing.assert_close(got.positiveness, ref.positiveness, atol=1e-5, rtol=1e-4)
     for g, r in zip(got_grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_queue_with_fp32_features(backend, device):
+    """A bf16 queue is searched in bf16; positiveness and the loss stay fp32 and match the
+    same step with the queue's rows in fp32 (the rows are the same bf16 values)."""
+    torch.manual_seed(4)
+    base = create_model("small_cnn", num_neighbors=4, queue_size=48, bank_dtype=torch.bfloat16,
+                        backend=backend, **SMALL).to(device)
+    base.enqueue(torch.randn(40, 32, device=device))
+    wide = copy.deepcopy(base)
+    wide.bank.queue = wide.bank.queue.float()
+    x1, x2 = torch.randn(6, 1, 28, 28, device=device), torch.randn(6, 1, 28, 28, device=device)
+    out, ref = base(x1, x2), wide(x1, x2)
+    assert base.bank.queue.dtype == torch.bfloat16
+    assert out.loss.dtype == out.positiveness.dtype == torch.float32
+    assert bool(out.loss.isfinite())
+    torch.testing.assert_close(out.positiveness, ref.positiveness, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-4)
+    out.loss.backward()
+    assert all(p.grad is not None for p in base.online_parameters())
