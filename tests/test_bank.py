@@ -100,7 +100,7 @@ def test_constructor_rejects_bad_arguments(args, options, error, match):
 
 def test_enqueue_rejects_float_labels_and_integer_keys():
     bank = MemoryBank(4, 2)
-    with pytest.raises(TypeError, match="labels must be an integer tensor, got dtype torch.float32"):
+    with pytest.raises(TypeError, match="labels must be an integer tensor, got dtype torch.float"):
         bank.enqueue(torch.randn(2, 2), torch.tensor([2.7, 1.0]))
     with pytest.raises(TypeError, match="keys must be a floating-point tensor"):
         bank.enqueue(torch.ones(2, 2, dtype=torch.long))
