@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from datafiles import cifar_images, write_cifar, write_images
 from snclr.config import ConfigError
 from snclr.data import (
     EvalDataset, TwoViewDataset, eval_transform, limit, load_dataset, load_splits, make_loader,
@@ -124,19 +125,9 @@ def test_train_loader_order_depends_on_seed_and_epoch_only(animal_train):
 # ----------------------------------------------------------------- native size, mixed sizes
 
 
-def _write_images(folder, sizes, seed=0):
-    """One random RGB image per entry of ``sizes`` ((width, height) or a square side)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, size in enumerate(sizes):
-        width, height = (size, size) if isinstance(size, int) else size
-        pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-
-
 def test_folder_native_size_is_the_median_shorter_side(tmp_path):
-    _write_images(tmp_path / "train" / "a", [32] * 6 + [(64, 40)])
-    _write_images(tmp_path / "train" / "b", [32] * 5 + [300, 300])
+    write_images(tmp_path / "train" / "a", [32] * 6 + [(64, 40)])
+    write_images(tmp_path / "train" / "b", [32] * 5 + [300, 300])
     splits = load_splits(str(tmp_path))
     assert splits["train"].img_size == splits["test"].img_size == 32
     assert not splits["train"].same_size and splits["train"].in_chans == 3
@@ -145,8 +136,8 @@ def test_folder_native_size_is_the_median_shorter_side(tmp_path):
 
 def test_mixed_size_folder_is_resized_for_evaluation_at_the_native_size(tmp_path):
     # Median side 40: without the resize the 300 px images would reach the encoder as they are.
-    _write_images(tmp_path / "train" / "a", [40, 40, 300, 40, 300])
-    _write_images(tmp_path / "train" / "b", [300, 40, 40, 300, 40])
+    write_images(tmp_path / "train" / "a", [40, 40, 300, 40, 300])
+    write_images(tmp_path / "train" / "b", [300, 40, 40, 300, 40])
     images = load_splits(str(tmp_path))["train"]
     assert images.img_size == 40
     transform = eval_transform(img_size=images.img_size, native_size=None, in_chans=3)
@@ -169,8 +160,8 @@ def test_mixed_size_folder_is_resized_for_evaluation_at_the_native_size(tmp_path
     ids=["zero-byte", "truncated", "fake"],
 )
 def test_unreadable_image_files_are_one_error_naming_them(tmp_path, damage, reason):
-    _write_images(tmp_path / "train" / "a", [32] * 4)
-    _write_images(tmp_path / "train" / "b", [32] * 4)
+    write_images(tmp_path / "train" / "a", [32] * 4)
+    write_images(tmp_path / "train" / "b", [32] * 4)
     damage(tmp_path / "train" / "b" / "2.png")
     with pytest.raises(ConfigError, match=f"1 of 8 image files in .* cannot be read, e.g. "
                                           f".*b/2.png' \\({reason}") as err:
@@ -179,43 +170,6 @@ def test_unreadable_image_files_are_one_error_naming_them(tmp_path, damage, reas
 
 
 # ------------------------------------------------------------------- CIFAR and STL-10 files
-
-
-def _cifar_images(count, offset=0):
-    """``(count, 3, 32, 32)`` uint8 whose pixels tell image, channel and position apart."""
-    index = np.arange(count)[:, None, None, None] + offset
-    channel = np.arange(3)[None, :, None, None]
-    row = np.arange(32)[None, None, :, None]
-    values = ((index * 7 + channel * 50 + row) % 256).astype(np.uint8)
-    return values + np.zeros((1, 1, 1, 32), np.uint8)
-
-
-def write_cifar(root, name="cifar10", version="bin", per_file=8):
-    """Tiny files in the official layouts; image i of a file has label i % 10 (fine labels).
-
-    The python version is pickled with protocol 2 for CIFAR-10 (as the official files) and
-    with the newest protocol for CIFAR-100 (as a re-pickled copy would be).
-    """
-    files = {"cifar10": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]),
-             "cifar100": (["train"], ["test"])}[name]
-    folder = root / {
-        ("cifar10", "bin"): "cifar-10-batches-bin", ("cifar10", "py"): "cifar-10-batches-py",
-        ("cifar100", "bin"): "cifar-100-binary", ("cifar100", "py"): "cifar-100-python",
-    }[name, version]
-    folder.mkdir(parents=True)
-    for n, stem in enumerate(files[0] + files[1]):
-        images, fine = _cifar_images(per_file, offset=n * per_file), np.arange(per_file) % 10
-        if version == "bin":
-            labels = [fine[:, None]] if name == "cifar10" else [fine[:, None] // 5, fine[:, None]]
-            columns = [*[label.astype(np.uint8) for label in labels], images.reshape(per_file, -1)]
-            records = np.concatenate(columns, axis=1)
-            (folder / f"{stem}.bin").write_bytes(records.tobytes())
-        else:
-            key = "labels" if name == "cifar10" else "fine_labels"
-            batch = {"data": images.reshape(per_file, -1), key: fine.tolist(), "batch_label": stem}
-            protocol = 2 if name == "cifar10" else pickle.HIGHEST_PROTOCOL
-            (folder / stem).write_bytes(pickle.dumps(batch, protocol=protocol))
-    return root
 
 
 @pytest.mark.parametrize("name, version", [("cifar10", "bin"), ("cifar10", "py"),
@@ -229,8 +183,8 @@ def test_cifar_files_are_read_without_running_code(tmp_path, name, version):
     assert train.images.shape[1:] == (3, 32, 32) and train.images.dtype == torch.uint8
     assert (train.img_size, train.in_chans, train.same_size) == (32, 3, True)
     assert train.num_classes == (10 if name == "cifar10" else 100)
-    assert torch.equal(train.images, torch.from_numpy(_cifar_images(8 * files)))
-    assert torch.equal(test.images, torch.from_numpy(_cifar_images(8, offset=8 * files)))
+    assert torch.equal(train.images, torch.from_numpy(cifar_images(8 * files)))
+    assert torch.equal(test.images, torch.from_numpy(cifar_images(8, offset=8 * files)))
     assert train.labels[:8].tolist() == list(range(8))  # the fine label, not the coarse one
 
 
