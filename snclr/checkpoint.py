@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import zipfile
 from pathlib import Path
 
@@ -114,10 +115,13 @@ def read_checkpoint(path: str | Path, *, keys: tuple[str, ...] = EVAL_KEYS) -> d
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only load failed" in str(err).lower():
+        # The weights-only loader names the class or function it refused ("GLOBAL x.y");
+        # any other unpickling error is damage.
+        refused = re.search(r"\bGLOBAL ([\w.]+)", str(err))
+        if refused:
             raise ConfigError(
                 f"checkpoint {name} was refused: it holds objects other than tensors and plain "
-                "values, which could run code when loaded (snclr never loads those)"
+                f"values ({refused.group(1)}), which could run code when loaded"
             ) from None
         raise _corrupt(name, err) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:

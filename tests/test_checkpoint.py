@@ -49,8 +49,10 @@ class _RunsCode:
         (lambda p: p.mkdir(), "is a directory, not a checkpoint file"),
         (lambda p: None, "does not exist"),
         (lambda p: p.write_bytes(b""), "truncated or corrupt"),
+        # Not a zip: the weights-only unpickler fails on it too, but names no refused GLOBAL.
+        (lambda p: p.write_bytes(b"not a checkpoint"), "truncated or corrupt"),
         (lambda p: torch.save({"format": "snclr-checkpoint-v1", "x": _RunsCode()}, p),
-         "was refused: it holds objects other than tensors"),
+         r"was refused: it holds objects other than tensors and plain values \(posix.system\)"),
         (lambda p: torch.save({"format": "snclr-checkpoint-v1", "m": torch.nn.Linear(1, 1)}, p),
          "was refused: it holds objects other than tensors"),
         (lambda p: torch.save({"format": "snclr-checkpoint-v1", "model": {}}, p),
@@ -58,7 +60,7 @@ class _RunsCode:
         (lambda p: torch.save({**COMPLETE, "format": "snclr-checkpoint-v1", "model": {"w": 1}}, p),
          "is malformed"),
     ],
-    ids=["directory", "missing", "empty", "code", "module", "missing-keys", "malformed"],
+    ids=["directory", "missing", "empty", "garbage", "code", "module", "missing-keys", "malformed"],
 )
 def test_bad_checkpoint_files_are_one_line_errors(tmp_path, monkeypatch, make, match):
     monkeypatch.chdir(tmp_path)
