@@ -125,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
             last = train.pretrain(config, resume=args.resume, given=given_fields(args),
                                   allow_config_change=args.allow_config_change)
         except train.TrainingDiverged as err:
-            return _stopped(err)
+            return _stopped(args.command, err)
         # The process group is gone by now: ask torchrun's environment which rank this is.
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"finished {last.get('epoch', 0)} epochs; run folder {config.output_dir}" +
@@ -147,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         train.pretrain(config)
     except train.TrainingDiverged as err:
-        return _stopped(err)
+        return _stopped(args.command, err)
     checkpoint = str(Path(args.output_dir) / "checkpoint.pt")
     trained = evaluate.run_knn(checkpoint, args.data)
     random = evaluate.run_knn(checkpoint, args.data, random_init=True)
@@ -161,10 +161,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stopped(err: Exception) -> int:
+def _stopped(command: str, err: Exception) -> int:
     # Every rank stops at the same step; one line is enough.
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"snclr: stopped: {err}", file=sys.stderr)
+        print(f"snclr {command}: stopped: {err}", file=sys.stderr)
     return 3
 
 

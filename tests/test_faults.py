@@ -151,9 +151,9 @@ def test_divergence_after_a_resume_stops_and_keeps_the_good_checkpoint(run_copy,
     code, _, err = run(["pretrain", "--output-dir", run_copy, "--epochs", "2", "--lr", "1e30",
                         "--allow-config-change"], capsys)
     assert code == 3
-    assert re.fullmatch(r"snclr: stopped: training diverged: the loss is nan at step [5-8] "
-                        r"\(epoch 2\); checkpoint.pt still holds the last good state \(step 4\)",
-                        one_line(err))
+    assert re.fullmatch(r"snclr pretrain: stopped: training diverged: the loss is nan at step "
+                        r"[5-8] \(epoch 2\); checkpoint.pt still holds the last good state "
+                        r"\(step 4\)", one_line(err))
     assert (run_copy / "checkpoint.pt").read_bytes() == before
     assert [p.name for p in run_copy.glob("checkpoint*")] == ["checkpoint.pt"]  # no .tmp left
     logged = rows(run_copy)  # strict JSON: the NaN loss is null
@@ -201,7 +201,8 @@ def test_two_ranks_stop_together_on_a_non_finite_loss(tmp_path):
                "--output-dir", str(tmp_path / "ddp")]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode != 0  # and it returned: no rank was left waiting in a collective
-    stopped = [line for line in result.stderr.splitlines() if line.startswith("snclr: stopped")]
+    stopped = [line for line in result.stderr.splitlines()
+               if line.startswith("snclr pretrain: stopped")]
     assert len(stopped) == 1 and "training diverged" in stopped[0], result.stderr[-3000:]
     assert "exitcode  : 3" in result.stderr  # torchrun's report of the ranks' exit status
     assert not (tmp_path / "ddp" / "checkpoint.pt").exists()
