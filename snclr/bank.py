@@ -30,6 +30,11 @@ class MemoryBank(nn.Module):
             initialised with (the reference code); by default only filled rows are searched.
         dtype: storage dtype (bfloat16 halves the memory of a large queue).
 
+    Raises:
+        TypeError: ``size`` or ``dim`` not an int, ``dtype`` not a floating-point dtype;
+            in :meth:`enqueue`, non-float keys or non-integer labels.
+        ValueError: ``size`` or ``dim`` < 1, unknown ``mode``, wrong key or label shapes.
+
     Example:
         >>> bank = MemoryBank(4, 2)
         >>> bank.enqueue(torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
@@ -47,8 +52,13 @@ class MemoryBank(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        for name, value in (("size", size), ("dim", dim)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         if size < 1 or dim < 1:
             raise ValueError(f"size and dim must be >= 1, got size={size}, dim={dim}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         if mode not in BANK_MODES:
             raise ValueError(f"mode must be one of {BANK_MODES}, got {mode!r}")
         self.size, self.dim, self.mode, self.search_unfilled = size, dim, mode, search_unfilled
@@ -86,10 +96,15 @@ class MemoryBank(nn.Module):
         """
         if keys.dim() != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"keys must have shape (n, {self.dim}), got {tuple(keys.shape)}")
+        if not keys.is_floating_point():
+            raise TypeError(f"keys must be a floating-point tensor, got dtype {keys.dtype}")
         if labels is None:
             labels = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
         elif labels.shape != keys.shape[:1]:
             raise ValueError(f"labels must have shape ({keys.shape[0]},), got {tuple(labels.shape)}")
+        elif labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            # Storing 2.7 as class 2 would silently corrupt neighbour purity.
+            raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
         if self.mode == "global":
             keys, labels = distributed.gather_no_grad(keys), distributed.gather_no_grad(labels)
         keys = F.normalize(keys.float(), dim=1)[-self.size :]
@@ -97,9 +112,9 @@ class MemoryBank(nn.Module):
         count = keys.shape[0]
         first = min(count, self.size - self._pointer)  # rows before the wrap
         self.queue[self._pointer : self._pointer + first] = keys[:first].to(self.queue.dtype)
-        self.labels[self._pointer : self._pointer + first] = labels[:first]
+        self.labels[self._pointer : self._pointer + first] = labels[:first].long()
         self.queue[: count - first] = keys[first:].to(self.queue.dtype)
-        self.labels[: count - first] = labels[first:]
+        self.labels[: count - first] = labels[first:].long()
         self._pointer = (self._pointer + count) % self.size
         self._filled = min(self.size, self._filled + count)
         self.pointer.fill_(self._pointer)

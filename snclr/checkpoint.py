@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import zipfile
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import torch
 from snclr.config import Config, ConfigError
 from snclr.model import SNCLR, create_model
 
-__all__ = ["build_model", "get_rng_state", "read_checkpoint", "set_rng_state", "write_checkpoint"]
+__all__ = ["EVAL_KEYS", "RESUME_KEYS", "build_model", "get_rng_state", "non_finite",
+           "read_checkpoint", "set_rng_state", "write_checkpoint"]
 
 FORMAT = "snclr-checkpoint-v1"
 
@@ -68,30 +70,100 @@ def set_rng_state(state: dict) -> None:
 
 
 def write_checkpoint(path: Path, payload: dict) -> None:
-    """Write ``payload`` to ``path`` via a temporary file and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, **payload}, tmp)
-    os.replace(tmp, path)
+    """Write ``payload`` to ``path`` via a temporary file and an atomic rename.
 
-
-def read_checkpoint(path: str | Path) -> dict:
-    """Load and sanity-check a checkpoint on the CPU.
-
-    Raises:
-        ConfigError: missing, truncated, corrupt or foreign file (one line, no traceback).
+    The file is fsynced before the rename and the folder after it: after a power loss the
+    path holds the previous checkpoint or the new one, never an empty or partial file.
     """
     path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **payload}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+# What each use of a checkpoint reads (a crafted file missing one is refused up front).
+EVAL_KEYS = ("config", "model", "data_shape")
+RESUME_KEYS = (*EVAL_KEYS, "optimizer", "scaler", "epoch", "step", "rng")
+
+
+def read_checkpoint(path: str | Path, *, keys: tuple[str, ...] = EVAL_KEYS) -> dict:
+    """Load and sanity-check a checkpoint on the CPU.
+
+    Args:
+        path: the file.
+        keys: the entries the caller needs (``EVAL_KEYS``, or ``RESUME_KEYS`` to resume).
+
+    Raises:
+        ConfigError: missing path, a directory, a truncated or corrupt file, a file holding
+            objects other than tensors and plain values, a foreign or incomplete checkpoint
+            (one line, no traceback).
+    """
+    path = Path(path)
+    name = repr(str(path))
+    if path.is_dir():
+        raise ConfigError(f"checkpoint {name} is a directory, not a checkpoint file")
     if not path.is_file():
-        raise ConfigError(f"checkpoint {str(path)!r} does not exist")
+        raise ConfigError(f"checkpoint {name} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise ConfigError(f"checkpoint {str(path)!r} is truncated or corrupt ({reason})") from None
+    except pickle.UnpicklingError as err:
+        # The weights-only loader names the class or function it refused ("GLOBAL x.y");
+        # any other unpickling error is damage.
+        refused = re.search(r"\bGLOBAL ([\w.]+)", str(err))
+        if refused:
+            raise ConfigError(
+                f"checkpoint {name} was refused: it holds objects other than tensors and plain "
+                f"values ({refused.group(1)}), which could run code when loaded"
+            ) from None
+        raise _corrupt(name, err) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise _corrupt(name, err) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ConfigError(f"checkpoint {str(path)!r} is not an snclr checkpoint")
+        raise ConfigError(f"checkpoint {name} is not an snclr checkpoint")
+    missing = [key for key in keys if key not in payload]
+    if missing:
+        listing = ", ".join(map(repr, missing))
+        raise ConfigError(f"checkpoint {name} is incomplete: it has no {listing}")
+    shape, model = payload["data_shape"], payload["model"]
+    well_formed = (
+        isinstance(payload["config"], dict) and isinstance(model, dict)
+        and all(isinstance(t, torch.Tensor) for t in model.values()) and isinstance(shape, dict)
+        and all(type(shape.get(k)) is int for k in ("in_chans", "img_size"))
+    )
+    if not well_formed:
+        raise ConfigError(f"checkpoint {name} is malformed: its config, model or data_shape "
+                          "has the wrong type")
     return payload
+
+
+def _corrupt(name: str, err: BaseException) -> ConfigError:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    return ConfigError(f"checkpoint {name} is truncated or corrupt ({reason})")
+
+
+def non_finite(tree, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a nested dict/list that hold NaN or infinity."""
+    if isinstance(tree, torch.Tensor):
+        bad = tree.is_floating_point() and not bool(tree.isfinite().all())
+        return [prefix or "tensor"] if bad else []
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return []
+    names = []
+    for key, value in items:
+        names += non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+    return names
 
 
 def config_of(payload: dict) -> Config:

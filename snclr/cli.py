@@ -1,8 +1,11 @@
 """The ``snclr`` command: parse arguments into a frozen config, then train or evaluate.
 
 Subcommands: ``pretrain``, ``knn``, ``linear`` and ``demo`` (pretrain the demo preset, then
-kNN of the trained and of a random encoder, side by side). Configuration errors print one
-line and exit with status 2.
+kNN of the trained and of a random encoder, side by side).
+
+Exit status: 0 done; 2 bad configuration, data, checkpoint or run folder (one line on stderr,
+found before the run folder changes); 3 training diverged (one line; the last good checkpoint
+is kept). Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 from snclr.config import PRESETS, Config, ConfigError, apply_overrides, load_config_file, preset
 from snclr.model import METHODS
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = ["build_parser", "config_from_args", "given_fields", "main"]
 
 # Options shown in --help with a short description; every other Config field still has a
 # flag (--field-name), listed under "all options".
@@ -49,9 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain an encoder", description="Pretrain an encoder with SNCLR (or a variant).")
-    p.add_argument("--preset", default="demo", help=f"starting values: {', '.join(PRESETS)} (default demo)")
+    p.add_argument("--preset",
+                   help=f"starting values of a new run: {', '.join(PRESETS)} (default demo)")
     p.add_argument("--config", help="YAML or JSON file of option: value, applied over the preset")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt (automatic when it exists)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT_DIR/checkpoint.pt (automatic when it exists) with "
+                        "the saved config; options given now are the only changes")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="on resume, accept changed hyperparameters (recorded in the metrics and "
+                        "report) instead of refusing them")
     _add_config_flags(p)
 
     for name, text in (("knn", "weighted kNN accuracy (k=20, 200) of a checkpoint's backbone"),
@@ -76,13 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flags(args: argparse.Namespace) -> dict:
+    values = {f.name: getattr(args, f.name, None) for f in fields(Config)}
+    return {name: value for name, value in values.items() if value is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """Preset, then the --config file, then explicit flags; each a new frozen config."""
-    config = preset(args.preset)
+    config = preset(args.preset or "demo")
     if args.config:
         config = apply_overrides(config, load_config_file(args.config), source=f"config file {args.config!r}")
-    flags = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
-    return apply_overrides(config, flags, source="command line")
+    return apply_overrides(config, _flags(args), source="command line")
+
+
+def given_fields(args: argparse.Namespace) -> set[str]:
+    """The fields this command line sets: flags, --config keys, an explicit --preset's keys.
+
+    A resumed run takes only these from the command line; the rest comes from its checkpoint.
+    """
+    given = set(PRESETS[args.preset]) if args.preset in PRESETS else set()
+    if args.config:
+        given |= set(load_config_file(args.config))
+    return given | set(_flags(args))
 
 
 def _print_result(result: dict, *, as_json: bool, label: str) -> None:
@@ -97,7 +121,11 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "pretrain":
         config = config_from_args(args)
-        last = train.pretrain(config, resume=args.resume)
+        try:
+            last = train.pretrain(config, resume=args.resume, given=given_fields(args),
+                                  allow_config_change=args.allow_config_change)
+        except train.TrainingDiverged as err:
+            return _stopped(args.command, err)
         # The process group is gone by now: ask torchrun's environment which rank this is.
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"finished {last.get('epoch', 0)} epochs; run folder {config.output_dir}" +
@@ -116,7 +144,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     # demo
     config = apply_overrides(preset("demo"), {"data": args.data, "output_dir": args.output_dir})
-    train.pretrain(config)
+    try:
+        train.pretrain(config)
+    except train.TrainingDiverged as err:
+        return _stopped(args.command, err)
     checkpoint = str(Path(args.output_dir) / "checkpoint.pt")
     trained = evaluate.run_knn(checkpoint, args.data)
     random = evaluate.run_knn(checkpoint, args.data, random_init=True)
@@ -128,6 +159,13 @@ def _run(args: argparse.Namespace) -> int:
             if key != "top1":
                 print(f"{key:<12}{trained[key]:>10.4f}{random[key]:>10.4f}")
     return 0
+
+
+def _stopped(command: str, err: Exception) -> int:
+    # Every rank stops at the same step; one line is enough.
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"snclr {command}: stopped: {err}", file=sys.stderr)
+    return 3
 
 
 def _checkpoint_data(checkpoint: str) -> str:

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Iterable
 
 import yaml
 
-__all__ = ["PRESETS", "Config", "ConfigError", "apply_overrides", "load_config_file", "preset"]
+__all__ = ["PRESETS", "RESUME_FREE", "RESUME_RECORDED", "Config", "ConfigError", "apply_overrides",
+           "check_resume_changes", "config_changes", "load_config_file", "preset", "resumed_config"]
 
 
 class ConfigError(ValueError):
@@ -36,7 +40,7 @@ class Config:
 
     # data
     data: str = "animal-mnist"
-    img_size: int = 0  # 0: the dataset's native size (28 for animal-mnist, 224 for folders)
+    img_size: int = 0  # 0: the data's native size (measured; snclr.data.native_img_size)
     augmentation: str = "auto"  # auto | byol | greyscale
     crop_scale_min: float = 0.4
     num_workers: int = 2
@@ -120,25 +124,36 @@ _FIELD_TYPES = {f.name: f.type for f in fields(Config)}
 
 
 def _coerce(name: str, value, source: str):
-    kind = _FIELD_TYPES[name]
-    if value is None and "None" in kind:
+    """``value`` as the field's type, strictly: no bool for a number, no number for a bool.
+
+    Strings are parsed (command-line flags arrive as strings, and PyYAML reads ``1e-3``, which
+    has no dot, as a string); a float field takes an int, an int field never takes a float.
+    """
+    kind = _FIELD_TYPES[name].split(" ")[0]  # bool | int | float | str ("int | None": int)
+    optional = "None" in _FIELD_TYPES[name]
+    if optional and (value is None or str(value).strip().lower() in ("none", "null")):
         return None
-    try:
-        if kind.startswith("bool"):
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if kind.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
             return int(value)
-        if kind.startswith("float"):
+    elif kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {name} must be {kind.split(' ')[0]}, got {value!r}") from None
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(value, str):
+        return value
+    raise ConfigError(f"{source}: {name} must be {kind}, got {value!r}")
 
 
 def apply_overrides(config: Config, values: dict, *, source: str = "config") -> Config:
@@ -174,7 +189,7 @@ def load_config_file(path: str | Path) -> dict:
 
 def validate(config: Config) -> None:
     """Checks that need no data or model; raises :class:`ConfigError` with one line."""
-    from snclr.encoders import list_encoders
+    from snclr.encoders import encoder_spec, list_encoders
     from snclr.model import METHODS
 
     if config.encoder not in list_encoders():
@@ -187,11 +202,15 @@ def validate(config: Config) -> None:
     choices = {
         "optimizer": ("adamw", "lars"), "precision": ("auto", "fp32", "bf16", "fp16"),
         "augmentation": ("auto", "byol", "greyscale"), "bank_mode": ("local", "global"),
-        "device": ("auto", "cpu", "cuda"),
+        "device": ("auto", "cpu", "cuda"), "backend": ("auto", "torch", "triton"),
     }
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
+    # nan passes every comparison below (nan <= 0 is False): reject non-finite floats first.
+    for name, kind in _FIELD_TYPES.items():
+        if kind.startswith("float") and not math.isfinite(getattr(config, name)):
+            raise ConfigError(f"{name} must be a finite number, got {getattr(config, name)}")
     positive = ("epochs", "batch_size", "queue_size", "save_every", "log_every", "knn_k")
     for name in positive:
         if getattr(config, name) < 1:
@@ -201,9 +220,51 @@ def validate(config: Config) -> None:
     for name in non_negative:
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
-    if config.lr <= 0 or config.temperature <= 0 or config.attention_temperature <= 0:
-        raise ConfigError("lr, temperature and attention_temperature must be > 0")
+    for name in ("lr", "temperature", "attention_temperature"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(config, name)}")
     if not 0 < config.crop_scale_min <= 1:
         raise ConfigError(f"crop_scale_min must be in (0, 1], got {config.crop_scale_min}")
     if not 0 <= config.momentum_base <= config.momentum_final <= 1:
         raise ConfigError("need 0 <= momentum_base <= momentum_final <= 1")
+    multiple = encoder_spec(config.encoder).size_multiple(config.img_size or 1)
+    if config.img_size % multiple:
+        raise ConfigError(f"img_size={config.img_size} is not a multiple of {multiple}, the patch "
+                          f"size of {config.encoder} at that size")
+
+
+# Resuming. A run continues from the config saved in its checkpoint; only the fields given
+# now (flags, --config file, an explicit --preset) can differ, and each difference has a class:
+# - RESUME_FREE fields only observe or place the run: they may change, unrecorded;
+# - RESUME_RECORDED fields may change and the change is recorded (metrics row, report); the
+#   LR and momentum schedules are functions of the fraction of ``epochs`` done: they stretch;
+# - any other field is refused (ConfigError listing them) unless the change is explicitly
+#   allowed (``--allow-config-change``), and then it is recorded.
+# INVOCATION_ONLY fields describe this invocation and never come from the checkpoint.
+RESUME_FREE = ("output_dir", "num_workers", "device", "backend", "log_every", "knn_every",
+               "knn_k", "save_every", "stop_after")
+RESUME_RECORDED = ("epochs",)
+INVOCATION_ONLY = ("output_dir", "stop_after")
+
+
+def resumed_config(saved: Config, config: Config, given: Iterable[str] | None) -> Config:
+    """``saved`` with the ``given`` fields of ``config`` (all fields when ``given`` is None)."""
+    names = set(_FIELD_TYPES) if given is None else set(given) | set(INVOCATION_ONLY)
+    return dataclasses.replace(saved, **{name: getattr(config, name) for name in names})
+
+
+def config_changes(saved: Config, config: Config) -> dict[str, tuple]:
+    """``{field: (saved value, new value)}`` for every field that differs."""
+    return {name: (getattr(saved, name), getattr(config, name)) for name in _FIELD_TYPES
+            if getattr(saved, name) != getattr(config, name)}
+
+
+def check_resume_changes(changes: dict[str, tuple], *, allow: bool) -> dict[str, tuple]:
+    """The changes to record; raises :class:`ConfigError` on a refused one unless ``allow``."""
+    refused = {name: change for name, change in changes.items()
+               if name not in RESUME_FREE + RESUME_RECORDED}
+    if refused and not allow:
+        listing = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in refused.items())
+        raise ConfigError(f"this run folder was trained with other settings ({listing}); omit "
+                          "those options to resume as saved, or pass --allow-config-change")
+    return {name: change for name, change in changes.items() if name not in RESUME_FREE}

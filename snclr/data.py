@@ -1,6 +1,6 @@
 """Datasets and two-view augmentations (offline only: nothing is ever downloaded).
 
-``--data`` is either a built-in name or an ImageFolder directory:
+``--data`` is a data set name or an image folder (the readers are in :mod:`snclr.datasets`):
 
 - ``animal-mnist`` (built-in): 10,000 28x28 greyscale animal silhouettes in 10 balanced
   classes, read from the ``animal_mnist`` package (``pip install --no-deps
@@ -8,8 +8,13 @@
   within each class, the images are permuted with ``numpy.random.default_rng(0)`` and the
   first 80% (800 per class) form the train split, the rest (200 per class) the test split.
   The split never depends on the run's seed, so every command sees the same one.
+- ``cifar10:DIR``, ``cifar100:DIR``, ``stl10:DIR``: the official archives extracted in DIR,
+  with their own train/test splits.
 - a directory with ``train/`` (and optionally ``val/``) class sub-folders; without
-  ``val/`` the same stratified 80/20 rule splits ``train/``.
+  ``val/`` the same stratified 80/20 rule splits ``train/``. Every file is checked first.
+
+Each split knows its native image size: the arrays' size, or for folders the median shorter
+side of the images (:func:`snclr.encoders.fit_img_size` turns it into the input size).
 
 Augmentation is a pure function of ``(seed, epoch, index)``: each sample is transformed
 under its own seeded RNG, so data order and crops are reproducible regardless of the number
@@ -18,51 +23,49 @@ of workers and a resumed run sees exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
-import gzip
-import importlib.resources
-import io
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from snclr.config import ConfigError
+from snclr.datasets import NAMED_DATASETS, read_named, scan_folder
 
 __all__ = [
     "BUILTIN_DATASETS", "ImageSet", "TwoViewDataset", "EvalDataset", "eval_transform",
-    "load_dataset", "make_loader", "stratified_split", "two_view_transforms",
+    "load_dataset", "load_splits", "make_loader", "stratified_split", "two_view_transforms",
 ]
 
-BUILTIN_DATASETS = ("animal-mnist",)
-INSTALL_HINT = "pip install --no-deps animal-mnist==0.4"
+BUILTIN_DATASETS = NAMED_DATASETS
 SPLIT_SEED = 0
 TRAIN_FRACTION = 0.8
 
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Labelled images of one split: built-in arrays or an ImageFolder subset.
+    """Labelled images of one split: uint8 arrays, or image files read on demand.
 
     Attributes:
-        images: ``(N, C, H, W)`` uint8 tensor, or None for folder data.
         labels: ``(N,)`` int64 class indices.
-        folder: torchvision ``ImageFolder`` (PIL images) or None.
-        indices: ``(N,)`` rows of ``folder`` in this split (folder data only).
-        in_chans, img_size, num_classes: what the model needs to know.
+        in_chans, num_classes: what the model needs to know.
+        img_size: the native size: the arrays' side, or the median shorter side of the files.
+        same_size: every image is ``img_size`` square (arrays); files may differ.
+        images: ``(N, C, H, W)`` uint8 tensor, or None for files.
+        files: ``(N,)`` image paths (files only), opened as RGB.
     """
 
     labels: Tensor
     in_chans: int
     img_size: int
     num_classes: int
+    same_size: bool = True
     images: Tensor | None = None
-    folder: object | None = None
-    indices: np.ndarray | None = None
+    files: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -70,15 +73,16 @@ class ImageSet:
     def image(self, i: int):
         if self.images is not None:
             return self.images[i]
-        return self.folder[int(self.indices[i])][0]
+        with Image.open(self.files[i]) as image:
+            return image.convert("RGB")
 
     def subset(self, rows: np.ndarray) -> "ImageSet":
         rows_t = torch.as_tensor(rows, dtype=torch.long)
         return ImageSet(
             labels=self.labels[rows_t], in_chans=self.in_chans, img_size=self.img_size,
-            num_classes=self.num_classes,
+            num_classes=self.num_classes, same_size=self.same_size,
             images=None if self.images is None else self.images[rows_t],
-            folder=self.folder, indices=None if self.indices is None else self.indices[rows],
+            files=None if self.files is None else self.files[rows],
         )
 
 
@@ -106,75 +110,54 @@ def limit(dataset: ImageSet, count: int) -> ImageSet:
     return dataset.subset(np.sort(np.array(order[:count])))
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    # The package ships pickled numpy arrays; refuse anything else a pickle could run.
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"unexpected object {module}.{name} in dataset file")
-        return super().find_class(module, name)
+def _array_set(images: Tensor, labels: Tensor, num_classes: int) -> ImageSet:
+    return ImageSet(labels=labels, images=images, in_chans=images.shape[1],
+                    img_size=images.shape[-1], num_classes=num_classes)
 
 
-def _read_pickled_array(resource) -> np.ndarray:
-    with resource.open("rb") as raw, gzip.open(raw) as f:
-        return np.asarray(_NumpyOnlyUnpickler(io.BytesIO(f.read())).load())
+def _folder_set(path: Path) -> ImageSet:
+    scan = scan_folder(path)
+    return ImageSet(labels=torch.from_numpy(scan.labels), in_chans=3,
+                    img_size=int(np.median(scan.sides)), num_classes=len(scan.classes),
+                    same_size=False, files=scan.files)
 
 
-def _load_animal_mnist() -> tuple[Tensor, Tensor]:
-    try:
-        root = importlib.resources.files("animal_mnist") / "data" / "Animal_MNIST"
-    except ModuleNotFoundError:
-        raise ConfigError(f"dataset 'animal-mnist' is not installed; install it with: {INSTALL_HINT}") from None
-    images_file = root / "animal_data_version_3.gz"
-    labels_file = root / "animal_label_version_3.gz"
-    if not (images_file.is_file() and labels_file.is_file()):
-        raise ConfigError(f"dataset files of 'animal-mnist' are missing; reinstall with: {INSTALL_HINT}")
-    images = _read_pickled_array(images_file)  # (10000, 28, 28) uint8
-    labels = _read_pickled_array(labels_file)  # (10000,) int64
-    return torch.from_numpy(images.astype(np.uint8)).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+def _split(full: ImageSet) -> dict[str, ImageSet]:
+    train_rows, test_rows = stratified_split(full.labels.numpy())
+    return {"train": full.subset(train_rows), "test": full.subset(test_rows)}
 
 
-def load_dataset(name_or_dir: str, *, split: str) -> ImageSet:
-    """The ``"train"`` or ``"test"`` split of a built-in dataset or ImageFolder directory.
+def load_splits(name_or_dir: str) -> dict[str, ImageSet]:
+    """``{"train": ..., "test": ...}`` of a named data set or an image folder.
 
     Raises:
-        ConfigError: unknown name, missing folder, or the built-in package not installed.
+        ConfigError: unknown name, missing folder or files, unreadable images, or the
+            built-in package not installed (one line).
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if name_or_dir == "animal-mnist":
-        images, labels = _load_animal_mnist()
-        train_rows, test_rows = stratified_split(labels.numpy())
-        full = ImageSet(labels=labels, images=images, in_chans=1, img_size=28, num_classes=10)
-        return full.subset(train_rows if split == "train" else test_rows)
-    root = Path(name_or_dir)
-    if not root.exists():
+    name, colon, root = name_or_dir.partition(":")
+    named = name in ("cifar10", "cifar100", "stl10") and (colon or not Path(name_or_dir).exists())
+    if name_or_dir == "animal-mnist" or named:
+        arrays = read_named(name, root or None)
+        sets = {split: _array_set(*xy, arrays.num_classes) for split, xy in arrays.splits.items()}
+        return _split(sets["all"]) if "all" in sets else sets
+    root_dir = Path(name_or_dir)
+    if not root_dir.exists():
         raise ConfigError(
             f"dataset {name_or_dir!r} is neither a built-in ({', '.join(BUILTIN_DATASETS)}) "
             "nor an existing directory"
         )
-    if not (root / "train").is_dir():
+    if not (root_dir / "train").is_dir():
         raise ConfigError(f"dataset directory {name_or_dir!r} has no train/ sub-folder of class folders")
-    from torchvision.datasets import ImageFolder
+    if (root_dir / "val").is_dir():
+        return {"train": _folder_set(root_dir / "train"), "test": _folder_set(root_dir / "val")}
+    return _split(_folder_set(root_dir / "train"))
 
-    def folder_set(path: Path) -> ImageSet:
-        try:
-            folder = ImageFolder(str(path))
-        except (FileNotFoundError, RuntimeError) as err:
-            raise ConfigError(f"cannot read image folder {str(path)!r}: {err}") from None
-        labels = torch.tensor(folder.targets, dtype=torch.long)
-        return ImageSet(labels=labels, in_chans=3, img_size=224, num_classes=len(folder.classes),
-                        folder=folder, indices=np.arange(len(labels)))
 
-    if (root / "val").is_dir():
-        return folder_set(root / ("train" if split == "train" else "val"))
-    full = folder_set(root / "train")
-    train_rows, test_rows = stratified_split(full.labels.numpy())
-    return full.subset(train_rows if split == "train" else test_rows)
+def load_dataset(name_or_dir: str, *, split: str) -> ImageSet:
+    """The ``"train"`` or ``"test"`` split of :func:`load_splits` (reads both; use that)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return load_splits(name_or_dir)[split]
 
 
 def _normalize(in_chans: int) -> v2.Normalize:
@@ -219,9 +202,17 @@ def two_view_transforms(kind: str, *, img_size: int, crop_scale_min: float, in_c
     return view(1.0, 0.0), view(0.1, 0.2)
 
 
-def eval_transform(*, img_size: int, native_size: int, in_chans: int) -> v2.Compose:
-    """Deterministic evaluation transform: resize (+ centre crop at 224 px) and normalise."""
-    resize = [] if img_size == native_size else [v2.Resize(int(img_size * 256 / 224) if img_size >= 64 else img_size, antialias=True), v2.CenterCrop(img_size)]
+def eval_transform(*, img_size: int, native_size: int | None, in_chans: int) -> v2.Compose:
+    """Deterministic evaluation transform: resize the shorter side, centre crop, normalise.
+
+    ``native_size`` is the side of every image when they are all that size (arrays), None
+    when sizes may differ (files): then every image is resized, whatever the median.
+    From 64 px up the resize keeps the 256/224 margin of the ImageNet protocol.
+    """
+    resize = []
+    if img_size != native_size:
+        short_side = int(img_size * 256 / 224) if img_size >= 64 else img_size
+        resize = [v2.Resize(short_side, antialias=True), v2.CenterCrop(img_size)]
     return v2.Compose([v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True), _normalize(in_chans)])
 
 

@@ -12,28 +12,38 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["EncoderSpec", "create_encoder", "encoder_spec", "list_encoders", "register_encoder"]
+__all__ = ["MAX_NATIVE_SIZE", "EncoderSpec", "create_encoder", "encoder_spec", "fit_img_size",
+           "list_encoders", "register_encoder"]
+
+MAX_NATIVE_SIZE = 224  # a data set's native size is used up to this (the ImageNet recipes')
+
+
+def _any_size(img_size: int) -> int:
+    return 1
 
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """A registered encoder: its factory and the MoCo v3 projector depth for its family."""
+    """A registered encoder: its factory, the MoCo v3 projector depth for its family, and
+    ``size_multiple(img_size)``, what the input size must be a multiple of (a ViT's patch)."""
 
     name: str
     factory: Callable[..., nn.Module]
     projector_layers: int
+    size_multiple: Callable[[int], int] = _any_size
 
 
 _REGISTRY: dict[str, EncoderSpec] = {}
 
 
-def register_encoder(name: str, *, projector_layers: int = 2):
+def register_encoder(name: str, *, projector_layers: int = 2,
+                     size_multiple: Callable[[int], int] = _any_size):
     """Decorator adding a factory to the registry; a name can be registered once."""
 
     def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"encoder {name!r} is already registered")
-        _REGISTRY[name] = EncoderSpec(name, factory, projector_layers)
+        _REGISTRY[name] = EncoderSpec(name, factory, projector_layers, size_multiple)
         return factory
 
     return decorate
@@ -47,6 +57,25 @@ def encoder_spec(name: str) -> EncoderSpec:
     if name not in _REGISTRY:
         raise ValueError(f"unknown encoder {name!r}; choose one of {list_encoders()}")
     return _REGISTRY[name]
+
+
+def fit_img_size(name: str, native: int) -> int:
+    """The input size for images of ``native`` pixels: at most :data:`MAX_NATIVE_SIZE`, and
+    the nearest size the encoder accepts (a multiple of a ViT's patch, at least one patch).
+
+    Example:
+        >>> fit_img_size("small_cnn", 32), fit_img_size("vit_small", 100)
+        (32, 96)
+        >>> fit_img_size("resnet18", 500)
+        224
+    """
+    size = max(1, min(int(native), MAX_NATIVE_SIZE))
+    multiple = encoder_spec(name).size_multiple(size)
+    fitted = max(multiple, round(size / multiple) * multiple)
+    # Rounding up may cross into a larger patch size (ViTs: 4 px below 64, 16 from 64 on).
+    if fitted % encoder_spec(name).size_multiple(fitted):
+        fitted = size - size % multiple
+    return fitted
 
 
 def create_encoder(name: str, *, in_chans: int = 3, img_size: int = 224) -> nn.Module:
@@ -108,10 +137,14 @@ def _torchvision_resnet(arch: str, *, in_chans: int, img_size: int) -> nn.Module
     return model
 
 
+def _vit_patch(img_size: int) -> int:
+    return 16 if img_size >= 64 else 4
+
+
 def _timm_vit(arch: str, *, in_chans: int, img_size: int) -> nn.Module:
     import timm
 
-    patch = 16 if img_size >= 64 else 4
+    patch = _vit_patch(img_size)
     model = timm.create_model(
         arch, pretrained=False, num_classes=0, in_chans=in_chans, img_size=img_size, patch_size=patch
     )
@@ -126,6 +159,6 @@ for _name, _arch in (
     ("vit_small", "vit_small_patch16_224"),
     ("vit_base", "vit_base_patch16_224"),
 ):
-    register_encoder(_name, projector_layers=3)(
+    register_encoder(_name, projector_layers=3, size_multiple=_vit_patch)(
         lambda *, in_chans, img_size, _a=_arch: _timm_vit(_a, in_chans=in_chans, img_size=img_size)
     )

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from snclr.checkpoint import build_model, config_of, load_model_state, read_checkpoint
+from snclr.checkpoint import build_model, config_of, load_model_state, non_finite, read_checkpoint
 from snclr.config import ConfigError
-from snclr.data import EvalDataset, ImageSet, eval_transform, limit, load_dataset, make_loader
+from snclr.data import EvalDataset, ImageSet, eval_transform, limit, load_splits, make_loader
 
 __all__ = ["extract_features", "knn_accuracy", "linear_probe", "load_backbone", "parameter_checksum", "weighted_knn_predict"]
 
@@ -32,7 +32,9 @@ def extract_features(encoder: nn.Module, images: ImageSet, *, img_size: int, dev
         ``(N, F)`` float32 features and ``(N,)`` labels, on ``device``.
     """
     loader = make_loader(
-        EvalDataset(images, eval_transform(img_size=img_size, native_size=images.img_size, in_chans=images.in_chans)),
+        EvalDataset(images, eval_transform(
+            img_size=img_size, in_chans=images.in_chans,
+            native_size=images.img_size if images.same_size else None)),
         batch_size=batch_size, train=False, num_workers=num_workers, pin_memory=device.type == "cuda",
     )
     was_training = encoder.training
@@ -133,6 +135,10 @@ def load_backbone(checkpoint: str, *, random_init: bool = False, seed: int = 0) 
     model = build_model(config, in_chans=shape["in_chans"], img_size=shape["img_size"])
     if not random_init:
         load_model_state(model, payload["model"], source=f"checkpoint {checkpoint!r}")
+        bad = non_finite(model.encoder.state_dict())
+        if bad:
+            raise ConfigError(f"checkpoint {checkpoint!r} holds non-finite weights (NaN or "
+                              f"infinity in {len(bad)} tensors of the encoder, e.g. {bad[0]})")
     return model.encoder, {"config": config, **shape}
 
 
@@ -140,10 +146,18 @@ def _device(name: str = "auto") -> torch.device:
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+def _check_counts(**counts: int) -> None:
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+
+
 def _features(checkpoint: str, data: str, *, random_init: bool, num_workers: int, device: torch.device,
               limit_samples: int = 0):
+    _check_counts(num_workers=num_workers, limit_samples=limit_samples)
     encoder, info = load_backbone(checkpoint, random_init=random_init)
-    train, test = (limit(load_dataset(data, split=split), limit_samples) for split in ("train", "test"))
+    splits = load_splits(data)
+    train, test = (limit(splits[split], limit_samples) for split in ("train", "test"))
     if train.in_chans != info["in_chans"]:
         raise ConfigError(f"the checkpoint expects {info['in_chans']}-channel images, {data!r} has {train.in_chans}")
     encoder.to(device)
@@ -170,7 +184,16 @@ def run_knn(checkpoint: str, data: str, *, random_init: bool = False, ks: tuple[
 
 def run_linear(checkpoint: str, data: str, *, epochs: int = 100, lr: float = 0.1, random_init: bool = False,
                num_workers: int = 0, device: str = "auto", limit_samples: int = 0) -> dict[str, float]:
-    """``snclr linear``: linear-probe top-1 of a checkpoint's frozen backbone on a dataset."""
+    """``snclr linear``: linear-probe top-1 of a checkpoint's frozen backbone on a dataset.
+
+    Raises:
+        ConfigError: ``epochs`` < 1, ``lr`` not a finite number > 0, or what ``snclr knn``
+            refuses (checked before any feature is computed).
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"lr must be a finite number > 0, got {lr!r}")
     dev = _device(device)
     ((train_f, train_y), (test_f, test_y)), num_classes = _features(
         checkpoint, data, random_init=random_init, num_workers=num_workers, device=dev, limit_samples=limit_samples)

@@ -6,16 +6,16 @@ rebuilt from a run folder at any time.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from snclr.metrics import read_rows
 
 __all__ = ["read_metrics", "write_report"]
 
 
 def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The logged rows; an unreadable (torn) line is skipped."""
+    return read_rows(path)[0]
 
 
 def _plot(path: Path, title: str, series: list[tuple[str, list, list]], xlabel: str) -> bool:
@@ -89,6 +89,7 @@ def write_report(run_dir: Path, config: dict, *, histogram: list[float], wall_s:
         f"- epochs: {last.get('epoch', 0)} of {config['epochs']}, steps: {steps[-1]['step'] if steps else 0}, "
         f"batch {config['batch_size']}, optimizer {config['optimizer']} (base lr {config['lr']}, wd {config['weight_decay']})",
         f"- K = {config['num_neighbors']}, queue {config['queue_size']}, T = {config['temperature']}",
+        f"- image size: {config['img_size']} px",
         f"- wall time this session: {wall_s:.1f} s",
         "",
         "| epoch | loss | kNN top-1 | neighbour purity | positiveness entropy |",
@@ -104,6 +105,20 @@ def write_report(run_dir: Path, config: dict, *, histogram: list[float], wall_s:
             f"{fmt(r.get('neighbor_purity'))} | {fmt(r.get('positiveness_entropy'))} |"
         )
     lines.append("")
+    events = [r for r in rows if r["kind"] in ("resume", "config_change")]
+    if events:
+        lines += ["## Resumes and configuration changes", ""]
+    for r in events:
+        if r["kind"] == "resume":
+            lines.append(f"- resumed at step {r['step']} (epoch {r['epoch']}): dropped "
+                         f"{r['dropped_rows']} logged rows past it, {r['torn_lines']} torn lines")
+        else:
+            changes = ", ".join(f"{name} {old} -> {new}"
+                                for name, (old, new) in r["changes"].items())
+            reset = "; optimiser state reset" if r.get("optimizer_state") == "reset" else ""
+            lines.append(f"- at step {r['step']} (epoch {r['epoch']}): {changes}{reset}")
+    if events:
+        lines.append("")
     for title, name in plots:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
     lines += ["## Configuration", "", "```yaml"]

@@ -9,16 +9,23 @@ The step: ``out = model(x1, x2)``; ``out.loss.backward()``; optimiser step;
 pure functions of the fractional epoch, data order and augmentation pure functions of
 ``(seed, epoch)``, and every piece of state lives in the checkpoint, so an interrupted and
 resumed run reproduces an uninterrupted one (bit for bit on a CPU).
+
+Faults: everything a run needs (config, data files, checkpoint, run folder) is checked before
+the run folder changes. A resumed run continues from its saved config (changes are classed in
+:mod:`snclr.config`). A non-finite loss at a log step or in an epoch's mean, or non-finite
+weights when a checkpoint is due, stop every rank with :class:`TrainingDiverged`; the last
+good checkpoint stays.
 """
 
 from __future__ import annotations
 
-import csv
-import json
+import math
 import os
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import yaml
@@ -27,20 +34,29 @@ from tqdm import tqdm
 
 from snclr import distributed
 from snclr.bank import MemoryBank
-from snclr.checkpoint import (build_model, config_of, get_rng_state, load_model_state, read_checkpoint,
-                              set_rng_state, write_checkpoint)
-from snclr.config import Config, ConfigError, validate
-from snclr.data import TwoViewDataset, limit, load_dataset, make_loader, two_view_transforms
+from snclr.checkpoint import (RESUME_KEYS, build_model, config_of, get_rng_state, load_model_state,
+                              non_finite, read_checkpoint, set_rng_state, write_checkpoint)
+from snclr.config import (Config, ConfigError, check_resume_changes, config_changes, resumed_config,
+                          validate)
+from snclr.data import TwoViewDataset, limit, load_splits, make_loader, two_view_transforms
+from snclr.encoders import fit_img_size
 from snclr.evaluate import extract_features, knn_accuracy
+from snclr.metrics import MetricsLog, clean
 from snclr.model import SNCLR, cosine_momentum
+from snclr.ops._checks import triton_interpreted
 from snclr.optim import cosine_lr, create_optimizer
 from snclr.report import write_report
 
-__all__ = ["Plan", "pretrain", "train_one_epoch"]
+__all__ = ["Plan", "TrainingDiverged", "pretrain", "train_one_epoch"]
 
-CSV_COLUMNS = ("kind", "epoch", "step", "loss", "lr", "momentum", "images_per_s", "knn_top1",
-               "neighbor_purity", "positiveness_entropy", "neighbor_similarity")
 HISTOGRAM_BINS = 50  # weights cluster near 1/K (tau_a = 1): fine bins show the spread
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or weights: the run stopped, the last good checkpoint is kept.
+
+    Every rank raises it at the same step (the values tested are reduced over ranks).
+    """
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,12 @@ class State:
     scaler: torch.amp.GradScaler
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps completed
+    saved_step: int | None = None  # step of the checkpoint on disk (None: no checkpoint yet)
+
+    def kept(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was written"
+        return f"checkpoint.pt still holds the last good state (step {self.saved_step})"
 
 
 def _device(config: Config) -> torch.device:
@@ -85,8 +107,11 @@ def _set_threads(device: torch.device) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
-def _plan(config: Config, device: torch.device, train_size: int, in_chans: int, native: int) -> Plan:
+def _plan(config: Config, device: torch.device, train_size: int, in_chans: int) -> Plan:
     world = distributed.world_size()
+    if config.backend == "triton" and device.type != "cuda" and not triton_interpreted():
+        raise ConfigError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1); "
+                          f"this run is on {device.type}")
     if config.batch_size % world:
         raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {world} processes")
     if config.batch_size > train_size:
@@ -96,7 +121,7 @@ def _plan(config: Config, device: torch.device, train_size: int, in_chans: int, 
     return Plan(
         device=device, world_size=world, rank=distributed.rank(), local_batch=config.batch_size // world,
         lr=config.lr * config.batch_size / 256, steps_per_epoch=train_size // config.batch_size,
-        amp_dtype=amp, in_chans=in_chans, img_size=config.img_size or native,
+        amp_dtype=amp, in_chans=in_chans, img_size=config.img_size,
     )
 
 
@@ -132,37 +157,6 @@ def _restore_rank_bank(bank: MemoryBank, banks: dict | None, rank: int) -> None:
     with torch.no_grad():
         bank.queue.copy_(banks["queue"][source])
         bank.labels.copy_(banks["labels"][source])
-
-
-class MetricsLog:
-    """Rank 0's JSONL and CSV metric rows (appended to on resume), and TensorBoard if installed."""
-
-    def __init__(self, run_dir: Path, *, enabled: bool) -> None:
-        self.enabled, self.jsonl, self.csv = enabled, run_dir / "metrics.jsonl", run_dir / "metrics.csv"
-        self.tensorboard = None
-        if enabled and not self.csv.exists():
-            with self.csv.open("w", newline="") as f:
-                csv.writer(f).writerow(CSV_COLUMNS)
-        if enabled:
-            try:  # optional: tensorboard is not a dependency
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                pass
-
-    def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        with self.csv.open("a", newline="") as f:
-            csv.writer(f).writerow(["" if row.get(c) is None else row[c] for c in CSV_COLUMNS])
-        if self.tensorboard is not None:
-            for name, value in row.items():
-                if isinstance(value, float):
-                    self.tensorboard.add_scalar(f"{row['kind']}/{name}", value, row["step"])
-            self.tensorboard.flush()
 
 
 def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: MetricsLog) -> dict:
@@ -204,14 +198,23 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
         state.step += 1
         seen += config.batch_size
         if state.step % config.log_every == 0 or i + 1 == plan.steps_per_epoch:
-            loss = distributed.all_reduce_mean(out.loss.detach().float()).item()  # periodic sync only
+            # Periodic sync only. The mean over ranks is the same number on every rank, so
+            # all ranks stop together on a non-finite one (none waits in a collective).
+            loss = distributed.all_reduce_mean(out.loss.detach().float()).item()
             rate = seen / max(time.perf_counter() - tic, 1e-9)
             tic, seen = time.perf_counter(), 0
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
             log.write({"kind": "step", "epoch": state.epoch + 1, "step": state.step, "loss": loss,
                        "lr": lr, "momentum": momentum, "images_per_s": rate})
+            if not math.isfinite(loss):
+                bar.close()
+                raise TrainingDiverged(f"training diverged: the loss is {loss} at step "
+                                       f"{state.step} (epoch {state.epoch + 1}); {state.kept()}")
     bar.close()
     sums = distributed.all_reduce_mean(sums).tolist()
+    if not math.isfinite(sums[0]):  # a step between two log steps
+        raise TrainingDiverged(f"training diverged: a loss of epoch {state.epoch + 1} (steps up to "
+                               f"{state.step}) is not finite; {state.kept()}")
     steps, nbr_steps = plan.steps_per_epoch, sums[4]
     histogram = distributed.all_reduce_sum(histogram)
     return {
@@ -229,50 +232,144 @@ def _knn(config: Config, plan: Plan, model: SNCLR, train_set, test_set) -> float
     return knn_accuracy(*train, *test, ks=(config.knn_k,), num_classes=train_set.num_classes)[f"top1_k{config.knn_k}"]
 
 
-def pretrain(config: Config, *, resume: bool = False) -> dict:
+def pretrain(config: Config, *, resume: bool = False, given: Iterable[str] | None = None,
+             allow_config_change: bool = False) -> dict:
     """Run (or resume) pretraining into ``config.output_dir``; returns the last epoch's row.
 
-    Resumes automatically when ``DIR/checkpoint.pt`` exists. Nothing in the run folder is
-    written before the config, data and any checkpoint have been checked.
+    Resumes automatically when ``DIR/checkpoint.pt`` exists, from the config saved in it:
+    the fields named in ``given`` take their values from ``config`` (None: every field, the
+    Python API passes a whole config), and a change outside the free classes of
+    :mod:`snclr.config` needs ``allow_config_change``. Nothing in the run folder is written
+    before the config, data, checkpoint and folder have been checked.
 
     Raises:
-        ConfigError: bad configuration, data or checkpoint (the run folder is left as it was).
+        ConfigError: bad configuration, data, checkpoint or run folder, or a refused change
+            (the run folder is left as it was).
+        TrainingDiverged: a non-finite loss or weights (the last good checkpoint is kept).
     """
-    validate(config)
     started_group = distributed.init_from_env()
     try:
-        return _pretrain(config, resume=resume)
+        return _pretrain(config, resume=resume, given=given,
+                         allow_config_change=allow_config_change)
     finally:
         if started_group:
             distributed.destroy()
 
 
-def _pretrain(config: Config, *, resume: bool) -> dict:
+def _check_run_dir(run_dir: Path) -> None:
+    """Refuse an output folder that is a file, lies under a file or cannot be created."""
+    name = repr(str(run_dir))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir {name} is a file, not a folder")
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir {name} cannot be created: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {name} cannot be created or written: no write permission "
+                          f"in {str(existing)!r}")
+
+
+def _make_run_dir(run_dir: Path, device: torch.device) -> None:
+    """Rank 0 creates the folder; every rank learns whether it could (collective)."""
+    error = ""
+    if distributed.is_main():
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            error = err.strerror or type(err).__name__
+    if _any_rank(bool(error), device):
+        raise ConfigError(f"output_dir {str(run_dir)!r} cannot be created ({error or 'on rank 0'})")
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    return distributed.all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    # load_state_dict also restores the saved hyperparameters: keep the configured decay.
+    configured = [group["weight_decay"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, weight_decay in zip(optimizer.param_groups, configured):
+        group["weight_decay"] = weight_decay
+
+
+def _restore_training_state(state: State, payload: dict, saved: Config, config: Config) -> bool:
+    """Optimiser, scaler, counters and RNGs from a checkpoint; True if the optimiser restarts.
+
+    Another optimiser's state does not apply (AdamW moments are not LARS momenta): a changed
+    optimiser (an allowed change) starts from its initial state.
+    """
+    reset = saved.optimizer != config.optimizer
+    if not reset:
+        _load_optimizer_state(state.optimizer, payload["optimizer"])
+    if payload["scaler"] or not state.scaler.is_enabled():  # fp16 now, not before: fresh
+        state.scaler.load_state_dict(payload["scaler"])
+    state.epoch, state.step = payload["epoch"], payload["step"]
+    state.saved_step = state.step
+    set_rng_state(payload["rng"])
+    return reset
+
+
+def _save(config: Config, plan: Plan, state: State, path: Path) -> None:
+    """Write the checkpoint unless any rank's state holds NaN or infinity (collective)."""
+    payload = _checkpoint_payload(config, plan, state)
+    bad = non_finite({key: payload[key] for key in ("model", "optimizer", "rank_banks")})
+    if _any_rank(bool(bad), plan.device):
+        where = bad[0] if bad else "another rank's state"
+        raise TrainingDiverged(f"training diverged: non-finite values in {where} after step "
+                               f"{state.step}; {state.kept()}")
+    if distributed.is_main():
+        write_checkpoint(path, payload)
+    state.saved_step = state.step
+
+
+def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
+              allow_config_change: bool) -> dict:
     wall = time.perf_counter()
-    device = _device(config)
-    _set_threads(device)
-    train_set = limit(load_dataset(config.data, split="train"), config.limit_samples)
-    test_set = load_dataset(config.data, split="test") if config.knn_every else None
-    plan = _plan(config, device, len(train_set), train_set.in_chans, train_set.img_size)
     run_dir = Path(config.output_dir)
+    _check_run_dir(run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
-    payload = None
+    payload = saved = None
     if ckpt_path.exists():
-        payload = read_checkpoint(ckpt_path)
-        if payload["data_shape"] != {"in_chans": plan.in_chans, "img_size": plan.img_size}:
-            raise ConfigError(f"{ckpt_path} was trained on {payload['data_shape']}, this run feeds "
-                              f"{plan.in_chans} channels at {plan.img_size} px")
+        payload = read_checkpoint(ckpt_path, keys=RESUME_KEYS)
+        saved = config_of(payload)
+        if not saved.img_size:  # a checkpoint from before img_size 0 was resolved
+            saved = replace(saved, img_size=payload["data_shape"]["img_size"])
+        config = resumed_config(saved, config, given)
     elif resume:
         raise ConfigError(f"--resume given but {ckpt_path} does not exist")
+    validate(config)
+    device = _device(config)
+    _set_threads(device)
+    splits = load_splits(config.data)
+    train_set = limit(splits["train"], config.limit_samples)
+    test_set = splits["test"] if config.knn_every else None
+    size_source = "set in the config"
+    if not config.img_size:
+        config = replace(config, img_size=fit_img_size(config.encoder, train_set.img_size))
+        size_source = f"the data's native size {train_set.img_size} px, fitted to {config.encoder}"
+    changes: dict[str, tuple] = {}
+    if payload is not None:
+        changes = check_resume_changes(config_changes(saved, config), allow=allow_config_change)
+        if config.epochs < payload["epoch"]:
+            raise ConfigError(f"epochs={config.epochs} is fewer than the {payload['epoch']} "
+                              "epochs this run folder has completed")
+    plan = _plan(config, device, len(train_set), train_set.in_chans)
+    data_shape = {"in_chans": plan.in_chans, "img_size": plan.img_size}
+    if payload is not None and payload["data_shape"] != data_shape:
+        raise ConfigError(f"{ckpt_path} was trained on {payload['data_shape']}, this run feeds "
+                          f"{plan.in_chans} channels at {plan.img_size} px")
 
     torch.manual_seed(config.seed)
     model = build_model(config, in_chans=plan.in_chans, img_size=plan.img_size)
     if payload is not None:
+        if saved.method != config.method or saved.encoder != config.encoder:
+            raise ConfigError(f"{ckpt_path} is a {saved.method}/{saved.encoder} run, not "
+                              f"{config.method}/{config.encoder}")
         load_model_state(model, payload["model"], source=f"checkpoint {str(ckpt_path)!r}")
         _restore_rank_bank(model.bank, payload.get("rank_banks"), plan.rank)
-        previous = config_of(payload)
-        if previous.method != config.method or previous.encoder != config.encoder:
-            raise ConfigError(f"{ckpt_path} is a {previous.method}/{previous.encoder} run, not {config.method}/{config.encoder}")
     model.to(device)
     wrapped: nn.Module = model
     if plan.world_size > 1:
@@ -287,19 +384,27 @@ def _pretrain(config: Config, *, resume: bool) -> dict:
     optimizer = create_optimizer(model, config.optimizer, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.amp_dtype == torch.float16)
     state = State(model=model, wrapped=wrapped, optimizer=optimizer, scaler=scaler)
-    if payload is not None:
-        optimizer.load_state_dict(payload["optimizer"])
-        scaler.load_state_dict(payload["scaler"])
-        state.epoch, state.step = payload["epoch"], payload["step"]
-        set_rng_state(payload["rng"])
+    optimizer_reset = payload is not None and _restore_training_state(state, payload, saved, config)
 
+    # Everything is checked: from here on the run folder changes.
     main = distributed.is_main()
+    _make_run_dir(run_dir, device)
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    log = MetricsLog(run_dir, enabled=main)
-    transforms = two_view_transforms(
-        _augmentation(config, plan), img_size=plan.img_size, crop_scale_min=config.crop_scale_min, in_chans=plan.in_chans)
+        print(f"image size {plan.img_size} px ({size_source})", flush=True)
+    log = MetricsLog(run_dir, enabled=main, resume_step=state.step)
+    if payload is not None or log.dropped_rows or log.torn_lines:
+        log.write({"kind": "resume", "epoch": state.epoch, "step": state.step,
+                   "dropped_rows": log.dropped_rows, "torn_lines": log.torn_lines})
+        if main and log.torn_lines:
+            print(f"warning: truncated {log.torn_lines} torn line(s) of {log.jsonl}",
+                  file=sys.stderr)
+    if changes:
+        log.write({"kind": "config_change", "epoch": state.epoch, "step": state.step,
+                   "changes": {name: list(change) for name, change in changes.items()},
+                   "optimizer_state": "reset" if optimizer_reset else "kept"})
+    transforms = two_view_transforms(_augmentation(config, plan), img_size=plan.img_size,
+                                     crop_scale_min=config.crop_scale_min, in_chans=plan.in_chans)
     dataset = TwoViewDataset(train_set, *transforms, seed=config.seed)
     loader = make_loader(dataset, batch_size=plan.local_batch, train=True, seed=config.seed,
                          num_workers=config.num_workers, pin_memory=device.type == "cuda",
@@ -307,25 +412,30 @@ def _pretrain(config: Config, *, resume: bool) -> dict:
     last: dict = {"kind": "epoch", "epoch": state.epoch, "step": state.step}
     histogram: list[float] = []
     stop = config.epochs if not config.stop_after else min(config.epochs, config.stop_after)
-    while state.epoch < stop:
-        loader.sampler.set_epoch(state.epoch)
-        dataset.set_epoch(state.epoch)
-        stats = train_one_epoch(config, plan, state, loader, log)
-        state.epoch += 1
-        histogram = stats.pop("histogram")
-        knn = None
-        if config.knn_every and (state.epoch % config.knn_every == 0 or state.epoch == config.epochs):
-            knn = _knn(config, plan, model, train_set, test_set) if main else None
-        last = {"kind": "epoch", "epoch": state.epoch, "step": state.step, "knn_top1": knn, **stats}
-        log.write(last)
-        if state.epoch % config.save_every == 0 or state.epoch == stop:
-            payload = _checkpoint_payload(config, plan, state)  # collective: all ranks
-            if main:
-                write_checkpoint(ckpt_path, payload)
-        distributed.barrier()  # ranks wait for rank 0's evaluation and checkpoint
+    try:
+        while state.epoch < stop:
+            loader.sampler.set_epoch(state.epoch)
+            dataset.set_epoch(state.epoch)
+            stats = train_one_epoch(config, plan, state, loader, log)
+            state.epoch += 1
+            histogram = stats.pop("histogram")
+            knn = None
+            due = bool(config.knn_every) and (state.epoch % config.knn_every == 0
+                                              or state.epoch == config.epochs)
+            if due:
+                knn = _knn(config, plan, model, train_set, test_set) if main else None
+            last = {"kind": "epoch", "epoch": state.epoch, "step": state.step, "knn_top1": knn,
+                    **stats}
+            log.write(last)
+            if state.epoch % config.save_every == 0 or state.epoch == stop:
+                _save(config, plan, state, ckpt_path)  # collective: all ranks
+            distributed.barrier()  # ranks wait for rank 0's evaluation and checkpoint
+    finally:
+        log.close()
     if main:
-        write_report(run_dir, config.to_dict(), histogram=histogram, wall_s=time.perf_counter() - wall)
-    return last
+        write_report(run_dir, config.to_dict(), histogram=histogram,
+                     wall_s=time.perf_counter() - wall)
+    return clean(last)
 
 
 def _augmentation(config: Config, plan: Plan) -> str:

@@ -78,3 +78,32 @@ def test_bfloat16_storage():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize(
+    "args, options, error, match",
+    [
+        ((2.5, 8), {}, TypeError, "size must be an int, got float 2.5"),
+        (("8", 8), {}, TypeError, "size must be an int, got str '8'"),
+        ((8, True), {}, TypeError, "dim must be an int, got bool"),
+        ((0, 8), {}, ValueError, "size and dim must be >= 1"),
+        ((8, 8), {"dtype": torch.int64}, TypeError, "dtype must be a floating-point torch.dtype"),
+        ((8, 8), {"dtype": 16}, TypeError, "dtype must be a floating-point torch.dtype, got 16"),
+        ((8, 8), {"mode": "sharded"}, ValueError, "mode must be one of"),
+    ],
+    ids=["float-size", "str-size", "bool-dim", "zero-size", "int-dtype", "number-dtype", "mode"],
+)
+def test_constructor_rejects_bad_arguments(args, options, error, match):
+    with pytest.raises(error, match=match):
+        MemoryBank(*args, **options)
+
+
+def test_enqueue_rejects_float_labels_and_integer_keys():
+    bank = MemoryBank(4, 2)
+    with pytest.raises(TypeError, match="labels must be an integer tensor, got dtype torch.float"):
+        bank.enqueue(torch.randn(2, 2), torch.tensor([2.7, 1.0]))
+    with pytest.raises(TypeError, match="keys must be a floating-point tensor"):
+        bank.enqueue(torch.ones(2, 2, dtype=torch.long))
+    assert bank.num_filled == 0  # nothing was written
+    bank.enqueue(torch.randn(2, 2), torch.tensor([3, 1], dtype=torch.int32))
+    assert bank.labels[:2].tolist() == [3, 1] and bank.labels.dtype == torch.int64

@@ -1,16 +1,19 @@
 """Datasets, the fixed split, two-view augmentations and the training loader."""
 
 import importlib.resources
+import os
+import pickle
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from datafiles import cifar_images, write_cifar, write_images
 from snclr.config import ConfigError
 from snclr.data import (
-    EvalDataset, TwoViewDataset, eval_transform, limit, load_dataset, make_loader, stratified_split,
-    two_view_transforms,
+    EvalDataset, TwoViewDataset, eval_transform, limit, load_dataset, load_splits, make_loader,
+    stratified_split, two_view_transforms,
 )
 
 
@@ -117,3 +120,121 @@ def test_train_loader_order_depends_on_seed_and_epoch_only(animal_train):
     assert len(order(0, 0)) == 40
     two_ranks = [make_loader(dataset, batch_size=8, train=True, world_size=2, rank=r) for r in (0, 1)]
     assert [len(loader) for loader in two_ranks] == [2, 2]  # 20 per rank, drop_last
+
+
+# ----------------------------------------------------------------- native size, mixed sizes
+
+
+def test_folder_native_size_is_the_median_shorter_side(tmp_path):
+    write_images(tmp_path / "train" / "a", [32] * 6 + [(64, 40)])
+    write_images(tmp_path / "train" / "b", [32] * 5 + [300, 300])
+    splits = load_splits(str(tmp_path))
+    assert splits["train"].img_size == splits["test"].img_size == 32
+    assert not splits["train"].same_size and splits["train"].in_chans == 3
+    assert len(splits["train"]) + len(splits["test"]) == 14
+
+
+def test_mixed_size_folder_is_resized_for_evaluation_at_the_native_size(tmp_path):
+    # Median side 40: without the resize the 300 px images would reach the encoder as they are.
+    write_images(tmp_path / "train" / "a", [40, 40, 300, 40, 300])
+    write_images(tmp_path / "train" / "b", [300, 40, 40, 300, 40])
+    images = load_splits(str(tmp_path))["train"]
+    assert images.img_size == 40
+    transform = eval_transform(img_size=images.img_size, native_size=None, in_chans=3)
+    shapes = {EvalDataset(images, transform)[i][0].shape for i in range(len(images))}
+    assert shapes == {(3, 40, 40)}
+    loader = make_loader(EvalDataset(images, transform), batch_size=8, train=False)
+    assert next(iter(loader))[0].shape == (8, 3, 40, 40)  # one batch of mixed sources
+    views = two_view_transforms("byol", img_size=40, crop_scale_min=0.4, in_chans=3)
+    x1, x2, _ = TwoViewDataset(images, *views, seed=0)[2]
+    assert x1.shape == x2.shape == (3, 40, 40)
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda p: p.write_bytes(b""), "UnidentifiedImageError"),
+        (lambda p: p.write_bytes(p.read_bytes()[:200]), "OSError: image file is truncated"),
+        (lambda p: p.write_text("not an image at all"), "UnidentifiedImageError"),
+    ],
+    ids=["zero-byte", "truncated", "fake"],
+)
+def test_unreadable_image_files_are_one_error_naming_them(tmp_path, damage, reason):
+    write_images(tmp_path / "train" / "a", [32] * 4)
+    write_images(tmp_path / "train" / "b", [32] * 4)
+    damage(tmp_path / "train" / "b" / "2.png")
+    with pytest.raises(ConfigError, match=f"1 of 8 image files in .* cannot be read, e.g. "
+                                          f".*b/2.png' \\({reason}") as err:
+        load_splits(str(tmp_path))
+    assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------- CIFAR and STL-10 files
+
+
+@pytest.mark.parametrize("name, version", [("cifar10", "bin"), ("cifar10", "py"),
+                                           ("cifar100", "bin"), ("cifar100", "py")])
+def test_cifar_files_are_read_without_running_code(tmp_path, name, version):
+    write_cifar(tmp_path, name, version)
+    splits = load_splits(f"{name}:{tmp_path}")
+    train, test = splits["train"], splits["test"]
+    files = 5 if name == "cifar10" else 1
+    assert (len(train), len(test)) == (8 * files, 8)
+    assert train.images.shape[1:] == (3, 32, 32) and train.images.dtype == torch.uint8
+    assert (train.img_size, train.in_chans, train.same_size) == (32, 3, True)
+    assert train.num_classes == (10 if name == "cifar10" else 100)
+    assert torch.equal(train.images, torch.from_numpy(cifar_images(8 * files)))
+    assert torch.equal(test.images, torch.from_numpy(cifar_images(8, offset=8 * files)))
+    assert train.labels[:8].tolist() == list(range(8))  # the fine label, not the coarse one
+
+
+def test_stl10_binary_is_read_column_major(tmp_path):
+    folder = tmp_path / "stl10_binary"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    expected = {}
+    for split, count in (("train", 3), ("test", 2)):
+        images = rng.integers(0, 255, (count, 3, 96, 96), dtype=np.uint8)
+        # The official files store each channel column by column.
+        (folder / f"{split}_X.bin").write_bytes(images.transpose(0, 1, 3, 2).tobytes())
+        (folder / f"{split}_y.bin").write_bytes(np.arange(1, count + 1, dtype=np.uint8).tobytes())
+        expected[split] = images
+    splits = load_splits(f"stl10:{tmp_path}")
+    assert torch.equal(splits["train"].images, torch.from_numpy(expected["train"]))
+    assert torch.equal(splits["test"].images, torch.from_numpy(expected["test"]))
+    assert splits["train"].labels.tolist() == [0, 1, 2] and splits["train"].img_size == 96
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_cifar(tmp_path, "cifar10", "py")
+    evil = pickle.dumps({"data": _RunsCode()})
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(evil)
+    with pytest.raises(ConfigError, match=r"refused to read .*data_batch_3': it holds a posix"):
+        load_splits(f"cifar10:{tmp_path}")
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize(
+    "prepare, data, match",
+    [
+        (lambda root: None, "cifar10:{root}", r"no cifar-10-batches-bin/ or cifar-10-batches-py/"),
+        (lambda root: None, "stl10:{root}", r"no stl10_binary/ with train_X.bin"),
+        (lambda root: None, "cifar100:{root}/missing", r"is not a directory"),
+        (lambda root: None, "cifar10:", r"needs its folder: --data cifar10:DIR"),
+        (lambda root: (write_cifar(root), (root / "cifar-10-batches-bin" / "test_batch.bin")
+                       .write_bytes(b"x" * 10)),
+         "cifar10:{root}", r"test_batch.bin' is not a CIFAR binary file: 10 bytes"),
+    ],
+    ids=["cifar-empty", "stl-empty", "missing-dir", "no-dir", "wrong-size"],
+)
+def test_named_data_set_problems_are_one_line_errors(tmp_path, prepare, data, match):
+    prepare(tmp_path)
+    with pytest.raises(ConfigError, match=match) as err:
+        load_splits(data.format(root=tmp_path))
+    assert "\n" not in str(err.value)

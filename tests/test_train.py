@@ -43,7 +43,8 @@ def test_pretrain_writes_checkpoint_config_logs_report_and_plots(finished_run):
     for name in ("checkpoint.pt", "config.yaml", "metrics.jsonl", "metrics.csv", "report.md",
                  "loss.png", "lr.png", "knn.png", "purity.png", "positiveness.png"):
         assert (run / name).is_file(), name
-    assert yaml.safe_load((run / "config.yaml").read_text()) == config.to_dict()
+    # img_size 0 (the data's native size) is recorded as the size used.
+    assert yaml.safe_load((run / "config.yaml").read_text()) == {**config.to_dict(), "img_size": 28}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "step"]
     epochs = [r for r in rows if r["kind"] == "epoch"]
@@ -120,8 +121,10 @@ def test_resume_with_a_different_model_shape_fails(finished_run, tmp_path):
     config, _ = finished_run
     run = Path(config.output_dir)
     before = _snapshot(run)
-    with pytest.raises(ConfigError, match="different model shape"):
+    with pytest.raises(ConfigError, match=r"other settings \(projector_dim 16 -> 8\)"):
         pretrain(replace(config, projector_dim=8))
+    with pytest.raises(ConfigError, match="different model shape"):
+        pretrain(replace(config, projector_dim=8), allow_config_change=True)
     assert _snapshot(run) == before
     with pytest.raises(ConfigError, match="does not exist"):
         pretrain(tiny(tmp_path / "fresh"), resume=True)

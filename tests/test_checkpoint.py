@@ -1,0 +1,89 @@
+"""Checkpoint files: durable atomic writes and one-line refusals of anything else."""
+
+import os
+
+import pytest
+import torch
+
+from snclr import checkpoint
+from snclr.checkpoint import RESUME_KEYS, non_finite, read_checkpoint, write_checkpoint
+from snclr.config import ConfigError
+
+COMPLETE = {"config": {}, "model": {"w": torch.ones(2)}, "optimizer": {}, "scaler": {},
+            "data_shape": {"in_chans": 1, "img_size": 28}, "epoch": 1, "step": 4, "rng": {}}
+
+
+def test_checkpoint_is_fsynced_before_the_rename_and_its_folder_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    target = tmp_path / "checkpoint.pt"
+    write_checkpoint(target, COMPLETE)
+    assert events == [
+        ("fsync", str(tmp_path / "checkpoint.pt.tmp")),
+        ("replace", str(tmp_path / "checkpoint.pt.tmp"), str(target)),
+        ("fsync", str(tmp_path)),
+    ]
+    assert read_checkpoint(target, keys=RESUME_KEYS)["step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda p: p.mkdir(), "is a directory, not a checkpoint file"),
+        (lambda p: None, "does not exist"),
+        (lambda p: p.write_bytes(b""), "truncated or corrupt"),
+        # Not a zip: the weights-only unpickler fails on it too, but names no refused GLOBAL.
+        (lambda p: p.write_bytes(b"not a checkpoint"), "truncated or corrupt"),
+        (lambda p: torch.save({"format": "snclr-checkpoint-v1", "x": _RunsCode()}, p),
+         r"was refused: it holds objects other than tensors and plain values \(posix.system\)"),
+        (lambda p: torch.save({"format": "snclr-checkpoint-v1", "m": torch.nn.Linear(1, 1)}, p),
+         "was refused: it holds objects other than tensors"),
+        (lambda p: torch.save({"format": "snclr-checkpoint-v1", "model": {}}, p),
+         "is incomplete: it has no 'config', 'data_shape'"),
+        (lambda p: torch.save({**COMPLETE, "format": "snclr-checkpoint-v1", "model": {"w": 1}}, p),
+         "is malformed"),
+    ],
+    ids=["directory", "missing", "empty", "garbage", "code", "module", "missing-keys", "malformed"],
+)
+def test_bad_checkpoint_files_are_one_line_errors(tmp_path, monkeypatch, make, match):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    make(path)
+    with pytest.raises(ConfigError, match=match) as err:
+        read_checkpoint(path)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_resume_needs_the_training_state(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    evaluation_only = {k: COMPLETE[k] for k in ("config", "model", "data_shape")}
+    torch.save({"format": "snclr-checkpoint-v1", **evaluation_only}, path)
+    assert read_checkpoint(path)["model"]["w"].sum() == 2
+    with pytest.raises(ConfigError, match="has no 'optimizer', 'scaler', 'epoch', 'step', 'rng'"):
+        read_checkpoint(path, keys=RESUME_KEYS)
+
+
+def test_non_finite_names_every_bad_tensor():
+    tree = {"model": {"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])},
+            "optimizer": {"state": {0: {"exp_avg": torch.tensor([float("inf")])}}},
+            "rng": torch.zeros(3, dtype=torch.uint8), "step": 3}
+    assert non_finite(tree) == ["model.b", "optimizer.state.0.exp_avg"]
+    assert non_finite({"a": torch.ones(1)}) == []

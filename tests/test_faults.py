@@ -1,0 +1,440 @@
+"""What happens when (README): each probe of a user's data or a fault, run as a command.
+
+Every test states the command, its exit status (0 done, 2 refused up front, 3 stopped), its
+one-line message and what the run folder holds afterwards.
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from datafiles import write_cifar, write_images
+from snclr.checkpoint import read_checkpoint
+from snclr.cli import main
+from snclr.model import SNCLR
+
+REPO = Path(__file__).resolve().parents[1]
+# 64 Animal-MNIST images, batch 16: 4 steps an epoch, about a second.
+MODEL = ["--queue-size", "32", "--num-neighbors", "2", "--projector-hidden", "32",
+         "--projector-dim", "16", "--predictor-hidden", "32", "--num-workers", "0",
+         "--knn-every", "0", "--log-every", "1"]
+TINY = ["--limit-samples", "64", "--batch-size", "16", "--epochs", "1", *MODEL]
+RGB_32 = {"in_chans": 3, "img_size": 32}
+
+
+def run(argv, capsys):
+    """``snclr ARGV`` in this process: (exit status, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    """The single message line of stderr (progress bars aside), with no traceback."""
+    lines = [line for line in err.splitlines() if line.startswith("snclr")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict | None:
+    if not folder.exists():
+        return None
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
+
+
+def rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl, every line parsed as strict JSON (no NaN or Infinity)."""
+    def strict(token):
+        raise ValueError(f"not JSON: {token}")
+
+    return [json.loads(line, parse_constant=strict)
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """One finished epoch with two non-default hyperparameters."""
+    run_dir = tmp_path_factory.mktemp("base") / "run"
+    argv = ["pretrain", *TINY, "--threshold", "--lr", "0.004", "--output-dir", str(run_dir)]
+    assert main(argv) == 0
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(base_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(base_run, copy)
+    return copy
+
+
+# ------------------------------------------------------------- 1. the data's native size
+
+
+@pytest.fixture(scope="module")
+def folder_32(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folder32")
+    for c in range(2):
+        write_images(root / "train" / f"class{c}", [32] * 20, seed=c)
+    return root
+
+
+def test_a_folder_of_32px_images_pretrains_at_32px_by_default(folder_32, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, out, _ = run(["pretrain", "--data", folder_32, "--batch-size", "16", "--epochs", "1",
+                        *MODEL, "--output-dir", run_dir], capsys)
+    assert code == 0
+    assert "image size 32 px (the data's native size 32 px, fitted to small_cnn)" in out
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["img_size"] == 32
+    assert read_checkpoint(run_dir / "checkpoint.pt")["data_shape"] == RGB_32
+    assert "- image size: 32 px" in (run_dir / "report.md").read_text()
+    code, out, _ = run(["knn", "--checkpoint", run_dir / "checkpoint.pt", "--json"], capsys)
+    assert code == 0 and 0 <= json.loads(out)["top1"] <= 1
+
+
+def test_a_folder_of_mixed_sizes_trains_and_evaluates(tmp_path, capsys):
+    root = tmp_path / "mixed"
+    for c in range(2):
+        sizes = [40, 300, 40, 40, 300, (300, 200), 40, 40, 300, 40]
+        write_images(root / "train" / f"class{c}", sizes, seed=c)
+    run_dir = tmp_path / "run"
+    code, out, _ = run(["pretrain", "--data", root, "--batch-size", "8", "--epochs", "1", *MODEL,
+                        "--output-dir", run_dir], capsys)
+    assert code == 0 and "image size 40 px" in out
+    checkpoint = run_dir / "checkpoint.pt"
+    code, out, _ = run(["knn", "--checkpoint", checkpoint, "--json"], capsys)
+    assert code == 0 and 0 <= json.loads(out)["top1"] <= 1
+    code, out, _ = run(["linear", "--checkpoint", checkpoint, "--epochs", "1", "--json"], capsys)
+    assert code == 0 and 0 <= json.loads(out)["top1"] <= 1
+
+
+def test_cifar10_by_name_from_its_binary_files(tmp_path, capsys):
+    write_cifar(tmp_path / "cifar", "cifar10", "bin")  # 40 train, 8 test images
+    run_dir = tmp_path / "run"
+    code, out, _ = run(["pretrain", "--data", f"cifar10:{tmp_path / 'cifar'}", "--batch-size", "16",
+                        *MODEL, "--epochs", "1", "--output-dir", run_dir], capsys)
+    assert code == 0 and "image size 32 px" in out
+    assert read_checkpoint(run_dir / "checkpoint.pt")["data_shape"] == RGB_32
+    code, out, _ = run(["knn", "--checkpoint", run_dir / "checkpoint.pt", "--json"], capsys)
+    assert code == 0 and 0 <= json.loads(out)["top1"] <= 1
+    argv = ["pretrain", "--data", f"stl10:{tmp_path}", "--output-dir", tmp_path / "r2"]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "no stl10_binary/ with train_X.bin" in one_line(err)
+    assert not (tmp_path / "r2").exists()
+
+
+# -------------------------------------------------------------- 2. no silent non-finite run
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--lr", "nan"), ("--lr", "inf"), ("--warmup-epochs", "nan"), ("--weight-decay", "nan"),
+    ("--temperature", "nan"), ("--attention-temperature", "inf"),
+])
+def test_non_finite_options_exit_2_before_the_run_folder_exists(tmp_path, capsys, flag, value):
+    code, _, err = run(["pretrain", *TINY, flag, value, "--output-dir", tmp_path / "run"], capsys)
+    name = flag[2:].replace("-", "_")
+    assert code == 2 and f"{name} must be a finite number, got {value}" in one_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_divergence_after_a_resume_stops_and_keeps_the_good_checkpoint(run_copy, capsys):
+    before = (run_copy / "checkpoint.pt").read_bytes()
+    code, _, err = run(["pretrain", "--output-dir", run_copy, "--epochs", "2", "--lr", "1e30",
+                        "--allow-config-change"], capsys)
+    assert code == 3
+    assert re.fullmatch(r"snclr pretrain: stopped: training diverged: the loss is nan at step "
+                        r"[5-8] \(epoch 2\); checkpoint.pt still holds the last good state "
+                        r"\(step 4\)", one_line(err))
+    assert (run_copy / "checkpoint.pt").read_bytes() == before
+    assert [p.name for p in run_copy.glob("checkpoint*")] == ["checkpoint.pt"]  # no .tmp left
+    logged = rows(run_copy)  # strict JSON: the NaN loss is null
+    assert logged[-1]["kind"] == "step" and logged[-1]["loss"] is None
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_writes_none(tmp_path, capsys):
+    code, _, err = run(["pretrain", *TINY, "--lr", "1e30", "--output-dir", tmp_path / "run"],
+                       capsys)
+    assert code == 3
+    assert re.search(r"training diverged: .* no checkpoint was written$", one_line(err))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    rows(tmp_path / "run")
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, capsys, monkeypatch):
+    original, calls = SNCLR.momentum_update, []
+
+    def poisoned(self, momentum):
+        original(self, momentum)
+        calls.append(momentum)
+        if len(calls) == 4:  # the epoch's last step: its loss was computed before this
+            with torch.no_grad():
+                next(self.momentum_encoder.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(SNCLR, "momentum_update", poisoned)
+    code, _, err = run(["pretrain", *TINY, "--output-dir", tmp_path / "run"], capsys)
+    assert code == 3
+    assert re.search(r"training diverged: non-finite values in model\.momentum_encoder\.\S+ after "
+                     r"step 4; no checkpoint was written$", one_line(err))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_stop_together_on_a_non_finite_loss(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
+               f"--master-port={_free_port()}", "-m", "snclr", "pretrain", *TINY, "--lr", "1e30",
+               "--output-dir", str(tmp_path / "ddp")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0  # and it returned: no rank was left waiting in a collective
+    stopped = [line for line in result.stderr.splitlines()
+               if line.startswith("snclr pretrain: stopped")]
+    assert len(stopped) == 1 and "training diverged" in stopped[0], result.stderr[-3000:]
+    assert "exitcode  : 3" in result.stderr  # torchrun's report of the ranks' exit status
+    assert not (tmp_path / "ddp" / "checkpoint.pt").exists()
+
+
+# ------------------------------------------------------------- 3. resume with the saved config
+
+
+def test_resume_with_the_run_folder_alone_continues_as_saved(run_copy, capsys):
+    checkpoint = (run_copy / "checkpoint.pt").read_bytes()
+    # The finished run, given nothing but its folder (or its own command again): no change.
+    assert run(["pretrain", "--output-dir", run_copy], capsys)[0] == 0
+    same = ["pretrain", "--preset", "demo", *TINY, "--threshold", "--lr", "0.004",
+            "--output-dir", run_copy]
+    assert run(same, capsys)[0] == 0
+    assert (run_copy / "checkpoint.pt").read_bytes() == checkpoint
+    # More epochs: allowed, recorded, the schedules stretch; every other saved value stays.
+    code, _, _ = run(["pretrain", "--output-dir", run_copy, "--epochs", "2"], capsys)
+    assert code == 0
+    config = yaml.safe_load((run_copy / "config.yaml").read_text())
+    kept = (config["threshold"], config["lr"], config["limit_samples"], config["epochs"])
+    assert kept == (True, 0.004, 64, 2)
+    payload = read_checkpoint(run_copy / "checkpoint.pt")
+    assert (payload["epoch"], payload["step"], payload["config"]["lr"]) == (2, 8, 0.004)
+    changes = [r for r in rows(run_copy) if r["kind"] == "config_change"]
+    assert changes == [{"kind": "config_change", "epoch": 1, "step": 4,
+                        "changes": {"epochs": [1, 2]}, "optimizer_state": "kept"}]
+    assert "- at step 4 (epoch 1): epochs 1 -> 2" in (run_copy / "report.md").read_text()
+    before = snapshot(run_copy)
+    code, _, err = run(["pretrain", "--output-dir", run_copy, "--epochs", "1"], capsys)
+    assert code == 2
+    assert "epochs=1 is fewer than the 2 epochs this run folder has completed" in one_line(err)
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize(
+    "flags, listing",
+    [
+        (["--num-neighbors", "3"], "num_neighbors 2 -> 3"),
+        (["--lr", "0.01"], "lr 0.004 -> 0.01"),
+        (["--temperature", "0.3"], "temperature 0.2 -> 0.3"),
+        (["--batch-size", "32"], "batch_size 16 -> 32"),
+        (["--seed", "1"], "seed 0 -> 1"),
+        (["--bank-mode", "global"], "bank_mode 'local' -> 'global'"),
+        (["--no-threshold"], "threshold True -> False"),
+        (["--optimizer", "lars", "--lr", "0.3"], "optimizer 'adamw' -> 'lars', lr 0.004 -> 0.3"),
+    ],
+    ids=["K", "lr", "T", "batch", "seed", "bank-mode", "threshold", "optimizer"],
+)
+def test_changed_hyperparameters_exit_2_listing_them_and_change_nothing(run_copy, capsys, flags,
+                                                                        listing):
+    before = snapshot(run_copy)
+    code, _, err = run(["pretrain", "--output-dir", run_copy, *flags], capsys)
+    assert code == 2
+    assert f"trained with other settings ({listing}); omit those options to resume as saved, or " \
+           "pass --allow-config-change" in one_line(err)
+    assert snapshot(run_copy) == before
+
+
+def test_allowed_changes_are_recorded_and_a_new_optimizer_starts_fresh(run_copy, capsys):
+    code, _, _ = run(["pretrain", "--output-dir", run_copy, "--epochs", "2", "--optimizer", "lars",
+                      "--lr", "0.3", "--allow-config-change"], capsys)
+    assert code == 0
+    (change,) = [r for r in rows(run_copy) if r["kind"] == "config_change"]
+    assert change["changes"] == {"epochs": [1, 2], "optimizer": ["adamw", "lars"],
+                                 "lr": [0.004, 0.3]}
+    assert change["optimizer_state"] == "reset"
+    report = (run_copy / "report.md").read_text()
+    assert "optimizer adamw -> lars, lr 0.004 -> 0.3; optimiser state reset" in report
+    assert read_checkpoint(run_copy / "checkpoint.pt")["config"]["optimizer"] == "lars"
+
+
+def test_options_that_only_observe_or_place_the_run_may_change(run_copy, capsys):
+    code, _, _ = run(["pretrain", "--output-dir", run_copy, "--epochs", "2", "--log-every", "2",
+                      "--knn-k", "5", "--save-every", "2", "--device", "cpu", "--backend", "torch"],
+                     capsys)
+    assert code == 0
+    (change,) = [r for r in rows(run_copy) if r["kind"] == "config_change"]
+    assert change["changes"] == {"epochs": [1, 2]}
+    assert yaml.safe_load((run_copy / "config.yaml").read_text())["log_every"] == 2
+
+
+# ----------------------------------------------- 4. one line, exit 2, before anything changes
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--backend", "bogus"], "backend must be one of ('auto', 'torch', 'triton'), got 'bogus'"),
+        (["--backend", "triton"], "backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1)"),
+        (["--attention-temperature", "0"], "attention_temperature must be > 0, got 0.0"),
+        (["--attention-temperature", "nan"],
+         "attention_temperature must be a finite number, got nan"),
+    ],
+    ids=["backend", "triton-on-cpu", "attention-zero", "attention-nan"],
+)
+def test_bad_backend_or_attention_temperature_leaves_the_folder_alone(run_copy, capsys, monkeypatch,
+                                                                      flags, message):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a plain CPU machine
+    before = snapshot(run_copy)
+    argv = ["pretrain", "--output-dir", run_copy, *flags, "--allow-config-change"]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and message in one_line(err)
+    assert snapshot(run_copy) == before
+    fresh = run_copy.parent / "fresh"
+    code, _, err = run(["pretrain", *TINY, *flags, "--output-dir", fresh], capsys)
+    assert code == 2 and message in one_line(err) and not fresh.exists()
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("file", "output_dir '{path}' is a file, not a folder"),
+        ("under-file", "output_dir '{path}' cannot be created: '{file}' is a file"),
+        ("not-creatable", "output_dir '{path}' cannot be created"),
+    ],
+)
+def test_an_output_dir_that_cannot_be_a_folder_exits_2(tmp_path, capsys, where, message):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    path = {"file": file, "under-file": file / "run",
+            "not-creatable": Path("/proc/snclr-cannot-create/run")}[where]
+    code, _, err = run(["pretrain", *TINY, "--output-dir", path], capsys)
+    assert code == 2 and message.format(path=path, file=file) in one_line(err)
+    assert file.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [(lambda p: p.write_bytes(b""), "UnidentifiedImageError"),
+     (lambda p: p.write_bytes(p.read_bytes()[:300]), "OSError: image file is truncated"),
+     (lambda p: p.write_text("<html>not a picture</html>"), "UnidentifiedImageError")],
+    ids=["zero-byte", "truncated", "fake"],
+)
+def test_an_unreadable_image_stops_pretrain_and_knn_before_they_start(folder_32, base_run, tmp_path,
+                                                                      capsys, damage, reason):
+    root = tmp_path / "data"
+    shutil.copytree(folder_32, root)
+    damage(root / "train" / "class1" / "7.png")
+    code, _, err = run(["pretrain", "--data", root, "--batch-size", "16", *MODEL,
+                        "--output-dir", tmp_path / "run"], capsys)
+    line = one_line(err)
+    assert code == 2 and re.search(rf"1 of 40 image files in '{root}/train' cannot be read, e.g. "
+                                   rf"'{root}/train/class1/7.png' \({reason}.*\); remove or "
+                                   "replace them", line)
+    assert not (tmp_path / "run").exists()
+    code, _, err = run(["knn", "--checkpoint", base_run / "checkpoint.pt", "--data", root], capsys)
+    assert code == 2 and "1 of 40 image files" in one_line(err)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--epochs", "0"], "epochs must be an integer >= 1, got 0"),
+     (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
+     (["--lr", "inf"], "lr must be a finite number > 0, got inf"),
+     (["--lr", "-1"], "lr must be a finite number > 0, got -1.0"),
+     (["--num-workers", "-1"], "num_workers must be an integer >= 0, got -1")],
+)
+def test_linear_refuses_bad_epochs_and_lr(base_run, capsys, flags, message):
+    code, out, err = run(["linear", "--checkpoint", base_run / "checkpoint.pt", *flags], capsys)
+    assert code == 2 and message in one_line(err) and out == ""
+
+
+def _crafted(path: Path, **entries):
+    torch.save({"format": "snclr-checkpoint-v1", **entries}, path)
+
+
+def test_knn_and_linear_refuse_a_checkpoint_with_nan_weights(base_run, tmp_path, capsys):
+    payload = read_checkpoint(base_run / "checkpoint.pt")
+    payload["model"]["encoder.features.0.weight"][0] = float("nan")
+    _crafted(tmp_path / "nan.pt", **{k: v for k, v in payload.items() if k != "format"})
+    for command in ("knn", "linear"):
+        code, out, err = run([command, "--checkpoint", tmp_path / "nan.pt"], capsys)
+        assert code == 2 and out == ""
+        assert "holds non-finite weights (NaN or infinity in 1 tensors of the encoder, e.g. " \
+               "features.0.weight)" in one_line(err)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: _crafted(p, model={}), "is incomplete: it has no 'config', 'data_shape'"),
+        (lambda p: _crafted(p, model=torch.nn.Linear(2, 2)),
+         "was refused: it holds objects other than tensors and plain values (torch.nn"),
+        (lambda p: p.mkdir(), "is a directory, not a checkpoint file"),
+    ],
+    ids=["missing-keys", "objects", "directory"],
+)
+def test_a_bad_checkpoint_is_named_for_what_it_is(tmp_path, capsys, make, message):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    make(run_dir / "checkpoint.pt")
+    before = snapshot(run_dir)
+    for argv in (["knn", "--checkpoint", run_dir / "checkpoint.pt", "--data", "animal-mnist"],
+                 ["pretrain", *TINY, "--output-dir", run_dir]):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and message in one_line(err)
+        assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("text, message", [("epochs: true\n", "epochs must be int, got True"),
+                                           ("threshold: 2\n", "threshold must be bool, got 2")])
+def test_config_files_are_read_strictly(tmp_path, capsys, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    argv = ["pretrain", *TINY, "--config", tmp_path / "c.yaml", "--output-dir", tmp_path / "r"]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and message in one_line(err) and not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------ 5. metrics after kills
+
+
+def test_a_resume_after_a_kill_logs_each_step_once(run_copy, capsys):
+    # A kill during epoch 2, after two rows were logged and in the middle of writing a third.
+    with (run_copy / "metrics.jsonl").open("a") as f:
+        for step in (5, 6):
+            f.write(json.dumps({"kind": "step", "epoch": 2, "step": step, "loss": 1.0}) + "\n")
+        f.write('{"kind": "step", "epoch": 2, "st')
+    with (run_copy / "metrics.csv").open("a") as f:
+        f.write("step,2,5,1.0\nstep,2,6,1.0\n")
+    code, _, err = run(["pretrain", "--output-dir", run_copy, "--epochs", "2"], capsys)
+    assert code == 0 and "warning: truncated 1 torn line(s)" in err
+    logged = rows(run_copy)
+    steps = [r["step"] for r in logged if r["kind"] == "step"]
+    assert steps == list(range(1, 9))
+    assert [r["epoch"] for r in logged if r["kind"] == "epoch"] == [1, 2]
+    (resume,) = [r for r in logged if r["kind"] == "resume"]
+    assert resume == {"kind": "resume", "epoch": 1, "step": 4, "dropped_rows": 2, "torn_lines": 1}
+    csv_rows = (run_copy / "metrics.csv").read_text().splitlines()[1:]
+    assert [tuple(r.split(",")[:3]) for r in csv_rows] == [
+        (r["kind"], str(r["epoch"]), str(r["step"]))
+        for r in logged if r["kind"] in ("step", "epoch")]
+    report = (run_copy / "report.md").read_text()
+    assert report.count("\n| 1 |") == report.count("\n| 2 |") == 1
+    assert "- resumed at step 4 (epoch 1): dropped 2 logged rows past it, 1 torn lines" in report
