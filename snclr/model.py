@@ -20,7 +20,8 @@ from snclr.bank import MemoryBank
 from snclr.encoders import create_encoder, encoder_spec
 from snclr.heads import LearnedAttention, predictor, projector
 
-__all__ = ["METHODS", "SNCLR", "SNCLROutput", "cosine_momentum", "create_model", "register_method"]
+__all__ = ["METHODS", "SNCLR", "SNCLROutput", "cosine_momentum", "create_model", "fixed_options",
+           "register_method"]
 
 # Method name -> the model options it fixes. Every method runs on the same pipeline, so a
 # comparison changes only these.
@@ -39,6 +40,39 @@ register_method("snclr-uniform", attention="uniform")
 register_method("snclr-learned", attention="learned")
 register_method("nnclr", attention="nearest", num_neighbors=1)
 register_method("mocov3", num_neighbors=0)
+
+# Options an attention never reads: positiveness weights that are constant (uniform, nearest)
+# or come from the learned head ignore tau_a; constant weights have no threshold or gradient.
+_UNREAD_BY_ATTENTION = {
+    "cosine": (),
+    "learned": ("attention_temperature",),
+    "uniform": ("attention_temperature", "threshold", "detach_positiveness"),
+    "nearest": ("attention_temperature", "threshold", "detach_positiveness"),
+}
+
+
+def fixed_options(method: str) -> dict[str, str]:
+    """The SNCLR options a method sets itself or never reads: ``{option: why}``.
+
+    A comparison that varied one of these for the method would vary nothing.
+
+    Example:
+        >>> fixed_options("mocov3")["num_neighbors"]
+        'mocov3 fixes num_neighbors=0'
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    options = METHODS[method]
+    fixed = {name: f"{method} fixes {name}={value}" for name, value in options.items()
+             if name != "attention"}
+    if options.get("num_neighbors", 1) == 0:
+        unread = ("attention_temperature", "threshold", "detach_positiveness")
+        reason = f"{method} has no neighbours (K=0)"
+    else:
+        attention = options.get("attention", "cosine")
+        unread = _UNREAD_BY_ATTENTION[attention]
+        reason = f"{method}'s {attention} attention does not use it"
+    return {**fixed, **{name: reason for name in unread}}
 
 
 def cosine_momentum(progress: float, *, base: float = 0.99, final: float = 1.0) -> float:
