@@ -37,8 +37,9 @@ from snclr.config import ConfigError
 from snclr.datasets import NAMED_DATASETS, read_named, scan_folder
 
 __all__ = [
-    "BUILTIN_DATASETS", "ImageSet", "TwoViewDataset", "EvalDataset", "eval_transform",
-    "load_dataset", "load_splits", "make_loader", "stratified_split", "two_view_transforms",
+    "BUILTIN_DATASETS", "ImageSet", "TwoViewDataset", "EvalDataset", "AugmentedDataset",
+    "eval_transform", "linear_train_transform", "load_dataset", "load_splits", "make_loader",
+    "stratified_split", "two_view_transforms",
 ]
 
 BUILTIN_DATASETS = NAMED_DATASETS
@@ -216,6 +217,23 @@ def eval_transform(*, img_size: int, native_size: int | None, in_chans: int) -> 
     return v2.Compose([v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True), _normalize(in_chans)])
 
 
+def linear_train_transform(*, img_size: int, in_chans: int) -> v2.Compose:
+    """The linear probe's training augmentation in MoCo v3's linear evaluation.
+
+    Random resized crop (scale 0.08 to 1, torchvision's default) and horizontal flip, then
+    the same normalisation as every other transform.
+    """
+    return v2.Compose([
+        v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+        v2.RandomResizedCrop(img_size, antialias=True), v2.RandomHorizontalFlip(),
+        _normalize(in_chans),
+    ])
+
+
+def _sample_seed(seed: int, epoch: int, i: int) -> int:
+    return (seed * 1_000_003 + epoch) * 10_000_019 + i
+
+
 class TwoViewDataset(Dataset):
     """``(view1, view2, label)`` triples; sample i of epoch e is augmented under seed (seed, e, i)."""
 
@@ -235,8 +253,28 @@ class TwoViewDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             # default_generator only: torch.manual_seed would also seed CUDA (slow, and
             # must not touch the training RNG).
-            torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            torch.default_generator.manual_seed(_sample_seed(self.seed, self.epoch, i))
             return self.transform1(image), self.transform2(image), self.images.labels[i]
+
+
+class AugmentedDataset(Dataset):
+    """``(image, label)`` pairs; sample i of epoch e is transformed under seed (seed, e, i)."""
+
+    def __init__(self, images: ImageSet, transform, *, seed: int) -> None:
+        self.images, self.transform, self.seed = images, transform, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        image = self.images.image(i)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(_sample_seed(self.seed, self.epoch, i))
+            return self.transform(image), self.images.labels[i]
 
 
 class EvalDataset(Dataset):

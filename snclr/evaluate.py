@@ -3,24 +3,36 @@
 - kNN (InstDisc, Wu et al. 2018): L2-normalised backbone features, the train split as memory,
   the test split as queries; each of the k most cosine-similar memory rows votes for its
   class with weight ``exp(sim / 0.07)``; top-1 accuracy for k = 20 and 200.
-- linear probe: the frozen backbone (eval mode, no gradient) encodes every image once; a
-  BN-free linear classifier on the standardised features is trained with SGD and a cosine
-  schedule. A parameter checksum proves the backbone did not change.
+- linear probe: a BN-free linear classifier on standardised features of the frozen backbone
+  (eval mode, no gradient), trained with SGD and a cosine schedule, under one of two
+  protocols: ``cached`` (the default, fast) encodes every image once without augmentation;
+  ``augmented`` (MoCo v3's linear evaluation) encodes a fresh random-resized crop + flip of
+  every training image at every epoch. Both standardise with the mean and std of the
+  unaugmented train features and test on centre-cropped images. A parameter checksum
+  proves the backbone did not change.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from snclr.checkpoint import build_model, config_of, load_model_state, non_finite, read_checkpoint
 from snclr.config import ConfigError
-from snclr.data import EvalDataset, ImageSet, eval_transform, limit, load_splits, make_loader
+from snclr.data import (AugmentedDataset, EvalDataset, ImageSet, eval_transform, limit,
+                        linear_train_transform, load_splits, make_loader)
 
-__all__ = ["extract_features", "knn_accuracy", "linear_probe", "load_backbone", "parameter_checksum", "weighted_knn_predict"]
+__all__ = ["LINEAR_PROTOCOLS", "extract_features", "knn_accuracy", "linear_probe",
+           "linear_probe_augmented", "load_backbone", "parameter_checksum", "run_evaluation",
+           "weighted_knn_predict"]
+
+# cached: features computed once, without augmentation (fast); augmented: MoCo v3's protocol.
+LINEAR_PROTOCOLS = ("cached", "augmented")
 
 
 @torch.no_grad()
@@ -101,29 +113,108 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
     classifier stays linear in the backbone features).
     """
     generator = torch.Generator().manual_seed(seed)
-    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
+    mean, std = standardization(train_features)
     train_x, test_x = (train_features - mean) / std, (test_features - mean) / std
-    head = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
-        head.bias.zero_()
-    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(train_x) / batch_size)
-    total = epochs * steps_per_epoch
+    head, optimizer = _linear_head(train_x.shape[1], num_classes, generator, train_x.device,
+                                   lr=lr, weight_decay=weight_decay)
+    total = epochs * math.ceil(len(train_x) / batch_size)
     step = 0
     for _ in range(epochs):
         order = torch.randperm(len(train_x), generator=generator).to(train_x.device)
         for rows in order.split(batch_size):
-            for group in optimizer.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            loss = F.cross_entropy(head(train_x[rows]), train_labels[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            _sgd_step(head, optimizer, train_x[rows], train_labels[rows],
+                      lr=_cosine(lr, step, total))
             step += 1
+    return _head_accuracy(head, test_x, test_labels)
+
+
+def standardization(train_features: Tensor) -> tuple[Tensor, Tensor]:
+    """The probe's fixed affine map: train mean and std per feature (``(F,)`` each)."""
+    return train_features.mean(0), train_features.std(0) + 1e-6
+
+
+def _linear_head(dim: int, num_classes: int, generator: torch.Generator, device: torch.device,
+                 *, lr: float, weight_decay: float) -> tuple[nn.Linear, torch.optim.SGD]:
+    head = nn.Linear(dim, num_classes).to(device)
     with torch.no_grad():
-        pred = head(test_x).argmax(1)
-    return {"top1": (pred == test_labels).float().mean().item()}
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
+        head.bias.zero_()
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    return head, optimizer
+
+
+def _cosine(lr: float, step: int, total: int) -> float:
+    return lr * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def _sgd_step(head: nn.Linear, optimizer: torch.optim.SGD, x: Tensor, y: Tensor, *,
+              lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = F.cross_entropy(head(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+@torch.no_grad()
+def _head_accuracy(head: nn.Linear, test_x: Tensor, test_labels: Tensor) -> dict[str, float]:
+    return {"top1": (head(test_x).argmax(1) == test_labels).float().mean().item()}
+
+
+def linear_probe_augmented(encoder: nn.Module, train_set: ImageSet, test_features: Tensor,
+                           test_labels: Tensor, *, img_size: int, num_classes: int,
+                           standardize: tuple[Tensor, Tensor], device: torch.device,
+                           epochs: int = 100, lr: float = 0.1, batch_size: int = 256,
+                           weight_decay: float = 0.0, seed: int = 0, num_workers: int = 0,
+                           progress: bool = False) -> dict[str, float]:
+    """MoCo v3's linear evaluation: the head trains on augmented images of a frozen backbone.
+
+    Every epoch each training image is random-resized-cropped and flipped under its own seed
+    ``(seed, epoch, index)`` (:func:`snclr.data.linear_train_transform`), encoded by the
+    backbone in eval mode without gradient, standardised with ``standardize`` (the mean and
+    std of the unaugmented train features) and fed to the head; the order of each epoch is
+    drawn from a generator seeded with ``seed``. Same head, optimiser and schedule as
+    :func:`linear_probe`.
+
+    Args:
+        encoder: the backbone; its parameters are not changed.
+        train_set: the training images.
+        test_features: ``(Q, F)`` features of the centre-cropped test images.
+        test_labels: ``(Q,)`` int64.
+        standardize: ``(F,)`` mean and ``(F,)`` std, from :func:`standardization`.
+
+    Returns:
+        ``{"top1": accuracy on the test features}``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    mean, std = (t.to(device) for t in standardize)
+    head, optimizer = _linear_head(mean.shape[0], num_classes, generator, device, lr=lr,
+                                   weight_decay=weight_decay)
+    dataset = AugmentedDataset(
+        train_set, linear_train_transform(img_size=img_size, in_chans=train_set.in_chans),
+        seed=seed)
+    total = epochs * math.ceil(len(dataset) / batch_size)
+    was_training = encoder.training
+    encoder.eval()
+    step = 0
+    for epoch in tqdm(range(epochs), desc="linear probe (augmented)", disable=not progress,
+                      leave=False, dynamic_ncols=True):
+        dataset.set_epoch(epoch)
+        order = torch.randperm(len(dataset), generator=generator).tolist()
+        # The sampler is the epoch's order: no drop_last, so a small set still trains.
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order,
+                                             num_workers=num_workers,
+                                             pin_memory=device.type == "cuda")
+        for x, y in loader:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                 enabled=device.type == "cuda"):
+                features = encoder(x.to(device, non_blocking=True)).float()
+            _sgd_step(head, optimizer, (features - mean) / std, y.to(device),
+                      lr=_cosine(lr, step, total))
+            step += 1
+    encoder.train(was_training)
+    return _head_accuracy(head, (test_features - mean) / std, test_labels)
 
 
 def load_backbone(checkpoint: str, *, random_init: bool = False, seed: int = 0) -> tuple[nn.Module, dict]:
@@ -152,8 +243,27 @@ def _check_counts(**counts: int) -> None:
             raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
 
 
-def _features(checkpoint: str, data: str, *, random_init: bool, num_workers: int, device: torch.device,
-              limit_samples: int = 0):
+@dataclass
+class _Encoded:
+    """A checkpoint's backbone, the two splits and their features (eval transform)."""
+
+    encoder: nn.Module
+    img_size: int
+    train: ImageSet
+    test: ImageSet
+    train_features: Tensor
+    train_labels: Tensor
+    test_features: Tensor
+    test_labels: Tensor
+    checksum: float
+
+    def check_unchanged(self) -> None:
+        if parameter_checksum(self.encoder) != self.checksum:
+            raise RuntimeError("the backbone changed during evaluation")
+
+
+def _encode(checkpoint: str, data: str, *, random_init: bool, num_workers: int,
+            device: torch.device, limit_samples: int = 0) -> _Encoded:
     _check_counts(num_workers=num_workers, limit_samples=limit_samples)
     encoder, info = load_backbone(checkpoint, random_init=random_init)
     splits = load_splits(data)
@@ -164,9 +274,35 @@ def _features(checkpoint: str, data: str, *, random_init: bool, num_workers: int
     checksum = parameter_checksum(encoder)
     feats = [extract_features(encoder, split, img_size=info["img_size"], device=device, num_workers=num_workers)
              for split in (train, test)]
-    if parameter_checksum(encoder) != checksum:
-        raise RuntimeError("the backbone changed during evaluation")
-    return feats, train.num_classes
+    encoded = _Encoded(encoder, info["img_size"], train, test, *feats[0], *feats[1], checksum)
+    encoded.check_unchanged()
+    return encoded
+
+
+def _probe(encoded: _Encoded, *, protocol: str, epochs: int, lr: float, seed: int,
+           num_workers: int, progress: bool) -> dict[str, float]:
+    e = encoded
+    num_classes = e.train.num_classes
+    if protocol == "cached":
+        return linear_probe(e.train_features, e.train_labels, e.test_features, e.test_labels,
+                            num_classes=num_classes, epochs=epochs, lr=lr, seed=seed)
+    result = linear_probe_augmented(
+        e.encoder, e.train, e.test_features, e.test_labels, img_size=e.img_size,
+        num_classes=num_classes, standardize=standardization(e.train_features),
+        device=e.test_features.device, epochs=epochs, lr=lr, seed=seed,
+        num_workers=num_workers, progress=progress)
+    e.check_unchanged()
+    return result
+
+
+def _check_linear(epochs, lr, protocol) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"lr must be a finite number > 0, got {lr!r}")
+    if protocol not in LINEAR_PROTOCOLS:
+        raise ConfigError(f"the linear protocol must be one of {LINEAR_PROTOCOLS}, got "
+                          f"{protocol!r}")
 
 
 def run_knn(checkpoint: str, data: str, *, random_init: bool = False, ks: tuple[int, ...] = (20, 200),
@@ -175,26 +311,49 @@ def run_knn(checkpoint: str, data: str, *, random_init: bool = False, ks: tuple[
 
     ``limit_samples`` > 0 evaluates on fixed class-balanced subsets of both splits (tests).
     """
-    dev = _device(device)
-    ((train_f, train_y), (test_f, test_y)), num_classes = _features(
-        checkpoint, data, random_init=random_init, num_workers=num_workers, device=dev, limit_samples=limit_samples)
-    result = knn_accuracy(train_f, train_y, test_f, test_y, ks=ks, num_classes=num_classes)
+    e = _encode(checkpoint, data, random_init=random_init, num_workers=num_workers,
+                device=_device(device), limit_samples=limit_samples)
+    result = knn_accuracy(e.train_features, e.train_labels, e.test_features, e.test_labels,
+                          ks=ks, num_classes=e.train.num_classes)
     return {"top1": result[f"top1_k{ks[0]}"], **result}
 
 
-def run_linear(checkpoint: str, data: str, *, epochs: int = 100, lr: float = 0.1, random_init: bool = False,
-               num_workers: int = 0, device: str = "auto", limit_samples: int = 0) -> dict[str, float]:
+def run_linear(checkpoint: str, data: str, *, epochs: int = 100, lr: float = 0.1,
+               protocol: str = "cached", seed: int = 0, random_init: bool = False,
+               num_workers: int = 0, device: str = "auto", limit_samples: int = 0,
+               progress: bool = False) -> dict[str, float]:
     """``snclr linear``: linear-probe top-1 of a checkpoint's frozen backbone on a dataset.
 
+    ``protocol`` is ``"cached"`` (features once, no augmentation) or ``"augmented"``
+    (MoCo v3's: random-resized crop + flip every epoch, see
+    :func:`linear_probe_augmented`).
+
     Raises:
-        ConfigError: ``epochs`` < 1, ``lr`` not a finite number > 0, or what ``snclr knn``
-            refuses (checked before any feature is computed).
+        ConfigError: ``epochs`` < 1, ``lr`` not a finite number > 0, an unknown protocol,
+            or what ``snclr knn`` refuses (checked before any feature is computed).
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"lr must be a finite number > 0, got {lr!r}")
-    dev = _device(device)
-    ((train_f, train_y), (test_f, test_y)), num_classes = _features(
-        checkpoint, data, random_init=random_init, num_workers=num_workers, device=dev, limit_samples=limit_samples)
-    return linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes, epochs=epochs, lr=lr)
+    _check_linear(epochs, lr, protocol)
+    e = _encode(checkpoint, data, random_init=random_init, num_workers=num_workers,
+                device=_device(device), limit_samples=limit_samples)
+    return _probe(e, protocol=protocol, epochs=epochs, lr=lr, seed=seed,
+                  num_workers=num_workers, progress=progress)
+
+
+def run_evaluation(checkpoint: str, data: str, *, ks: tuple[int, ...] = (20, 200),
+                   linear_epochs: int = 100, linear_lr: float = 0.1, protocol: str = "cached",
+                   seed: int = 0, num_workers: int = 0, device: str = "auto",
+                   limit_samples: int = 0, progress: bool = False) -> dict[str, float]:
+    """kNN top-1 for each k and the linear probe's top-1, from one feature extraction.
+
+    Returns:
+        ``{"top1_k20": ..., "top1_k200": ..., "linear_top1": ...}`` (one ``top1_k<k>`` per
+        k); the probe is :func:`run_linear`'s with ``protocol`` and ``seed``.
+    """
+    _check_linear(linear_epochs, linear_lr, protocol)
+    e = _encode(checkpoint, data, random_init=False, num_workers=num_workers,
+                device=_device(device), limit_samples=limit_samples)
+    result = knn_accuracy(e.train_features, e.train_labels, e.test_features, e.test_labels,
+                          ks=ks, num_classes=e.train.num_classes)
+    probe = _probe(e, protocol=protocol, epochs=linear_epochs, lr=linear_lr, seed=seed,
+                   num_workers=num_workers, progress=progress)
+    return {**result, "linear_top1": probe["top1"]}
