@@ -1,7 +1,8 @@
 """The ``snclr`` command: parse arguments into a frozen config, then train or evaluate.
 
-Subcommands: ``pretrain``, ``knn``, ``linear`` and ``demo`` (pretrain the demo preset, then
-kNN of the trained and of a random encoder, side by side).
+Subcommands: ``pretrain``, ``knn``, ``linear``, ``demo`` (pretrain the demo preset, then
+kNN of the trained and of a random encoder, side by side) and ``compare`` (methods x seeds,
+one table with error bars; :mod:`snclr.compare`).
 
 Exit status: 0 done; 2 bad configuration, data, checkpoint or run folder (one line on stderr,
 found before the run folder changes); 3 training diverged (one line; the last good checkpoint
@@ -34,10 +35,12 @@ _DOCUMENTED = {
 _HIDDEN = {"limit_samples", "stop_after"}  # for tests: a data subset, a simulated interruption
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, *, exclude: tuple[str, ...] = ()) -> None:
     documented = parser.add_argument_group("main options")
     others = parser.add_argument_group("all options (override the preset and --config)")
     for field in fields(Config):
+        if field.name in exclude:
+            continue
         flag = "--" + field.name.replace("_", "-")
         group = documented if field.name in _DOCUMENTED else others
         help_text = argparse.SUPPRESS if field.name in _HIDDEN else _DOCUMENTED.get(field.name, f"(default {field.default})")
@@ -76,12 +79,42 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "linear":
             e.add_argument("--epochs", type=int, default=100, help="classifier epochs (default 100)")
             e.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
+            e.add_argument("--protocol", default="cached",
+                           help="cached (default: features once, no augmentation) or augmented "
+                                "(MoCo v3: random-resized crop + flip every epoch)")
 
     d = sub.add_parser("demo", help="pretrain the demo preset, then kNN of trained vs random encoder",
                        description="Pretrain the demo preset, then compare kNN accuracy of the trained and a random encoder.")
     d.add_argument("--data", default="animal-mnist")
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--json", action="store_true")
+
+    c = sub.add_parser(
+        "compare", help="pretrain and evaluate methods x seeds; one table with error bars",
+        description="Pretrain every variant with every seed on the same budget, evaluate each "
+                    "cell (kNN k=20, 200 and the linear probe) and write DIR/compare.md, "
+                    "compare.csv, cells.csv and compare.png. Finished cells are skipped, "
+                    "interrupted ones resume.")
+    c.add_argument("--methods", required=True,
+                   help="comma-separated variants METHOD[:FIELD=VALUE]..., e.g. "
+                        "mocov3,nnclr,snclr,snclr:attention_temperature=0.1 (methods: "
+                        f"{', '.join(sorted(METHODS))})")
+    c.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    c.add_argument("--output-dir", required=True,
+                   help="the comparison's folder: one run folder per cell, DIR/VARIANT/SEED/")
+    c.add_argument("--baseline", help="the variant the others are compared with (default "
+                                      "mocov3 when listed, else the first)")
+    c.add_argument("--preset", help=f"starting values of every cell: {', '.join(PRESETS)} "
+                                    "(default demo)")
+    c.add_argument("--config", help="YAML or JSON file of option: value, applied over the preset")
+    c.add_argument("--linear-protocol", default="cached",
+                   help="cached (default) or augmented (MoCo v3's linear evaluation)")
+    c.add_argument("--linear-epochs", type=int, default=100,
+                   help="linear probe epochs (default 100)")
+    c.add_argument("--linear-lr", type=float, default=0.1, help="linear probe lr (default 0.1)")
+    c.add_argument("--allow-config-change", action="store_true",
+                   help="resume existing cells even if their saved settings differ")
+    _add_config_flags(c, exclude=("method", "seed", "output_dir"))
     return parser
 
 
@@ -113,7 +146,8 @@ def _print_result(result: dict, *, as_json: bool, label: str) -> None:
     if as_json:
         print(json.dumps(result))
     else:
-        print(f"{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        print(f"{label}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in result.items()))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -138,10 +172,14 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "knn":
             result = evaluate.run_knn(args.checkpoint, data, **common)
         else:
-            result = evaluate.run_linear(args.checkpoint, data, epochs=args.epochs, lr=args.lr, **common)
+            result = evaluate.run_linear(args.checkpoint, data, epochs=args.epochs, lr=args.lr,
+                                         protocol=args.protocol, **common)
+            result["protocol"] = args.protocol
         label = f"{args.command} ({'random init' if args.random_init else 'trained'})"
         _print_result(result, as_json=args.json, label=label)
         return 0
+    if args.command == "compare":
+        return _compare(args)
     # demo
     config = apply_overrides(preset("demo"), {"data": args.data, "output_dir": args.output_dir})
     try:
@@ -158,6 +196,27 @@ def _run(args: argparse.Namespace) -> int:
         for key in trained:
             if key != "top1":
                 print(f"{key:<12}{trained[key]:>10.4f}{random[key]:>10.4f}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from snclr import compare
+
+    evaluation = compare.Evaluation(protocol=args.linear_protocol,
+                                    linear_epochs=args.linear_epochs, linear_lr=args.linear_lr)
+    comparison = compare.plan_comparison(
+        config_from_args(args), methods=args.methods, seeds=args.seeds,
+        output_dir=args.output_dir, baseline=args.baseline, evaluation=evaluation,
+        explicit=_flags(args), allow_config_change=args.allow_config_change)
+    cells = compare.run_comparison(comparison)
+    folder = Path(args.output_dir)
+    print((folder / "compare.md").read_text().split("\n\n## ")[0])
+    print(f"\nwrote {folder / 'compare.md'}, compare.csv, cells.csv, compare.png")
+    diverged = [f"{c.variant} seed {c.seed}" for c in cells if c.status != "done"]
+    if diverged:
+        print(f"snclr compare: stopped: {len(diverged)} of {len(cells)} cells diverged "
+              f"({', '.join(diverged)}); the table leaves them out", file=sys.stderr)
+        return 3
     return 0
 
 
