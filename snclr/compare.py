@@ -145,7 +145,7 @@ def parse_variants(spec: str, base: Config, *,
             raise ConfigError(f"variant {part!r} sets a field twice")
         typed = apply_overrides(base, dict(zip(names, texts)), source=f"variant {part!r}")
         values = tuple((name, getattr(typed, name)) for name in names)
-        key = (method, frozenset(values))
+        key = replace(typed, method=method)  # the same config is the same variant
         label = method + "".join(f":{name}={text}" for name, text in zip(names, texts))
         if key in seen:
             raise ConfigError(f"--methods lists the same variant twice: {seen[key]!r} and "

@@ -208,9 +208,10 @@ def _markdown(rows: list[Summary], cells: list[CellResult], *, baseline: str, se
         values = [_num(c.metrics.get(key)) if c.status == "done" else c.status
                   for key in METRICS]
         sessions = f" ({c.sessions} sessions)" if c.sessions > 1 else ""
+        link = quote(c.folder, safe="/+=") + "/report.md"
         lines.append(
             f"| {c.variant} | {c.seed} | {' | '.join(values)} | {_duration(c.pretrain_s)}"
-            f"{sessions} | {_duration(c.eval_s)} | [report]({quote(c.folder)}/report.md) |")
+            f"{sessions} | {_duration(c.eval_s)} | [report]({link}) |")
     lines += ["", "Plot: ![comparison](compare.png)", ""]
     return "\n".join(lines)
 

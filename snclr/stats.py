@@ -65,6 +65,10 @@ def t_quantile(p: float, df: int) -> float:
 
     Raises:
         ValueError: ``p`` not in (0, 1) or ``df`` not an integer >= 1.
+
+    Example:
+        >>> round(t_quantile(0.975, 2), 4), round(t_quantile(0.025, 30), 4)
+        (4.3027, -2.0423)
     """
     if not 0 < p < 1:
         raise ValueError(f"p must be in (0, 1), got {p!r}")
@@ -106,6 +110,11 @@ def paired_interval(values: Sequence[float], baseline: Sequence[float], *,
 
     Raises:
         ValueError: different lengths, no pairs, or ``level`` not in (0, 1).
+
+    Example:
+        >>> interval = paired_interval([0.90, 0.85, 0.80], [0.89, 0.84, 0.79])
+        >>> round(interval.mean, 4), round(interval.low, 4), verdict(interval)
+        (0.01, 0.01, 'better')
     """
     if len(values) != len(baseline):
         raise ValueError(f"paired_interval needs one baseline value per value, got "

@@ -18,7 +18,7 @@ TINY_FLAGS = [
 ]
 
 
-@pytest.mark.parametrize("command", ["pretrain", "knn", "linear", "demo"])
+@pytest.mark.parametrize("command", ["pretrain", "knn", "linear", "demo", "compare"])
 def test_help_of_each_subcommand(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -88,7 +88,14 @@ def test_pretrain_then_knn_and_linear_json(tmp_path, capsys):
     random = json.loads(capsys.readouterr().out)
     assert 0 < random["top1"] <= 1
     assert main(["linear", "--checkpoint", checkpoint, "--data", "animal-mnist", "--epochs", "1", "--json", "--limit-samples", "300"]) == 0
-    assert 0 < json.loads(capsys.readouterr().out)["top1"] <= 1
+    linear = json.loads(capsys.readouterr().out)
+    assert 0 < linear["top1"] <= 1 and linear["protocol"] == "cached"
+    assert main(["linear", "--checkpoint", checkpoint, "--protocol", "augmented", "--epochs", "1",
+                 "--json", "--limit-samples", "100"]) == 0
+    augmented = json.loads(capsys.readouterr().out)
+    assert 0 < augmented["top1"] <= 1 and augmented["protocol"] == "augmented"
+    assert main(["linear", "--checkpoint", checkpoint, "--protocol", "fancy"]) == 2
+    assert "protocol must be one of ('cached', 'augmented')" in capsys.readouterr().err
 
 
 def test_corrupt_checkpoint_exits_2_without_traceback(tmp_path):

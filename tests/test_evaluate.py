@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from snclr.config import preset
-from snclr.evaluate import (knn_accuracy, linear_probe, load_backbone, parameter_checksum, run_knn,
+from snclr.evaluate import (knn_accuracy, linear_probe, linear_probe_augmented, load_backbone,
+                            parameter_checksum, run_knn,
                             run_linear, weighted_knn_predict)
 from snclr.train import pretrain
 
@@ -82,3 +83,45 @@ def test_knn_and_linear_on_a_checkpoint(checkpoint):
     assert set(knn) == {"top1", "top1_k20", "top1_k200"} and 0.1 < knn["top1"] <= 1
     linear = run_linear(checkpoint, "animal-mnist", epochs=2, limit_samples=500)
     assert 0.1 < linear["top1"] <= 1
+
+
+def test_augmented_linear_probe_is_seeded_and_leaves_the_backbone_alone(checkpoint):
+    first = run_linear(checkpoint, "animal-mnist", epochs=2, limit_samples=100,
+                       protocol="augmented", seed=3)
+    again = run_linear(checkpoint, "animal-mnist", epochs=2, limit_samples=100,
+                       protocol="augmented", seed=3)
+    assert first == again and 0.1 < first["top1"] <= 1
+    # The same head trained on cached features (one pass, no augmentation) sees other inputs.
+    cached = run_linear(checkpoint, "animal-mnist", epochs=2, limit_samples=100, seed=3)
+    assert 0.1 < cached["top1"] <= 1
+
+
+def test_augmented_probe_encodes_a_fresh_crop_and_flip_of_every_image_each_epoch():
+    from snclr.data import ImageSet
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(x.clone())
+            return x.flatten(1)
+
+    # Bright right half, a gradient down the rows: a flip or a crop changes the pixels.
+    images = torch.zeros(12, 1, 8, 8, dtype=torch.uint8)
+    images[..., 4:] = (torch.arange(8, dtype=torch.uint8) * 30)[:, None] + 20
+    labels = torch.arange(2).repeat(6)
+    train = ImageSet(labels=labels, in_chans=1, img_size=8, num_classes=2, images=images)
+    features = images.float().flatten(1) / 127.5 - 1
+    encoder = Recorder()
+    result = linear_probe_augmented(
+        encoder, train, features, labels, img_size=8, num_classes=2, device=torch.device("cpu"),
+        standardize=(features.mean(0), features.std(0) + 1e-6), epochs=2, batch_size=5)
+    assert 0 <= result["top1"] <= 1
+    assert [len(x) for x in encoder.seen] == [5, 5, 2, 5, 5, 2]  # every image, every epoch
+    epoch1, epoch2 = torch.cat(encoder.seen[:3]), torch.cat(encoder.seen[3:])
+    plain = images.float() / 127.5 - 1
+    flipped = (epoch1[..., :4] > epoch1[..., 4:]).all(-1).all(-1).sum()  # bright half on the left
+    assert flipped > 0 and not torch.equal(epoch1, epoch2)
+    assert sum(any(torch.equal(x, y) for y in plain) for x in epoch1) < len(epoch1)

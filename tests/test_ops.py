@@ -60,7 +60,8 @@ def test_auto_backend_on_cpu_is_the_reference():
 
 
 @pytest.mark.parametrize(
-    "module", ["snclr.ops.knn", "snclr.ops.contrastive", "snclr.functional", "snclr.bank", "snclr.model", "snclr.encoders"]
+    "module", ["snclr.ops.knn", "snclr.ops.contrastive", "snclr.functional", "snclr.bank",
+               "snclr.model", "snclr.encoders", "snclr.stats"]
 )
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
