@@ -45,6 +45,7 @@ from snclr.checkpoint import RESUME_KEYS, build_model, config_of, read_checkpoin
 from snclr.compare_report import CellResult, write_comparison
 from snclr.config import (RESUME_FREE, Config, ConfigError, apply_overrides,
                           check_resume_changes, config_changes, resumed_config, validate)
+from snclr.data import limit, load_splits
 from snclr.evaluate import LINEAR_PROTOCOLS, run_evaluation
 from snclr.model import METHODS, fixed_options
 from snclr.train import TrainingDiverged, pretrain
@@ -198,9 +199,10 @@ def plan_comparison(base: Config, *, methods: str, seeds: str, output_dir: str,
 
     Raises:
         ConfigError: anything :func:`parse_variants` / :func:`parse_seeds` refuse, an
-            unknown baseline, a bad evaluation setting, a variant whose config or model is
-            invalid, an output folder that is a file, or an existing cell trained with
-            other settings (one line).
+            unknown baseline, a bad evaluation setting, missing or unreadable data, a batch
+            larger than the training split, a variant whose config or model is invalid, an
+            output folder that is a file, or an existing cell trained with other settings
+            (one line).
     """
     variants = parse_variants(methods, base, explicit=explicit)
     labels = [v.label for v in variants]
@@ -214,6 +216,11 @@ def plan_comparison(base: Config, *, methods: str, seeds: str, output_dir: str,
                             evaluation, allow_config_change)
     if comparison.output_dir.exists() and not comparison.output_dir.is_dir():
         raise ConfigError(f"--output-dir {output_dir!r} is a file, not a folder")
+    # The data and the budget every cell shares, once, before the progress bars start.
+    train_size = len(limit(load_splits(base.data)["train"], base.limit_samples))
+    if base.batch_size > train_size:
+        raise ConfigError(f"batch_size={base.batch_size} is larger than the {train_size} "
+                          "training images")
     for variant in variants:
         config = comparison.cell_config(variant, comparison.seeds[0])
         validate(config)

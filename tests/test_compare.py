@@ -153,12 +153,14 @@ BAD = [
     (["--methods", "mocov3,snclr", "--seeds", "0,x"], "--seeds must be comma-separated"),
     (["--methods", "mocov3,snclr", "--baseline", "nnclr"], "--baseline 'nnclr' is not one"),
     (["--methods", "snclr", "--linear-protocol", "fancy"], "--linear-protocol must be one of"),
+    (["--methods", "snclr", "--batch-size", "64"], "larger than the 48 training images"),
+    (["--methods", "snclr", "--data", "no-such-data"], "neither a built-in"),
 ]
 
 
 @pytest.mark.parametrize("argv, message", BAD, ids=[
     "method", "fixed", "unread", "field", "type", "syntax", "budget", "seed", "duplicate",
-    "model", "global-fixed", "seeds", "baseline", "protocol"])
+    "model", "global-fixed", "seeds", "baseline", "protocol", "batch", "data"])
 def test_bad_method_or_flag_exits_2_with_one_line_before_anything_runs(
         argv, message, tmp_path, monkeypatch, capsys):
     _forbid_work(monkeypatch)
