@@ -115,6 +115,10 @@ def _interval(interval: Interval | None) -> str:
     return f"{interval.mean:+.4f} [{interval.low:+.4f}, {interval.high:+.4f}]"
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "n/a"
@@ -149,7 +153,7 @@ def _markdown(rows: list[Summary], cells: list[CellResult], *, baseline: str, se
         "",
         f"{len(rows)} variants x {len(setup['seeds'])} seeds "
         f"({', '.join(map(str, setup['seeds']))}) on `{setup['data']}`{subset}; every cell "
-        f"trains {setup['epochs']} epochs at batch {setup['batch_size']} ({setup['encoder']}, "
+        f"trains {_plural(setup['epochs'], 'epoch')} at batch {setup['batch_size']} ({setup['encoder']}, "
         f"{size}). Evaluation: kNN top-1 (k = 20, 200; train split as memory, test split as "
         f"queries) and a linear probe, protocol {protocol[setup['protocol']]}, "
         f"{setup['linear_epochs']} epochs, lr {setup['linear_lr']}.",
@@ -176,9 +180,10 @@ def _markdown(rows: list[Summary], cells: list[CellResult], *, baseline: str, se
     corrected = 100 * (1 - (1 - level) / max(m, 1))
     lines += [
         "",
-        f"**{m} comparison{'s' if m != 1 else ''}** (each variant against {baseline} on kNN "
-        f"k=20). Outside the noise at {pct}: {', '.join(outside) or 'none'}; every other "
-        f"difference is within the noise. If no variant truly differed, each verdict would "
+        f"**{_plural(m, 'comparison')}** (each variant against {baseline} on kNN k=20). "
+        f"Outside the noise at {pct}: {', '.join(outside) or 'none'}"
+        f"{'; the others are within it' if outside and len(outside) < m else ''}. "
+        f"If no variant truly differed, each verdict would "
         f"still say better or worse with probability {100 - level * 100:g} %, and at least "
         f"one of the {m} up to {100 * (1 - level ** m):.0f} % of the time. With the "
         f"Bonferroni correction (each interval at {corrected:.4g} %): "
@@ -258,16 +263,19 @@ def _plot(path: Path, rows: list[Summary], cells: list[CellResult], *, variants:
     for ax, (metric, title) in zip(axes, METRICS.items()):
         means = [r.mean[metric] if r.mean[metric] is not None else float("nan") for r in rows]
         stds = [r.std[metric] or 0.0 for r in rows]
-        ax.bar(x, means, yerr=stds, capsize=4, color="#9ecae1", edgecolor="#3182bd")
+        # Points, not bars: the axis does not start at 0, and a bar's length would mislead.
+        ax.errorbar(x, means, yerr=stds, fmt="o", capsize=5, color="#3182bd", markersize=7)
         for i, v in enumerate(variants):
             seeds = [c.metrics[metric] for c in cells if c.variant == v and c.status == "done"]
-            ax.plot([i] * len(seeds), seeds, "k.", markersize=5)
+            ax.plot([i + 0.15] * len(seeds), seeds, "k.", markersize=5)
         finite = [v for v in means if v == v]
         if finite:
             low = min(min(finite) - 2 * max(stds), min(finite) * 0.98)
             ax.set_ylim(max(0.0, low), min(1.0, max(finite) + 2 * max(stds) + 0.01))
         ax.set_title(f"{title} (mean ± std, dots: seeds)", fontsize=9)
         ax.set_xticks(x, variants, rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        ax.grid(axis="y", alpha=0.3)
     ax = axes[-1]
     for i, row in enumerate(rows):
         interval = row.diff.get(PRIMARY)
@@ -279,6 +287,8 @@ def _plot(path: Path, rows: list[Summary], cells: list[CellResult], *, variants:
             ax.errorbar([i], [interval.mean], yerr=[[interval.mean - interval.low],
                         [interval.high - interval.mean]], fmt="o", capsize=4, color="#de2d26")
     ax.axhline(0, color="k", linewidth=0.8)
+    ax.set_xlim(-0.5, len(rows) - 0.5)
+    ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"Δ kNN k=20 vs {baseline} ({level * 100:g} % CI)", fontsize=9)
     ax.set_xticks(x, variants, rotation=30, ha="right", fontsize=8)
     fig.tight_layout()
