@@ -51,7 +51,7 @@ from snclr.model import METHODS, fixed_options
 from snclr.train import TrainingDiverged, pretrain
 
 __all__ = ["KNN_KS", "Comparison", "Evaluation", "Variant", "parse_seeds", "parse_variants",
-           "plan_comparison", "run_comparison"]
+           "plan_comparison", "run_comparison", "seed_everything"]
 
 KNN_KS = (20, 200)
 # Set by compare itself (--methods, --seeds, --output-dir), never per variant or by flag.
@@ -198,12 +198,15 @@ def plan_comparison(base: Config, *, methods: str, seeds: str, output_dir: str,
     """Parse and check a comparison; nothing is written and nothing trains.
 
     Raises:
-        ConfigError: anything :func:`parse_variants` / :func:`parse_seeds` refuse, an
-            unknown baseline, a bad evaluation setting, missing or unreadable data, a batch
-            larger than the training split, a variant whose config or model is invalid, an
-            output folder that is a file, or an existing cell trained with other settings
-            (one line).
+        ConfigError: a process group (torchrun), anything :func:`parse_variants` /
+            :func:`parse_seeds` refuse, an unknown baseline, a bad evaluation setting,
+            missing or unreadable data, a batch larger than the training split, a variant
+            whose config or model is invalid, an output folder that is a file, or an
+            existing cell trained with other settings (one line).
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("snclr compare runs in one process (its cells one after another); "
+                          "start it without torchrun")
     variants = parse_variants(methods, base, explicit=explicit)
     labels = [v.label for v in variants]
     if baseline is None:

@@ -171,6 +171,14 @@ def test_bad_method_or_flag_exits_2_with_one_line_before_anything_runs(
     assert not (tmp_path / "cmp").exists()
 
 
+def test_compare_under_torchrun_is_refused(tmp_path, monkeypatch, capsys):
+    _forbid_work(monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run(tmp_path / "cmp") == 2
+    assert "start it without torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_a_cell_trained_with_other_settings_is_refused_before_anything_runs(
         compared, monkeypatch, capsys):
     _forbid_work(monkeypatch)
