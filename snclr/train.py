@@ -43,7 +43,7 @@ from snclr.encoders import fit_img_size
 from snclr.evaluate import extract_features, knn_accuracy
 from snclr.metrics import MetricsLog, clean
 from snclr.model import SNCLR, cosine_momentum
-from snclr.ops._checks import triton_interpreted
+from snclr.kernels._common import interpreted as triton_interpreted
 from snclr.optim import cosine_lr, create_optimizer
 from snclr.report import write_report
 
