@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from snclr.kernels._common import input_precision, interpreted
+from snclr.kernels._common import NORM_EPS, input_precision, interpreted
 
 __all__ = ["knn_topk_merge", "knn_topk_split", "num_splits_for", "split_configs"]
 
@@ -75,6 +75,8 @@ _MAX_ONE_PASS_BYTES = 512
 _CHUNK_D = 64
 # 32-bit registers per thread for the score tile and the running list (sm_90: 255 in all).
 _REGISTER_BUDGET = 128
+# F.normalize's eps, for the positiveness of the winners.
+_EPS = tl.constexpr(NORM_EPS)
 # Cap on SPLITS * K_PAD so the merge holds all candidates of a query row in registers.
 _MAX_CANDIDATES = 2048
 
@@ -326,8 +328,8 @@ def _knn_topk_merge_kernel(
         value = tl.where(eligible, value, float("-inf"))
         tl.store(val_ptr + rows64 * stride_vb + t, value, mask=row_ok)
         if WITH_POSITIVENESS:
-            # F.normalize semantics: divide by max(|row|, 1e-12).
-            a = on_dot / tl.maximum(tl.sqrt(sq_norm), 1e-12) * inv_temperature
+            # F.normalize semantics: divide by max(|row|, eps).
+            a = on_dot / tl.maximum(tl.sqrt(sq_norm), _EPS) * inv_temperature
             attention = tl.where(slots[None, :] == t, a[:, None], attention)
 
     # Phase 3: positiveness = softmax over the K neighbours (+ threshold, not renormalised).
