@@ -35,12 +35,14 @@ SMALL_HEADS = dict(projector_hidden=512, projector_dim=128, predictor_hidden=512
 def _step_fn(method: str, encoder: str, size: int, chans: int, batch: int, rows: int, k: int,
              heads: dict, device: torch.device) -> tuple[Callable[[], None], object]:
     torch.manual_seed(0)
+    amp = device.type == "cuda"
+    # As `snclr pretrain` with bank_dtype auto: a bf16 queue (bf16 search) under bf16 autocast.
     model = create_model(encoder, method=method, in_chans=chans, img_size=size, num_neighbors=k,
-                         queue_size=rows, **heads).to(device)
+                         queue_size=rows, bank_dtype=torch.bfloat16 if amp else torch.float32,
+                         **heads).to(device)
     model.enqueue(torch.randn(rows, heads["projector_dim"], device=device))  # queue full
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x1, x2 = (torch.randn(batch, chans, size, size, device=device) for _ in range(2))
-    amp = device.type == "cuda"
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -26,9 +26,10 @@ __all__ = ["EVAL_KEYS", "RESUME_KEYS", "build_model", "get_rng_state", "non_fini
 FORMAT = "snclr-checkpoint-v1"
 
 
-def build_model(config: Config, *, in_chans: int, img_size: int) -> SNCLR:
-    """The SNCLR model a config describes (random weights)."""
-    options = dict(
+def build_model(config: Config, *, in_chans: int, img_size: int,
+                bank_dtype: torch.dtype = torch.float32) -> SNCLR:
+    """The SNCLR model a config describes (random weights), its queue stored in bank_dtype."""
+    options = dict(bank_dtype=bank_dtype,
         num_neighbors=config.num_neighbors, queue_size=config.queue_size,
         temperature=config.temperature, attention_temperature=config.attention_temperature,
         threshold=config.threshold, detach_positiveness=config.detach_positiveness,

@@ -59,6 +59,7 @@ class Config:
     projector_dim: int = 128
     predictor_hidden: int = 512
     bank_mode: str = "local"
+    bank_dtype: str = "auto"  # queue storage = search precision; auto: the GPU autocast dtype, else fp32
     backend: str = "auto"
     # optimisation
     epochs: int = 8
@@ -202,6 +203,7 @@ def validate(config: Config) -> None:
     choices = {
         "optimizer": ("adamw", "lars"), "precision": ("auto", "fp32", "bf16", "fp16"),
         "augmentation": ("auto", "byol", "greyscale"), "bank_mode": ("local", "global"),
+        "bank_dtype": ("auto", "fp32", "bf16", "fp16"),
         "device": ("auto", "cpu", "cuda"), "backend": ("auto", "torch", "triton"),
     }
     for name, allowed in choices.items():

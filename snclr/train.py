@@ -43,7 +43,7 @@ from snclr.encoders import fit_img_size
 from snclr.evaluate import extract_features, knn_accuracy
 from snclr.metrics import MetricsLog, clean
 from snclr.model import SNCLR, cosine_momentum
-from snclr.ops._checks import triton_interpreted
+from snclr.kernels._common import interpreted as triton_interpreted
 from snclr.optim import cosine_lr, create_optimizer
 from snclr.report import write_report
 
@@ -70,6 +70,7 @@ class Plan:
     lr: float  # base lr * batch_size / 256
     steps_per_epoch: int
     amp_dtype: torch.dtype | None  # None: fp32
+    bank_dtype: torch.dtype  # the queue's storage dtype, which is also the search precision
     in_chans: int
     img_size: int
 
@@ -118,10 +119,13 @@ def _plan(config: Config, device: torch.device, train_size: int, in_chans: int) 
         raise ConfigError(f"batch_size={config.batch_size} is larger than the {train_size} training images")
     precision = config.precision if device.type == "cuda" else "fp32"  # autocast on GPU only
     amp = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    # auto: search in the 16-bit dtype the GPU trains in (tensor cores), fp32 elsewhere.
+    bank_dtype = {"auto": amp or torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
+                  "fp16": torch.float16}[config.bank_dtype]
     return Plan(
         device=device, world_size=world, rank=distributed.rank(), local_batch=config.batch_size // world,
         lr=config.lr * config.batch_size / 256, steps_per_epoch=train_size // config.batch_size,
-        amp_dtype=amp, in_chans=in_chans, img_size=config.img_size,
+        amp_dtype=amp, bank_dtype=bank_dtype, in_chans=in_chans, img_size=config.img_size,
     )
 
 
@@ -363,7 +367,8 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
                           f"{plan.in_chans} channels at {plan.img_size} px")
 
     torch.manual_seed(config.seed)
-    model = build_model(config, in_chans=plan.in_chans, img_size=plan.img_size)
+    model = build_model(config, in_chans=plan.in_chans, img_size=plan.img_size,
+                        bank_dtype=plan.bank_dtype)
     if payload is not None:
         if saved.method != config.method or saved.encoder != config.encoder:
             raise ConfigError(f"{ckpt_path} is a {saved.method}/{saved.encoder} run, not "

@@ -1,4 +1,5 @@
-"""Fused soft-target contrastive loss (``snclr.kernels.soft_target_ce``) against the reference.
+"""Fused soft-target contrastive loss (``snclr.kernels.soft_target_ce`` through the op's
+forward and backward in ``snclr.ops.soft_target_contrastive_loss``) against the reference.
 
 On CPU the kernels run under the Triton interpreter (set in conftest.py); sizes stay small.
 """
@@ -12,6 +13,8 @@ from sm90 import compile_for_sm90
 from snclr import reference
 from snclr.kernels import soft_target_ce
 from snclr.ops import soft_target_contrastive_loss
+from snclr.ops.soft_target_contrastive_loss import _backward as fused_backward
+from snclr.ops.soft_target_contrastive_loss import _forward as fused_forward
 
 # (B, M, D, S, target_offset): B*S + target_offset <= M; no M is a multiple of the tiles.
 SHAPES = [
@@ -100,13 +103,11 @@ def test_launchers_any_split_and_block(splits):
     shape = (33, 459, 64, 4, 21)
     queries, candidates, targets = _inputs(shape)
     grad = torch.rand(shape[0]) + 0.5
-    options = dict(temperature=0.1, target_offset=shape[4], splits=splits)
     block = dict(BLOCK_B=16, BLOCK_N=32, BLOCK_D=16, BLOCK_DO=32) if splits % 2 else None
-    loss, *saved = soft_target_ce.soft_target_ce_forward(
-        queries, candidates, targets, block=block, **options
-    )
-    grads = soft_target_ce.soft_target_ce_backward(
-        grad, queries, candidates, targets, *saved, need_candidates=True, block=block, **options
+    options = dict(splits=splits, block=block)
+    loss, *saved = fused_forward(queries, candidates, targets, 0.1, shape[4], **options)
+    grads = fused_backward(
+        grad, queries, candidates, targets, *saved, 0.1, shape[4], True, True, **options
     )
     q, c, t = (x.clone().requires_grad_() for x in (queries, candidates, targets))
     want = reference.soft_target_contrastive_loss(q, c, t, temperature=0.1, target_offset=shape[4])
@@ -242,10 +243,9 @@ def test_every_config_compiles_on_gpu(width):
         for cfg in soft_target_ce.soft_target_ce_configs(phase)
     }
     for cfg in configs.values():
-        options = dict(temperature=0.2, target_offset=9, block=cfg.kwargs)
-        loss, *saved = soft_target_ce.soft_target_ce_forward(queries, candidates, targets, **options)
-        grads = soft_target_ce.soft_target_ce_backward(
-            grad, queries, candidates, targets, *saved, need_candidates=True, **options
+        loss, *saved = fused_forward(queries, candidates, targets, 0.2, 9, block=cfg.kwargs)
+        grads = fused_backward(
+            grad, queries, candidates, targets, *saved, 0.2, 9, True, True, block=cfg.kwargs
         )
         torch.testing.assert_close(loss, want.detach(), atol=2e-3, rtol=2e-3)
         for got, ref in zip(grads, (q.grad, c.grad, t.grad)):

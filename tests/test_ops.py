@@ -27,14 +27,14 @@ Q, BANK = torch.randn(4, 8), torch.randn(20, 8)
         (lambda: ops.knn_topk(Q, BANK, 2, exclude=torch.zeros(4, 1)), TypeError, r"exclude must be int64"),
         (lambda: ops.knn_topk(Q, BANK, 2, backend="cuda"), ValueError, r"backend must be one of"),
         (lambda: ops.knn_topk([[1.0]], BANK, 2), TypeError, r"query must be a torch.Tensor, got list"),
-        (lambda: ops.soft_neighbors(Q, Q[:3], BANK, 2), ValueError, r"key and online must have the same batch size B"),
+        (lambda: ops.soft_neighbors(Q, Q[:3], BANK, 2), ValueError, r"batch dimension B must match: got key \(4, 8\), online \(3, 8\)"),
         (lambda: ops.soft_neighbors(Q, Q, BANK, 2, temperature=0.0), ValueError, r"temperature must be a finite number > 0, got 0.0"),
         (lambda: ops.soft_neighbors(Q, Q, BANK, 2, temperature=float("nan")), ValueError, r"temperature must be a finite number"),
         (lambda: ops.soft_neighbors(Q, Q[:, :4], BANK, 2), ValueError, r"feature dimension D must match"),
         (lambda: ops.soft_neighbors(Q, Q, BANK, 30), ValueError, r"k=30 exceeds the 20 searchable rows"),
         (lambda: ops.soft_target_contrastive_loss(Q, BANK, torch.ones(4, 3), temperature=0.2, target_offset=9), ValueError, r"target columns \[9, 21\) of B=4 rows x S=3 slots must lie within the M=20 candidates"),
         (lambda: ops.soft_target_contrastive_loss(Q, BANK, torch.ones(4, 3), temperature=0.2, target_offset=-1), ValueError, r"must lie within"),
-        (lambda: ops.soft_target_contrastive_loss(Q, BANK, torch.ones(5, 3), temperature=0.2), ValueError, r"targets must have shape \(B=4, S\), got \(5, 3\)"),
+        (lambda: ops.soft_target_contrastive_loss(Q, BANK, torch.ones(5, 3), temperature=0.2), ValueError, r"batch dimension B must match: got queries \(4, 8\), targets \(5, 3\)"),
         (lambda: ops.soft_target_contrastive_loss(Q, BANK, torch.ones(4), temperature=0.2), ValueError, r"targets must have 2 dimensions"),
         (lambda: ops.soft_target_contrastive_loss(Q, BANK, torch.ones(4, 3, dtype=torch.long), temperature=0.2), TypeError, r"targets must be a floating-point tensor"),
         (lambda: ops.soft_target_contrastive_loss(Q, BANK, torch.ones(4, 3), temperature=-1), ValueError, r"temperature must be a finite number > 0, got -1"),
@@ -60,8 +60,9 @@ def test_auto_backend_on_cpu_is_the_reference():
 
 
 @pytest.mark.parametrize(
-    "module", ["snclr.ops.knn", "snclr.ops.contrastive", "snclr.functional", "snclr.bank",
-               "snclr.model", "snclr.encoders", "snclr.stats"]
+    "module",
+    ["snclr.ops.knn_topk", "snclr.ops.soft_neighbors", "snclr.ops.soft_target_contrastive_loss",
+     "snclr.functional", "snclr.bank", "snclr.model", "snclr.encoders", "snclr.stats"],
 )
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)

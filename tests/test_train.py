@@ -85,8 +85,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path):
         (dict(batch_size=128), "larger than the 64 training images"),
         (dict(queue_size=1, num_neighbors=2), "smaller than K=2"),
         (dict(method="byol"), "unknown method"),
+        (dict(bank_dtype="int8"), "bank_dtype must be one of"),
     ],
-    ids=["encoder", "dataset", "batch", "queue", "method"],
+    ids=["encoder", "dataset", "batch", "queue", "method", "bank-dtype"],
 )
 def test_bad_configuration_fails_before_writing(tmp_path, overrides, match):
     config = tiny(tmp_path, **overrides)
@@ -134,6 +135,16 @@ def test_mocov3_and_learned_attention_train(tmp_path):
     for method in ("mocov3", "snclr-learned"):
         last = pretrain(tiny(tmp_path / method, method=method, epochs=1, knn_every=0, optimizer="lars", lr=0.3))
         assert torch.isfinite(torch.tensor(last["loss"]))
+
+
+@pytest.mark.parametrize("bank_dtype,stored", [("auto", torch.float32), ("bf16", torch.bfloat16)])
+def test_bank_dtype_sets_the_stored_queue(tmp_path, bank_dtype, stored):
+    # auto is fp32 on a CPU (no autocast there); bf16 halves the queue and is searched in bf16.
+    config = tiny(tmp_path, epochs=1, knn_every=0, bank_dtype=bank_dtype)
+    last = pretrain(config)
+    assert torch.isfinite(torch.tensor(last["loss"]))
+    saved = read_checkpoint(Path(config.output_dir) / "checkpoint.pt")
+    assert saved["model"]["bank.queue"].dtype == stored
 
 
 def _free_port() -> int:

@@ -51,11 +51,11 @@ does not detect out-of-range loads. Static sm_90 bounds: ``bench/RESULTS.md``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from snclr.kernels._common import NORM_EPS, input_precision, interpreted
 
 __all__ = ["knn_topk_merge", "knn_topk_split", "num_splits_for", "split_configs"]
 
@@ -75,12 +75,10 @@ _MAX_ONE_PASS_BYTES = 512
 _CHUNK_D = 64
 # 32-bit registers per thread for the score tile and the running list (sm_90: 255 in all).
 _REGISTER_BUDGET = 128
+# F.normalize's eps, for the positiveness of the winners.
+_EPS = tl.constexpr(NORM_EPS)
 # Cap on SPLITS * K_PAD so the merge holds all candidates of a query row in registers.
 _MAX_CANDIDATES = 2048
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def split_configs() -> tuple[list[triton.Config], callable]:
@@ -92,7 +90,7 @@ def split_configs() -> tuple[list[triton.Config], callable]:
     num_stages only matters for K = 1 (two stages fit shared memory for every config); a
     second program per SM hides the loads of the others.
     """
-    if _interpreted():
+    if interpreted():
         return [triton.Config({"BLOCK_B": 32, "BLOCK_N": 64})], None
     configs = [
         triton.Config({"BLOCK_B": bb, "BLOCK_N": bn}, num_warps=w, num_stages=2)
@@ -330,8 +328,8 @@ def _knn_topk_merge_kernel(
         value = tl.where(eligible, value, float("-inf"))
         tl.store(val_ptr + rows64 * stride_vb + t, value, mask=row_ok)
         if WITH_POSITIVENESS:
-            # F.normalize semantics: divide by max(|row|, 1e-12).
-            a = on_dot / tl.maximum(tl.sqrt(sq_norm), 1e-12) * inv_temperature
+            # F.normalize semantics: divide by max(|row|, eps).
+            a = on_dot / tl.maximum(tl.sqrt(sq_norm), _EPS) * inv_temperature
             attention = tl.where(slots[None, :] == t, a[:, None], attention)
 
     # Phase 3: positiveness = softmax over the K neighbours (+ threshold, not renormalised).
@@ -360,13 +358,6 @@ def _tuned_split_kernel():
             prune_configs_by={"early_config_prune": prune} if prune else None,
         )(_knn_topk_split_kernel)
     return _split_tuned
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's matmul precision; "tf32" is Triton's default otherwise.
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
 
 
 def num_splits_for(num_queries: int, num_rows: int, k: int) -> int:
@@ -414,7 +405,7 @@ def knn_topk_split(
     has_exclude = exclude is not None
     ex = exclude if has_exclude else candidates  # never read when HAS_EXCLUDE is False
     num_excluded = ex.shape[1] if has_exclude else 0
-    cast = _interpreted() or query.dtype != bank.dtype or query.dtype == torch.float64
+    cast = interpreted() or query.dtype != bank.dtype or query.dtype == torch.float64
     args = dict(
         q_ptr=query, bank_ptr=bank, exclude_ptr=ex, cand_ptr=candidates,
         B=num_queries, N=num_rows, D=dim, E=num_excluded, rows_per_split=rows_per_split,
@@ -424,11 +415,11 @@ def knn_topk_split(
         stride_cb=candidates.stride(0), stride_cs=candidates.stride(1),
         K=k, K_PAD=k_pad, HAS_EXCLUDE=has_exclude,
         E_PAD=triton.next_power_of_2(max(1, num_excluded)), CAST_FP32=cast,
-        INPUT_PRECISION=_input_precision(query.dtype if not cast else torch.float32),
+        INPUT_PRECISION=input_precision(query.dtype if not cast else torch.float32),
         BLOCK_D=block_d or _block_d(dim, 4 if cast else bank.element_size()),
     )
-    if _interpreted() or any(o is not None for o in (block_b, block_n, num_warps)):
-        default = split_configs()[0][0].kwargs if _interpreted() else {
+    if interpreted() or any(o is not None for o in (block_b, block_n, num_warps)):
+        default = split_configs()[0][0].kwargs if interpreted() else {
             "BLOCK_B": 64, "BLOCK_N": 128}
         meta = {"BLOCK_B": block_b or default["BLOCK_B"], "BLOCK_N": block_n or default["BLOCK_N"]}
         if num_warps is not None:

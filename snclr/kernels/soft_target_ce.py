@@ -17,10 +17,10 @@ Algorithm::
     forward grid (row blocks fastest, column splits):
         for each column tile of the split: s = (q_tile @ C_tile^T) * iq * ic * log2(e)/T
             online max / sum of exp2 per row; store s at owned columns of this row block
-        store per-split (max, sum)                -> launcher combines splits in fixed order
+        store per-split (max, sum)                -> snclr.ops combines splits in fixed order
     backward dq grid (row blocks, column splits, D chunks): recompute s tiles, p = exp2(s-lse),
         ds from p and the in-tile target weights, acc += (ds * ic / T) @ C_chunk
-        per-split partials summed in fixed order (deterministic, no atomics)
+        per-split partials, summed in fixed order by snclr.ops (deterministic, no atomics)
     backward dC grid (column blocks, D chunks): stream all row tiles, acc += (ds * iq / T)^T @ q
 
 Cost (elements read, flops): the forward reads q once and C once per row block (B/BLOCK_B
@@ -43,23 +43,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from snclr.kernels._common import NORM_EPS, input_precision, interpreted
+
 __all__ = [
     "inverse_norms",
-    "soft_target_ce_backward",
+    "soft_target_ce_backward_candidates",
+    "soft_target_ce_backward_queries",
     "soft_target_ce_configs",
     "soft_target_ce_forward",
 ]
 
-NORM_EPS = 1e-12  # F.normalize's default eps
-_LN2 = 0.6931471805599453
 # Grid size the split heuristic aims for: enough waves for a large GPU without a device query.
 _TARGET_PROGRAMS = 1024
 # Fewest column tiles worth one split: below that the (max, sum) partials cost more than they give.
 _MIN_TILES_PER_SPLIT = 4
-
-
-def _interpreted() -> bool:
-    return triton.knobs.runtime.interpret if hasattr(triton, "knobs") else False
 
 
 # ----------------------------------------------------------------------------------- configs
@@ -71,7 +68,7 @@ def soft_target_ce_configs(phase: str) -> list[triton.Config]:
     BLOCK_D is the reduction chunk of the logits; BLOCK_DO the output feature chunk of the
     backward accumulators (a grid dimension, so any D fits in registers).
     """
-    if _interpreted():
+    if interpreted():
         return [triton.Config(dict(BLOCK_B=32, BLOCK_N=64, BLOCK_D=32, BLOCK_DO=64))]
     shapes = [(64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
     outs = (64,) if phase == "forward" else (64, 128, 256)
@@ -343,35 +340,33 @@ def _soft_target_ce_bwd_dc_kernel(
     tl.store(out, acc, mask=col_mask[:, None] & out_mask[None, :])
 
 
-# INPUT_PRECISION is a key because the prune keeps other configs for "ieee" fp32.
-_TUNE = dict(
-    key=["D", "S", "INPUT_PRECISION"], prune_configs_by={"early_config_prune": _prune_configs}
-)
-_fwd_tuned = triton.autotune(configs=soft_target_ce_configs("forward"), **_TUNE)(
-    _soft_target_ce_fwd_kernel
-)
-_bwd_dq_tuned = triton.autotune(configs=soft_target_ce_configs("backward"), **_TUNE)(
-    _soft_target_ce_bwd_dq_kernel
-)
-_bwd_dc_tuned = triton.autotune(configs=soft_target_ce_configs("backward"), **_TUNE)(
-    _soft_target_ce_bwd_dc_kernel
-)
-
-
 # ----------------------------------------------------------------------------------- launchers
 
+_KERNELS = {
+    "forward": (_soft_target_ce_fwd_kernel, "forward"),
+    "dq": (_soft_target_ce_bwd_dq_kernel, "backward"),
+    "dc": (_soft_target_ce_bwd_dc_kernel, "backward"),
+}
+_tuned: dict[str, object] = {}
 
-def _launch(tuned, block: dict | None):
-    """The autotuned kernel, or the raw kernel with the caller's block sizes (tests, bench)."""
-    if block is None:
-        return tuned, {}
-    return tuned.fn, dict(block)
+
+def _kernel(name: str, block: dict | None) -> tuple[object, dict]:
+    """The kernel for ``name`` and its meta-parameters: the caller's block sizes (tests,
+    bench), or the autotuned kernel, built on first use (nothing at import time)."""
+    kernel, phase = _KERNELS[name]
+    if block is not None:
+        return kernel, dict(block)
+    if name not in _tuned:
+        # INPUT_PRECISION is a key because the prune keeps other configs for "ieee" fp32.
+        _tuned[name] = triton.autotune(
+            configs=soft_target_ce_configs(phase), key=["D", "S", "INPUT_PRECISION"],
+            prune_configs_by={"early_config_prune": _prune_configs},
+        )(kernel)
+    return _tuned[name], {}
 
 
-def _precision() -> dict:
-    """Constexprs for tl.dot: fp32 follows torch.get_float32_matmul_precision()."""
-    precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return dict(INPUT_PRECISION=precision, CAST_FP32=_interpreted())
+def _precision(dtype: torch.dtype) -> dict:
+    return dict(INPUT_PRECISION=input_precision(dtype), CAST_FP32=interpreted())
 
 
 def _split_layout(num_rows: int, num_cols: int, splits: int | None, block: dict | None):
@@ -394,131 +389,121 @@ def inverse_norms(x: Tensor) -> Tensor:
     out = torch.empty(num_rows, device=x.device, dtype=torch.float32)
     block_r, block_d = 32, min(128, max(16, triton.next_power_of_2(width)))
     _soft_target_ce_inverse_norm_kernel[(triton.cdiv(num_rows, block_r),)](
-        x, out, num_rows, width, x.stride(0), x.stride(1), NORM_EPS,
-        BLOCK_R=block_r, BLOCK_D=block_d,
-    )  # fmt: skip
+        x_ptr=x, out_ptr=out, R=num_rows, D=width, stride_xr=x.stride(0), stride_xd=x.stride(1),
+        eps=NORM_EPS, BLOCK_R=block_r, BLOCK_D=block_d,
+    )
     return out
 
 
 def soft_target_ce_forward(
     queries: Tensor,
     candidates: Tensor,
-    targets: Tensor,
+    inv_q: Tensor,
+    inv_c: Tensor,
     *,
+    num_slots: int,
     temperature: float,
     target_offset: int,
     splits: int | None = None,
     block: dict | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Losses and what the backward needs.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-split online-softmax partials and the owned logits.
 
     Args:
         queries: ``(B, D)`` fp32/fp16/bf16. candidates: ``(M, D)``, same dtype.
-        targets: ``(B, S)`` weights, any float dtype.
+        inv_q, inv_c: ``(B,)``, ``(M,)`` fp32 inverse norms (:func:`inverse_norms`).
         splits: column splits (default: a grid of about 1024 programs).
         block: explicit ``BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_DO`` instead of autotuning.
 
     Returns:
-        ``(loss, lse, owned, inv_q, inv_c)``: ``(B,)`` fp32 losses, ``(B,)`` fp32
-        logsumexp, ``(B, S)`` fp32 owned logits ``s_j,own(j,s)``, and the fp32 inverse norms.
+        ``(part_max, part_sum, owned)``: ``(B, SPLITS)`` fp32 base-2 running max and sum of
+        ``exp2`` per split, and ``(B, S)`` fp32 owned logits ``s_j,own(j,s)``.
     """
     num_rows, width = queries.shape
     num_cols = candidates.shape[0]
-    num_slots = targets.shape[1]
-    inv_q, inv_c = inverse_norms(queries), inverse_norms(candidates)
     splits, cols_per_split = _split_layout(num_rows, num_cols, splits, block)
-    kwargs = dict(device=queries.device, dtype=torch.float32)
-    part_max = torch.empty(num_rows, splits, **kwargs)
-    part_sum = torch.empty(num_rows, splits, **kwargs)
-    owned = torch.empty(num_rows, num_slots, **kwargs)
-    kernel, meta = _launch(_fwd_tuned, block)
-    grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_B"]), splits)  # noqa: E731
+    f32 = dict(device=queries.device, dtype=torch.float32)
+    part_max = torch.empty(num_rows, splits, **f32)
+    part_sum = torch.empty(num_rows, splits, **f32)
+    owned = torch.empty(num_rows, num_slots, **f32)
+    kernel, meta = _kernel("forward", block)
+
+    def grid(meta):
+        return (triton.cdiv(num_rows, meta["BLOCK_B"]), splits)
+
     kernel[grid](
-        queries, candidates, inv_q, inv_c, part_max, part_sum, owned,
-        num_rows, num_cols, width, num_slots, target_offset, cols_per_split, 1.0 / temperature,
-        queries.stride(0), queries.stride(1), candidates.stride(0), candidates.stride(1),
-        part_max.stride(0), part_max.stride(1), owned.stride(0), owned.stride(1),
-        **meta, **_precision(),
-    )  # fmt: skip
-    # Split combine in a fixed order (deterministic); O(B x splits) data.
-    row_max = part_max.amax(dim=1, keepdim=True)
-    total = (part_sum * torch.exp2(part_max - row_max)).sum(dim=1)
-    lse = (row_max.squeeze(1) + torch.log2(total)) * _LN2
-    weights = targets.float()
-    loss = weights.sum(dim=1) * lse - (weights * owned).sum(dim=1)
-    return loss, lse, owned, inv_q, inv_c
+        q_ptr=queries, c_ptr=candidates, inv_q_ptr=inv_q, inv_c_ptr=inv_c,
+        max_ptr=part_max, sum_ptr=part_sum, owned_ptr=owned,
+        B=num_rows, M=num_cols, D=width, S=num_slots, target_offset=target_offset,
+        cols_per_split=cols_per_split, inv_temperature=1.0 / temperature,
+        stride_qb=queries.stride(0), stride_qd=queries.stride(1),
+        stride_cm=candidates.stride(0), stride_cd=candidates.stride(1),
+        stride_pb=part_max.stride(0), stride_ps=part_max.stride(1),
+        stride_ob=owned.stride(0), stride_os=owned.stride(1),
+        **meta, **_precision(queries.dtype),
+    )
+    return part_max, part_sum, owned
 
 
-def _normalize_backward(x: Tensor, inv_norm: Tensor, grad_hat: Tensor) -> Tensor:
-    """Chain rule of x / max(||x||, eps): (h - n <n, h>) / ||x||, or h / eps when clamped."""
-    inv = inv_norm.unsqueeze(1)
-    unit = x.float() * inv
-    along = (unit * grad_hat).sum(dim=1, keepdim=True)
-    along = torch.where(inv < 1.0 / NORM_EPS, along, torch.zeros_like(along))
-    return ((grad_hat - unit * along) * inv).to(x.dtype)
+def _backward_args(queries, candidates, targets, inv_q, inv_c, lse, grad, row_weight,
+                   temperature, target_offset) -> dict:
+    """The arguments both backward kernels share, by name."""
+    return dict(
+        q_ptr=queries, c_ptr=candidates, t_ptr=targets, inv_q_ptr=inv_q, inv_c_ptr=inv_c,
+        lse_ptr=lse, grad_ptr=grad, row_weight_ptr=row_weight,
+        B=queries.shape[0], M=candidates.shape[0], D=queries.shape[1], S=targets.shape[1],
+        target_offset=target_offset, inv_temperature=1.0 / temperature,
+        stride_qb=queries.stride(0), stride_qd=queries.stride(1),
+        stride_cm=candidates.stride(0), stride_cd=candidates.stride(1),
+        stride_tb=targets.stride(0), stride_ts=targets.stride(1),
+        **_precision(queries.dtype),
+    )
 
 
-def soft_target_ce_backward(
-    grad: Tensor,
-    queries: Tensor,
-    candidates: Tensor,
-    targets: Tensor,
-    lse: Tensor,
-    owned: Tensor,
-    inv_q: Tensor,
-    inv_c: Tensor,
-    *,
-    temperature: float,
-    target_offset: int,
-    need_queries: bool = True,
-    need_candidates: bool = False,
-    splits: int | None = None,
-    block: dict | None = None,
-) -> tuple[Tensor | None, Tensor | None, Tensor]:
-    """Gradients of ``sum_j grad_j * loss_j``: ``(dq or None, dC or None, dt)`` in input dtypes.
+def soft_target_ce_backward_queries(
+    queries: Tensor, candidates: Tensor, targets: Tensor, inv_q: Tensor, inv_c: Tensor,
+    lse: Tensor, grad: Tensor, row_weight: Tensor, *, temperature: float, target_offset: int,
+    splits: int | None = None, block: dict | None = None,
+) -> Tensor:
+    """``(SPLITS, B, D)`` fp32 per-split partials of the gradient w.r.t. ``n(q)``.
 
-    ``grad`` is ``(B,)``; the other tensors are the forward's inputs and outputs.
+    ``lse``, ``grad`` and ``row_weight = grad * sum(targets)`` are ``(B,)`` fp32; the other
+    arguments as for :func:`soft_target_ce_forward`.
     """
     num_rows, width = queries.shape
-    num_cols = candidates.shape[0]
-    num_slots = targets.shape[1]
-    grad = grad.float().contiguous()
-    weights = targets.float()
-    row_weight = (grad * weights.sum(dim=1)).contiguous()
-    grad_targets = (grad.unsqueeze(1) * (lse.unsqueeze(1) - owned)).to(targets.dtype)
-    inv_temperature = 1.0 / temperature
-    precision = _precision()
-    strides = (
-        queries.stride(0), queries.stride(1), candidates.stride(0), candidates.stride(1),
-        targets.stride(0), targets.stride(1),
-    )  # fmt: skip
-    grad_queries = grad_candidates = None
-    if need_queries:
-        splits, cols_per_split = _split_layout(num_rows, num_cols, splits, block)
-        partial = torch.empty(splits, num_rows, width, device=queries.device, dtype=torch.float32)
-        kernel, meta = _launch(_bwd_dq_tuned, block)
-        grid = lambda meta: (  # noqa: E731
-            triton.cdiv(num_rows, meta["BLOCK_B"]), splits, triton.cdiv(width, meta["BLOCK_DO"])
-        )
-        kernel[grid](
-            queries, candidates, targets, inv_q, inv_c, lse, grad, row_weight, partial,
-            num_rows, num_cols, width, num_slots, target_offset, cols_per_split, inv_temperature,
-            *strides, partial.stride(0), partial.stride(1), partial.stride(2),
-            **meta, **precision,
-        )  # fmt: skip
-        # Fixed-order sum over splits keeps the gradient deterministic.
-        grad_queries = _normalize_backward(queries, inv_q, partial.sum(dim=0))
-    if need_candidates:
-        grad_hat = torch.empty(num_cols, width, device=queries.device, dtype=torch.float32)
-        kernel, meta = _launch(_bwd_dc_tuned, block)
-        grid = lambda meta: (  # noqa: E731
-            triton.cdiv(num_cols, meta["BLOCK_N"]), triton.cdiv(width, meta["BLOCK_DO"])
-        )
-        kernel[grid](
-            queries, candidates, targets, inv_q, inv_c, lse, grad, row_weight, grad_hat,
-            num_rows, num_cols, width, num_slots, target_offset, inv_temperature,
-            *strides, grad_hat.stride(0), grad_hat.stride(1),
-            **meta, **precision,
-        )  # fmt: skip
-        grad_candidates = _normalize_backward(candidates, inv_c, grad_hat)
-    return grad_queries, grad_candidates, grad_targets
+    splits, cols_per_split = _split_layout(num_rows, candidates.shape[0], splits, block)
+    partial = torch.empty(splits, num_rows, width, device=queries.device, dtype=torch.float32)
+    kernel, meta = _kernel("dq", block)
+
+    def grid(meta):
+        return (triton.cdiv(num_rows, meta["BLOCK_B"]), splits,
+                triton.cdiv(width, meta["BLOCK_DO"]))
+
+    kernel[grid](
+        **_backward_args(queries, candidates, targets, inv_q, inv_c, lse, grad, row_weight,
+                         temperature, target_offset),
+        dq_ptr=partial, cols_per_split=cols_per_split, stride_ps=partial.stride(0),
+        stride_pb=partial.stride(1), stride_pd=partial.stride(2), **meta,
+    )
+    return partial
+
+
+def soft_target_ce_backward_candidates(
+    queries: Tensor, candidates: Tensor, targets: Tensor, inv_q: Tensor, inv_c: Tensor,
+    lse: Tensor, grad: Tensor, row_weight: Tensor, *, temperature: float, target_offset: int,
+    block: dict | None = None,
+) -> Tensor:
+    """``(M, D)`` fp32 gradient w.r.t. ``n(C)``; arguments as in the queries' backward."""
+    num_cols, width = candidates.shape
+    grad_unit = torch.empty(num_cols, width, device=queries.device, dtype=torch.float32)
+    kernel, meta = _kernel("dc", block)
+
+    def grid(meta):
+        return (triton.cdiv(num_cols, meta["BLOCK_N"]), triton.cdiv(width, meta["BLOCK_DO"]))
+
+    kernel[grid](
+        **_backward_args(queries, candidates, targets, inv_q, inv_c, lse, grad, row_weight,
+                         temperature, target_offset),
+        dc_ptr=grad_unit, stride_dm=grad_unit.stride(0), stride_dd=grad_unit.stride(1), **meta,
+    )
+    return grad_unit

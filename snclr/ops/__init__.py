@@ -6,7 +6,9 @@ references (``snclr.reference``) elsewhere; ``"torch"`` always runs the referenc
 always run the reference, which is exact; the kernels accumulate in fp32.
 """
 
-from snclr.ops.contrastive import soft_target_contrastive_loss
-from snclr.ops.knn import SoftNeighbors, knn_topk, soft_neighbors
+# One module per op; importing them registers the torch.ops.snclr.* custom ops.
+from snclr.ops.knn_topk import knn_topk
+from snclr.ops.soft_neighbors import SoftNeighbors, soft_neighbors
+from snclr.ops.soft_target_contrastive_loss import soft_target_contrastive_loss
 
 __all__ = ["SoftNeighbors", "knn_topk", "soft_neighbors", "soft_target_contrastive_loss"]

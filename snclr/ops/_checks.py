@@ -7,10 +7,11 @@ expected and what was given. None of them reads tensor values (no host sync).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
+
+from snclr.kernels._common import interpreted
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -106,7 +107,7 @@ def resolve_backend(backend: object, *tensors: Tensor) -> str:
         return "torch"
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if device.type != "cuda" and not triton_interpreted():
+    if device.type != "cuda" and not interpreted():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got {device}) "
             "or TRITON_INTERPRET=1 set before snclr is imported"
@@ -114,5 +115,3 @@ def resolve_backend(backend: object, *tensors: Tensor) -> str:
     return backend
 
 
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,0 +1,130 @@
+"""``knn_topk``: checks, the fused custom op and its sparse autograd.
+
+``snclr::knn_topk`` runs the split and merge kernels of ``snclr.kernels.knn_topk``; the
+backward never goes dense: it gathers the K winning bank rows (O(B*K*D)) and scatters into
+the bank gradient only when the bank requires grad. Registered with ``custom_op`` +
+``register_fake`` + ``register_autograd``, so it works eagerly, under ``torch.compile`` and
+``torch.library.opcheck``, also under the Triton interpreter (DESIGN section 4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from snclr import reference
+from snclr.kernels.knn_topk import knn_topk_merge, knn_topk_split
+from snclr.ops._checks import (
+    check_exclude,
+    check_features,
+    check_k,
+    check_same_device,
+    check_same_width,
+    resolve_backend,
+)
+from snclr.ops._grads import scatter_rows, similarity_grads
+
+__all__ = ["knn_topk"]
+
+
+def _check_knn_topk(query: Tensor, bank: Tensor, k: int, exclude: Tensor | None) -> None:
+    check_features("query", query)
+    check_features("bank", bank)
+    check_same_width(query=query, bank=bank)
+    device = check_same_device(query=query, bank=bank)
+    check_k(k, bank.shape[0])
+    check_exclude(exclude, query.shape[0], device)
+
+
+def search_candidates(query: Tensor, bank: Tensor, k: int, exclude: Tensor | None) -> Tensor:
+    """The split kernel, run in the bank's precision.
+
+    A 16-bit bank is searched with the query rounded to the bank's dtype, so the tile dot
+    runs on the 16-bit tensor cores; the merge then recomputes the winners' values in fp32
+    from the query as given. The storage dtype of the bank is the search precision.
+    """
+    if bank.dtype in (torch.bfloat16, torch.float16) and query.dtype != bank.dtype:
+        query = query.to(bank.dtype)
+    return knn_topk_split(query, bank, k, exclude=exclude)
+
+
+@torch.library.custom_op("snclr::knn_topk", mutates_args=())
+def _knn_topk_op(
+    query: Tensor, bank: Tensor, k: int, exclude: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    candidates = search_candidates(query, bank, k, exclude)
+    out_dtype = torch.promote_types(query.dtype, bank.dtype)
+    indices, values, _ = knn_topk_merge(candidates, query, bank, k, values_dtype=out_dtype)
+    return values, indices
+
+
+@_knn_topk_op.register_fake
+def _knn_topk_fake(
+    query: Tensor, bank: Tensor, k: int, exclude: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    out_dtype = torch.promote_types(query.dtype, bank.dtype)
+    num_queries = query.shape[0]
+    return (
+        query.new_empty((num_queries, k), dtype=out_dtype),
+        query.new_empty((num_queries, k), dtype=torch.int64),
+    )
+
+
+def _knn_topk_setup_context(ctx, inputs, output) -> None:
+    query, bank, _, _ = inputs
+    values, indices = output
+    ctx.save_for_backward(query, bank, values, indices)
+
+
+def _knn_topk_backward(ctx, grad_values: Tensor, _grad_indices: Tensor | None):
+    query, bank, values, indices = ctx.saved_tensors
+    rows = bank[indices].float()  # (B, K, D), transient; float64 takes the reference
+    grad_query, grad_rows = similarity_grads(grad_values, values, query, rows)
+    grad_bank = scatter_rows(bank, indices, grad_rows) if ctx.needs_input_grad[1] else None
+    return grad_query.to(query.dtype), grad_bank, None, None
+
+
+_knn_topk_op.register_autograd(_knn_topk_backward, setup_context=_knn_topk_setup_context)
+
+
+def knn_topk(
+    query: Tensor,
+    bank: Tensor,
+    k: int,
+    *,
+    exclude: Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Inner-product top-k of each query row against the bank rows.
+
+    ``indices[b]`` are the k bank rows with the largest ``<query_b, bank_n>``, most similar
+    first; ties go to the smaller index. NaN scores never win, and neither do the rows in
+    ``exclude``; if fewer than k rows are eligible the remaining slots hold ``-inf``.
+
+    Args:
+        query: ``(B, D)`` float tensor.
+        bank: ``(N, D)`` float tensor on the same device.
+        k: neighbours per query, ``1 <= k <= N``.
+        exclude: optional ``(B, E)`` int64 rows to skip per query, ``-1`` for padding.
+        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``(values, indices)``: ``(B, K)`` scores in the inputs' promoted dtype, and
+        ``(B, K)`` int64 indices. ``values`` is differentiable w.r.t. ``query`` and ``bank``
+        through the K selected rows only.
+
+    Raises:
+        TypeError, ValueError: on a wrong rank, dtype, width, device, empty input or k.
+
+    Example:
+        >>> import torch
+        >>> from snclr.ops import knn_topk
+        >>> bank = torch.eye(4)
+        >>> values, indices = knn_topk(torch.tensor([[0.1, 0.9, 0.0, 0.5]]), bank, 2)
+        >>> indices.tolist()
+        [[1, 3]]
+    """
+    _check_knn_topk(query, bank, k, exclude)
+    if resolve_backend(backend, query, bank) == "torch":
+        return reference.knn_topk(query, bank, k, exclude=exclude)
+    return _knn_topk_op(query, bank, k, exclude)

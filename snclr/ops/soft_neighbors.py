@@ -1,0 +1,192 @@
+"""``soft_neighbors``: the nearest bank rows of each key and their positiveness.
+
+``snclr::soft_neighbors`` runs the search kernels on ``n(key)`` and, in the same merge, the
+positiveness of the winners for ``n(online)``. The normalisations stay in torch (O(B*D))
+so autograd chains through them exactly as in the reference; the op receives unit-norm
+query and online rows. The backward gathers the K winners once (O(B*K*D)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from snclr import reference
+from snclr.kernels._common import NORM_EPS
+from snclr.kernels.knn_topk import knn_topk_merge
+from snclr.ops._checks import (
+    check_exclude,
+    check_features,
+    check_k,
+    check_positive,
+    check_same_device,
+    check_same_rows,
+    check_same_width,
+    resolve_backend,
+)
+from snclr.ops._grads import normalize_backward, scatter_rows, similarity_grads
+from snclr.ops.knn_topk import search_candidates
+from snclr.reference import SoftNeighbors
+
+__all__ = ["SoftNeighbors", "soft_neighbors"]
+
+
+def _check_soft_neighbors(
+    key: Tensor, online: Tensor, bank: Tensor, k: int, temperature: float, exclude: Tensor | None
+) -> None:
+    check_features("key", key)
+    check_features("online", online)
+    check_features("bank", bank)
+    check_same_width(key=key, online=online, bank=bank)
+    check_same_rows(key=key, online=online)
+    device = check_same_device(key=key, online=online, bank=bank)
+    check_k(k, bank.shape[0])
+    check_positive("temperature", temperature)
+    check_exclude(exclude, key.shape[0], device)
+
+
+@torch.library.custom_op("snclr::soft_neighbors", mutates_args=())
+def _soft_neighbors_op(
+    query: Tensor,
+    online: Tensor,
+    bank: Tensor,
+    k: int,
+    temperature: float,
+    threshold: bool,
+    exclude: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    # Float outputs first: opcheck sums the outputs starting from the first one.
+    candidates = search_candidates(query, bank, k, exclude)
+    indices, similarity, positiveness = knn_topk_merge(
+        candidates, query, bank, k,
+        values_dtype=torch.promote_types(query.dtype, bank.dtype),
+        online=online.contiguous(), temperature=temperature, threshold=threshold,
+        positiveness_dtype=online.dtype,
+    )
+    return similarity, positiveness, indices
+
+
+@_soft_neighbors_op.register_fake
+def _soft_neighbors_fake(
+    query: Tensor,
+    online: Tensor,
+    bank: Tensor,
+    k: int,
+    temperature: float,
+    threshold: bool,
+    exclude: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    num_queries = query.shape[0]
+    return (
+        query.new_empty((num_queries, k), dtype=torch.promote_types(query.dtype, bank.dtype)),
+        online.new_empty((num_queries, k)),
+        query.new_empty((num_queries, k), dtype=torch.int64),
+    )
+
+
+def _soft_neighbors_setup_context(ctx, inputs, output) -> None:
+    query, online, bank, k, temperature, threshold, _ = inputs
+    similarity, _, indices = output
+    ctx.save_for_backward(query, online, bank, indices, similarity)
+    ctx.k, ctx.temperature, ctx.threshold = k, temperature, threshold
+
+
+def _positiveness_grads(
+    ctx, grad_pos: Tensor, online: Tensor, rows: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Gradients of ``softmax_t(<on, rows_t / max(|rows_t|, eps)> / tau)`` (+ threshold).
+
+    The softmax is recomputed from the gathered rows (its pre-threshold weights are not
+    saved): ``da = p * (dp - sum_t dp_t p_t)``, then the normalisation chain rule.
+    """
+    inv_norm = 1.0 / rows.norm(dim=2).clamp_min(NORM_EPS)  # (B, K)
+    unit = rows * inv_norm.unsqueeze(2)
+    on = online.to(rows.dtype)
+    p = torch.softmax(torch.einsum("bd,bkd->bk", on, unit) / ctx.temperature, dim=1)
+    dp = grad_pos.to(rows.dtype)
+    if ctx.threshold:
+        dp = dp * (p > 1.0 / ctx.k)
+    da = p * (dp - (dp * p).sum(dim=1, keepdim=True)) / ctx.temperature  # (B, K)
+    grad_online = torch.einsum("bk,bkd->bd", da, unit)
+    grad_unit = da.unsqueeze(2) * on.unsqueeze(1)  # (B, K, D)
+    return grad_online, normalize_backward(rows, inv_norm, grad_unit)
+
+
+def _soft_neighbors_backward(ctx, grad_similarity, grad_positiveness, _grad_indices):
+    query, online, bank, indices, similarity = ctx.saved_tensors
+    rows = bank[indices].float()  # (B, K, D), transient; float64 takes the reference
+    grad_query = grad_online = None
+    grad_rows = torch.zeros_like(rows)
+    if grad_similarity is not None:
+        grad_query, sim_rows = similarity_grads(grad_similarity, similarity, query, rows)
+        grad_query = grad_query.to(query.dtype)
+        grad_rows = grad_rows + sim_rows
+    if grad_positiveness is not None:
+        grad_online, pos_rows = _positiveness_grads(ctx, grad_positiveness, online, rows)
+        grad_online = grad_online.to(online.dtype)
+        grad_rows = grad_rows + pos_rows
+    grad_bank = scatter_rows(bank, indices, grad_rows) if ctx.needs_input_grad[2] else None
+    return grad_query, grad_online, grad_bank, None, None, None, None
+
+
+_soft_neighbors_op.register_autograd(
+    _soft_neighbors_backward, setup_context=_soft_neighbors_setup_context
+)
+
+
+def soft_neighbors(
+    key: Tensor,
+    online: Tensor,
+    bank: Tensor,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    threshold: bool = False,
+    exclude: Tensor | None = None,
+    backend: str = "auto",
+) -> SoftNeighbors:
+    """The k nearest bank rows of each key, with their positiveness for ``online``.
+
+    ``indices = top-k_n <n(key), bank_n>`` (bank rows are stored L2-normalised, so this is
+    cosine similarity), ``positiveness = softmax_k(<n(online), n(neighbor)> / temperature)``,
+    and with ``threshold`` weights ``<= 1/k`` are set to zero without renormalising
+    (DESIGN section 2).
+
+    Args:
+        key: ``(B, D)`` momentum features that choose the neighbours.
+        online: ``(B, D)`` online projections that score them.
+        bank: ``(N, D)`` L2-normalised rows.
+        k: neighbours per key, ``1 <= k <= N``.
+        temperature: positiveness softmax temperature (1 reproduces the reference code).
+        threshold: zero the weights not above ``1/k``.
+        exclude: optional ``(B, E)`` int64 rows to skip per key, ``-1`` for padding.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Returns:
+        :class:`SoftNeighbors` with ``indices`` ``(B, K)`` int64, ``similarity`` ``(B, K)``,
+        ``neighbors`` ``(B, K, D)`` in the bank's dtype and ``positiveness`` ``(B, K)``,
+        differentiable w.r.t. ``online``. A NaN ``online`` row gives NaN positiveness.
+
+    Raises:
+        TypeError, ValueError: on a wrong rank, dtype, width, device, empty input, k or
+            temperature.
+
+    Example:
+        >>> import torch
+        >>> from snclr.ops import soft_neighbors
+        >>> bank = torch.nn.functional.normalize(torch.randn(64, 8), dim=1)
+        >>> out = soft_neighbors(torch.randn(4, 8), torch.randn(4, 8), bank, 5)
+        >>> out.neighbors.shape, round(out.positiveness.sum(1)[0].item(), 4)
+        (torch.Size([4, 5, 8]), 1.0)
+    """
+    _check_soft_neighbors(key, online, bank, k, temperature, exclude)
+    options = dict(temperature=float(temperature), threshold=bool(threshold), exclude=exclude)
+    if resolve_backend(backend, key, online, bank) == "torch":
+        return reference.soft_neighbors(key, online, bank, k, **options)
+    query = F.normalize(key, dim=-1)
+    online_unit = F.normalize(online.float(), dim=-1)
+    similarity, positiveness, indices = _soft_neighbors_op(
+        query, online_unit, bank, k, options["temperature"], options["threshold"], exclude
+    )
+    return SoftNeighbors(indices, similarity, bank[indices], positiveness)
