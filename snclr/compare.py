@@ -123,6 +123,11 @@ def parse_variants(spec: str, base: Config, *,
         ConfigError: an empty list, an unknown method or field, a malformed, mistyped or
             duplicated flag, a flag a method fixes, budget or data fields, the same variant
             twice.
+
+    Example:
+        >>> [(v.folder, v.flags) for v in parse_variants("mocov3,snclr:attention_temperature=0.1",
+        ...                                               Config())]
+        [('mocov3', ()), ('snclr+attention_temperature=0.1', (('attention_temperature', 0.1),))]
     """
     variants, seen = [], {}
     parts = [part.strip() for part in spec.split(",")]
