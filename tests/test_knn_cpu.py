@@ -171,14 +171,17 @@ def test_k_equals_one(levels):
 
 
 def test_float64_is_exact():
-    # 21-bit inputs: float64 scores are exact, float32 ones would round (and tie wrongly).
+    # 21-bit inputs: every float64 score is exact, whatever the summation order.
     query = torch.randint(-(2**20), 2**20, (9, 8), dtype=torch.float64) / 2**20
     bank = torch.randint(-(2**20), 2**20, (500, 8), dtype=torch.float64) / 2**20
     bank[100] = bank[37]  # an exact tie, wherever it ranks
-    bank[200] = bank[38] + 2**-40  # beats row 38 by less than float32 can resolve
+    # Row 7 beats row 3 by 2**-30 for query 0: float32 would round both to 1 and tie.
+    query[0], bank[3], bank[7] = 0.0, 0.0, 0.0
+    query[0, 0], bank[3, 0], bank[7, 0] = 1.0, 1.0, 1.0 + 2**-30
     values, indices = check_against_oracle(query, bank, 10)
+    assert indices[0, :2].tolist() == [7, 3] and values.dtype == torch.float64
     torch.testing.assert_close(values, (query @ bank.t()).gather(1, indices), atol=0, rtol=0)
-    assert not torch.equal(bank[200].float(), bank[38].float() + 1) and values.dtype == torch.float64
+    assert reference.knn_topk(query.float(), bank.float(), 2)[1][0].tolist() == [3, 7]
 
 
 def test_bfloat16_inputs_are_scored_in_float32():
