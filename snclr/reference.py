@@ -60,22 +60,33 @@ def _stable_top_k(scores: Tensor, k: int) -> Tensor:
 def _top_k_of_chunk(scores: Tensor, k: int) -> Tensor:
     """``_stable_top_k(scores, k)`` in O(N) per row; ``scores`` ``(R, N)`` may be overwritten.
 
-    NaN scores rank with the excluded rows, at -inf. ``topk`` with one extra slot finds the
-    winners; when the K-th score beats the (K+1)-th the winning set is unique and only its
-    K entries need ordering by (value descending, index ascending). Rows where the two are
-    equal (ties across the cut, -inf slots included) take the stable sort.
+    ``topk`` with one extra slot finds the winners. Where its K+1 scores strictly decrease,
+    the winners and their order are unique and it is done; the other rows (a NaN, equal
+    scores) are resolved exactly by :func:`_resolve_top_k`.
     """
     if k >= scores.shape[1]:
         return _stable_top_k(scores.masked_fill_(scores.isnan(), float("-inf")), k)
-    values, indices = scores.topk(k + 1, dim=1)  # (R, K+1), values descending
-    # topk ranks NaN above every number, so a row holding one shows it among its values.
-    # Selecting rows by value is a host sync on a GPU; this path serves the CPU and float64.
-    nan_rows = values.isnan().any(dim=1).nonzero().squeeze(1)
-    if nan_rows.numel():
-        cleaned = scores[nan_rows]
-        cleaned.masked_fill_(cleaned.isnan(), float("-inf"))
-        scores[nan_rows] = cleaned
-        values[nan_rows], indices[nan_rows] = cleaned.topk(k + 1, dim=1)
+    values, indices = scores.topk(k + 1, dim=1)  # (R, K+1), values descending, NaN first
+    # False for equal neighbours and for NaN. Selecting rows by value is a host sync on a
+    # GPU; this path serves the CPU (and float64).
+    strict = (values[:, :-1] > values[:, 1:]).all(dim=1)
+    winners = indices[:, :k].contiguous()
+    rows = (~strict).nonzero().squeeze(1)
+    if rows.numel():
+        winners[rows] = _resolve_top_k(scores[rows], k)
+    return winners
+
+
+def _resolve_top_k(scores: Tensor, k: int) -> Tensor:
+    """``_stable_top_k(scores, k)`` for rows with NaN or equal scores; ``k < N``.
+
+    NaN scores rank with the excluded rows, at -inf. When the K-th score beats the (K+1)-th
+    the winning set is unique and only its K entries need ordering by (value descending,
+    index ascending); rows where the two are equal (ties across the cut, -inf slots
+    included) take the stable sort.
+    """
+    scores.masked_fill_(scores.isnan(), float("-inf"))
+    values, indices = scores.topk(k + 1, dim=1)
     # Winners in index order first, so the stable sort by value breaks ties by index.
     winners, by_index = indices[:, :k].sort(dim=1)
     by_value = values[:, :k].gather(1, by_index).sort(dim=1, descending=True, stable=True)
@@ -104,7 +115,7 @@ def _search_indices(query: Tensor, bank: Tensor, k: int, exclude: Tensor | None)
             fill = torch.where(ex >= 0, float("-inf"), float("inf")).to(acc)
             scores.scatter_reduce_(1, ex.clamp(min=0), fill, reduce="amin")
         chunks.append(_top_k_of_chunk(scores, k))
-    return torch.cat(chunks, dim=0)
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)
 
 
 def knn_topk(
@@ -130,7 +141,8 @@ def knn_topk(
     """
     indices = _search_indices(query, bank, k, exclude)
     acc = _accumulation_dtype(query, bank)
-    rows = bank[indices].to(acc)  # (B, K, D): converts K rows per query, not the bank
+    # (B, K, D); index_select is the cheap gather on a CPU; only these rows are converted.
+    rows = bank.index_select(0, indices.flatten()).unflatten(0, indices.shape).to(acc)
     values = torch.einsum("bd,bkd->bk", query.to(acc), rows)
     # Slots that ran out of eligible rows (NaN scores, excluded rows) report -inf.
     ineligible = values.detach().isnan()
