@@ -2,8 +2,10 @@
 
 These functions define the semantics that the Triton kernels in ``snclr.kernels`` must
 reproduce (DESIGN section 2). They are plain PyTorch, exact in float64, and row-chunked so
-that the similarity search never holds more than ``chunk_rows x N`` scores at once. They do
-no input validation and no device logic: ``snclr.ops`` does both before calling them.
+that the similarity search holds at most ``SEARCH_CHUNK_SCORES`` scores (or one row) at
+once. They do no input validation and no device logic: ``snclr.ops`` does both before
+calling them. They are also the CPU path, so the search is O(N) per query: ``topk`` plus
+exact tie resolution, the full stable sort only for rows tied across the K-th slot.
 
 Alphabet: B queries, N bank rows, D features, K neighbours, S = K + 1 target slots,
 M candidate columns.
