@@ -2,8 +2,10 @@
 
 These functions define the semantics that the Triton kernels in ``snclr.kernels`` must
 reproduce (DESIGN section 2). They are plain PyTorch, exact in float64, and row-chunked so
-that the similarity search never holds more than ``chunk_rows x N`` scores at once. They do
-no input validation and no device logic: ``snclr.ops`` does both before calling them.
+that the similarity search holds at most ``SEARCH_CHUNK_SCORES`` scores (or one row) at
+once. They do no input validation and no device logic: ``snclr.ops`` does both before
+calling them. They are also the CPU path, so the search is O(N) per query: ``topk`` plus
+exact tie resolution, the full stable sort only for rows tied across the K-th slot.
 
 Alphabet: B queries, N bank rows, D features, K neighbours, S = K + 1 target slots,
 M candidate columns.
@@ -19,9 +21,12 @@ from torch import Tensor
 
 __all__ = ["SoftNeighbors", "knn_topk", "soft_neighbors", "soft_target_contrastive_loss"]
 
-# Rows of queries scored against the whole bank per step of the search: bounds the
-# transient score matrix to CHUNK_ROWS x N instead of B x N.
+# Rows of queries scored against all candidates per step of the loss: bounds the transient
+# logits to CHUNK_ROWS x M instead of B x M.
 CHUNK_ROWS = 1024
+# Scores the similarity search holds at once (64 MiB in float32): its chunk of query rows
+# shrinks as the bank grows, so memory stays bounded while each chunk keeps the matmul busy.
+SEARCH_CHUNK_SCORES = 1 << 24
 
 
 class SoftNeighbors(NamedTuple):
@@ -49,27 +54,70 @@ def _accumulation_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
+def _stable_top_k(scores: Tensor, k: int) -> Tensor:
+    """The tie rule itself: a stable descending sort puts equal scores in index order."""
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def _top_k_of_chunk(scores: Tensor, k: int) -> Tensor:
+    """``_stable_top_k(scores, k)`` in O(N) per row; ``scores`` ``(R, N)`` may be overwritten.
+
+    ``topk`` with one extra slot finds the winners. Where its K+1 scores strictly decrease,
+    the winners and their order are unique and it is done; the other rows (a NaN, equal
+    scores) are resolved exactly by :func:`_resolve_top_k`.
+    """
+    if k >= scores.shape[1]:
+        return _stable_top_k(scores.masked_fill_(scores.isnan(), float("-inf")), k)
+    values, indices = scores.topk(k + 1, dim=1)  # (R, K+1), values descending, NaN first
+    # False for equal neighbours and for NaN. Selecting rows by value is a host sync on a
+    # GPU; this path serves the CPU (and float64).
+    strict = (values[:, :-1] > values[:, 1:]).all(dim=1)
+    winners = indices[:, :k].contiguous()
+    rows = (~strict).nonzero().squeeze(1)
+    if rows.numel():
+        winners[rows] = _resolve_top_k(scores[rows], k)
+    return winners
+
+
+def _resolve_top_k(scores: Tensor, k: int) -> Tensor:
+    """``_stable_top_k(scores, k)`` for rows with NaN or equal scores; ``k < N``.
+
+    NaN scores rank with the excluded rows, at -inf. When the K-th score beats the (K+1)-th
+    the winning set is unique and only its K entries need ordering by (value descending,
+    index ascending); rows where the two are equal (ties across the cut, -inf slots
+    included) take the stable sort.
+    """
+    scores.masked_fill_(scores.isnan(), float("-inf"))
+    values, indices = scores.topk(k + 1, dim=1)
+    # Winners in index order first, so the stable sort by value breaks ties by index.
+    winners, by_index = indices[:, :k].sort(dim=1)
+    by_value = values[:, :k].gather(1, by_index).sort(dim=1, descending=True, stable=True)
+    winners = winners.gather(1, by_value.indices)
+    tied_rows = (values[:, k - 1] == values[:, k]).nonzero().squeeze(1)
+    if tied_rows.numel():
+        winners[tied_rows] = _stable_top_k(scores[tied_rows], k)
+    return winners
+
+
 def _search_indices(query: Tensor, bank: Tensor, k: int, exclude: Tensor | None) -> Tensor:
     """Indices of the k best bank rows per query; no gradient, ties to the smaller index."""
     acc = _accumulation_dtype(query, bank)
-    bank_t = bank.detach().to(acc).t()
-    num_rows = bank.shape[0]
+    query, bank_t = query.detach().to(acc), bank.detach().to(acc).t()
+    num_queries, num_rows = query.shape[0], bank.shape[0]
+    chunk = max(1, min(num_queries, SEARCH_CHUNK_SCORES // num_rows))
+    # One score buffer reused by every chunk: fresh large allocations cost page faults.
+    buffer = query.new_empty(chunk, num_rows)
     chunks = []
-    for start in range(0, query.shape[0], CHUNK_ROWS):
-        scores = query[start : start + CHUNK_ROWS].detach().to(acc) @ bank_t  # (chunk, N)
-        # A NaN score must never be selected: rank it with the excluded rows, at -inf.
-        scores = scores.masked_fill(scores.isnan(), float("-inf"))
+    for start in range(0, num_queries, chunk):
+        rows = query[start : start + chunk]
+        scores = torch.mm(rows, bank_t, out=buffer[: rows.shape[0]])  # (chunk, N)
         if exclude is not None:
-            # Padding entries (-1) are sent to an extra column that is dropped afterwards.
-            ex = exclude[start : start + CHUNK_ROWS]
-            ex = torch.where(ex >= 0, ex, num_rows)
-            padded = F.pad(scores, (0, 1))
-            padded.scatter_(1, ex, float("-inf"))
-            scores = padded[:, :num_rows]
-        # A stable sort makes ties deterministic: the smaller bank index comes first.
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-        chunks.append(order[:, :k])
-    return torch.cat(chunks, dim=0)
+            # Excluded rows drop to -inf in place; padding (-1) takes min(score, +inf), a no-op.
+            ex = exclude[start : start + chunk]
+            fill = torch.where(ex >= 0, float("-inf"), float("inf")).to(acc)
+            scores.scatter_reduce_(1, ex.clamp(min=0), fill, reduce="amin")
+        chunks.append(_top_k_of_chunk(scores, k))
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)
 
 
 def knn_topk(
@@ -95,7 +143,8 @@ def knn_topk(
     """
     indices = _search_indices(query, bank, k, exclude)
     acc = _accumulation_dtype(query, bank)
-    rows = bank.to(acc)[indices]  # (B, K, D)
+    # (B, K, D); index_select is the cheap gather on a CPU; only these rows are converted.
+    rows = bank.index_select(0, indices.flatten()).unflatten(0, indices.shape).to(acc)
     values = torch.einsum("bd,bkd->bk", query.to(acc), rows)
     # Slots that ran out of eligible rows (NaN scores, excluded rows) report -inf.
     ineligible = values.detach().isnan()
