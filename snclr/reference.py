@@ -112,10 +112,11 @@ def _search_indices(query: Tensor, bank: Tensor, k: int, exclude: Tensor | None)
         rows = query[start : start + chunk]
         scores = torch.mm(rows, bank_t, out=buffer[: rows.shape[0]])  # (chunk, N)
         if exclude is not None:
-            # Excluded rows drop to -inf in place; padding (-1) takes min(score, +inf), a no-op.
+            # Excluded rows drop to -inf in place; entries outside [0, N) (padding -1
+            # included) take min(score, +inf), a no-op: they are ignored, as in the kernels.
             ex = exclude[start : start + chunk]
-            fill = torch.where(ex >= 0, float("-inf"), float("inf")).to(acc)
-            scores.scatter_reduce_(1, ex.clamp(min=0), fill, reduce="amin")
+            fill = torch.where((ex >= 0) & (ex < num_rows), float("-inf"), float("inf")).to(acc)
+            scores.scatter_reduce_(1, ex.clamp(0, num_rows - 1), fill, reduce="amin")
         chunks.append(_top_k_of_chunk(scores, k))
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)
 
@@ -135,7 +136,8 @@ def knn_topk(
         query: ``(B, D)`` floating point.
         bank: ``(N, D)`` floating point.
         k: number of neighbours, ``1 <= k <= N``.
-        exclude: optional ``(B, E)`` int64 bank rows to skip per query; ``-1`` is padding.
+        exclude: optional ``(B, E)`` int64 bank rows to skip per query; entries outside
+            ``[0, N)`` are ignored (``-1`` is the usual padding).
 
     Returns:
         ``(values, indices)``, ``(B, K)`` each; values in the promoted dtype of the inputs,
@@ -178,7 +180,8 @@ def soft_neighbors(
         k: number of neighbours, ``1 <= k <= N``.
         temperature: softmax temperature of the positiveness.
         threshold: zero the weights ``<= 1/k``.
-        exclude: optional ``(B, E)`` int64 rows to skip; ``-1`` is padding.
+        exclude: optional ``(B, E)`` int64 rows to skip; entries outside ``[0, N)`` are
+            ignored (``-1`` is the usual padding).
 
     Returns:
         :class:`SoftNeighbors`; ``positiveness`` is differentiable w.r.t. ``online`` (and

@@ -68,3 +68,15 @@ def test_auto_backend_on_cpu_is_the_reference():
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_out_of_range_exclusions_are_ignored_by_both_backends(backend):
+    # One documented rule, no host sync: entries outside [0, N) exclude nothing.
+    query, bank = torch.randn(5, 16), torch.randn(70, 16)
+    _, best = ops.knn_topk(query, bank, 3, backend="torch")
+    exclude = torch.cat([best[:, :1], torch.tensor([[70, 75, -1, -9]] * 5)], dim=1)
+    values, indices = ops.knn_topk(query, bank, 3, exclude=exclude, backend=backend)
+    want_values, want_indices = ops.knn_topk(query, bank, 3, exclude=best[:, :1], backend="torch")
+    assert torch.equal(indices, want_indices)
+    torch.testing.assert_close(values, want_values, atol=1e-5, rtol=1e-5)

@@ -105,7 +105,9 @@ def knn_topk(
         query: ``(B, D)`` float tensor.
         bank: ``(N, D)`` float tensor on the same device.
         k: neighbours per query, ``1 <= k <= N``.
-        exclude: optional ``(B, E)`` int64 rows to skip per query, ``-1`` for padding.
+        exclude: optional ``(B, E)`` int64 rows to skip per query. Entries outside
+            ``[0, N)`` are ignored (``-1`` is the usual padding): no range check, which
+            would need a host sync.
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
 
     Returns:

@@ -160,7 +160,8 @@ def soft_neighbors(
         k: neighbours per key, ``1 <= k <= N``.
         temperature: positiveness softmax temperature (1 reproduces the reference code).
         threshold: zero the weights not above ``1/k``.
-        exclude: optional ``(B, E)`` int64 rows to skip per key, ``-1`` for padding.
+        exclude: optional ``(B, E)`` int64 rows to skip per key; entries outside ``[0, N)``
+            are ignored (``-1`` is the usual padding).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
