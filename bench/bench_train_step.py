@@ -62,12 +62,14 @@ def _captured_inputs(model, step: Callable[[], None]) -> dict:
     search, loss = model.bank.search, functional.soft_neighbor_loss
 
     def record_search(key, online, k, **options):
-        seen.setdefault("search", (key.detach(), online.detach(), model.bank.rows().clone(), k, options))
+        captured = (key.detach(), online.detach(), model.bank.rows().clone(), k, options)
+        seen.setdefault("search", captured)
         return search(key, online, k, **options)
 
     def record_loss(z, y, key, neighbors, **options):
         # Tensor options (the positiveness weights) become leaves that still take gradients.
-        leaves = {name: v.detach().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v for name, v in options.items()}
+        leaves = {name: v.detach().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v
+                  for name, v in options.items()}
         seen.setdefault("loss", (z.detach(), y.detach(), key.detach(), neighbors.detach(), leaves))
         return loss(z, y, key, neighbors, **options)
 
@@ -82,13 +84,15 @@ def _captured_inputs(model, step: Callable[[], None]) -> dict:
 
 def _op_times(seen: dict, device: torch.device) -> dict[str, float]:
     key, online, bank, k, options = seen["search"]
-    options = {name: value for name, value in options.items() if name in ("temperature", "threshold", "backend")}
+    options = {name: value for name, value in options.items()
+               if name in ("temperature", "threshold", "backend")}
     online = online.requires_grad_()
 
     def soft() -> None:
         ops.soft_neighbors(key, online, bank, k, **options).positiveness.sum().backward()
 
-    search_ms = measure(lambda: ops.knn_topk(key, bank, k, backend=options.get("backend", "auto")), device)["ms"]
+    backend = options.get("backend", "auto")
+    search_ms = measure(lambda: ops.knn_topk(key, bank, k, backend=backend), device)["ms"]
     soft_ms = measure(soft, device)["ms"]
     z, y, key2, neighbors, loss_options = seen["loss"]
     z, y = z.requires_grad_(), y.requires_grad_()
@@ -98,7 +102,8 @@ def _op_times(seen: dict, device: torch.device) -> dict[str, float]:
 
     loss_ms = measure(loss, device)["ms"]
     # Two loss directions per step, each with its own search and positiveness.
-    return {"search": 2 * search_ms, "positiveness": 2 * max(soft_ms - search_ms, 0.0), "loss": 2 * loss_ms}
+    positiveness_ms = max(soft_ms - search_ms, 0.0)
+    return {"search": 2 * search_ms, "positiveness": 2 * positiveness_ms, "loss": 2 * loss_ms}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,11 +114,13 @@ def main(argv: list[str] | None = None) -> None:
     cases, heads = (SMALL_CASES, SMALL_HEADS) if args.small else (CASES, HEADS)
     rows, summary = [], []
     for encoder, size, chans, batch, queue, k in cases:
-        steps = {m: _step_fn(m, encoder, size, chans, batch, queue, k, heads, device) for m in ("mocov3", "snclr")}
+        steps = {m: _step_fn(m, encoder, size, chans, batch, queue, k, heads, device)
+                 for m in ("mocov3", "snclr")}
         shape = f"{encoder} {size}px B={batch} N={queue} K={k}"
-        case_rows = run_case("train_step", {m: fn for m, (fn, _) in steps.items()}, float("nan"), "full",
-                             shape=shape, dtype="bf16-autocast" if device.type == "cuda" else "float32",
-                             device=device, reference="mocov3", repeats=3)
+        dtype = "bf16-autocast" if device.type == "cuda" else "float32"
+        case_rows = run_case("train_step", {m: fn for m, (fn, _) in steps.items()},
+                             float("nan"), "full", shape=shape, dtype=dtype, device=device,
+                             reference="mocov3", repeats=3)
         rows += case_rows
         shares = _op_times(_captured_inputs(steps["snclr"][1], steps["snclr"][0]), device)
         for row in case_rows:
@@ -125,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows)
     print()
     columns = ["case", "method", "step_ms", "images_per_s", "search_%", "positiveness_%", "loss_%"]
-    cells = [[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns] for r in summary]
+    cells = [[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, ""))
+              for c in columns] for r in summary]
     widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for line in cells:

@@ -7,7 +7,8 @@ row j at ``own(j, s) = target_offset + j*S + s``::
     lse_j   = logsumexp_c s_jc
     loss_j  = sum_s t_js * lse_j - sum_s t_js * s_j,own(j,s)
     ds_jc   = g_j * (sum(t_j) * exp(s_jc - lse_j) - target_jc)      (target_jc = t_js at own)
-    dq_j    = chain_n(q_j, sum_c ds_jc * n(C_c) / T),   dC_c = chain_n(C_c, sum_j ds_jc * n(q_j) / T)
+    dq_j    = chain_n(q_j, sum_c ds_jc * n(C_c) / T)
+    dC_c    = chain_n(C_c, sum_j ds_jc * n(q_j) / T)
     dt_js   = g_j * (lse_j - s_j,own(j,s))
     chain_n(x, h) = (h - n(x) <n(x), h>) / ||x||   (h / 1e-12 when ||x|| <= 1e-12)
 
