@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from snclr.config import Config, ConfigError
+from snclr.config import Config
+from snclr.errors import ConfigError
 from snclr.model import SNCLR, create_model
 
 __all__ = ["EVAL_KEYS", "RESUME_KEYS", "build_model", "get_rng_state", "non_finite",

@@ -18,7 +18,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from snclr.config import PRESETS, Config, ConfigError, apply_overrides, load_config_file, preset
+from snclr.config import PRESETS, Config, apply_overrides, load_config_file, preset
+from snclr.errors import ConfigError, TrainingDiverged
 from snclr.model import METHODS
 
 __all__ = ["build_parser", "config_from_args", "given_fields", "main"]
@@ -158,7 +159,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             last = train.pretrain(config, resume=args.resume, given=given_fields(args),
                                   allow_config_change=args.allow_config_change)
-        except train.TrainingDiverged as err:
+        except TrainingDiverged as err:
             return _stopped(args.command, err)
         # The process group is gone by now: ask torchrun's environment which rank this is.
         if int(os.environ.get("RANK", "0")) == 0:
@@ -184,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
     config = apply_overrides(preset("demo"), {"data": args.data, "output_dir": args.output_dir})
     try:
         train.pretrain(config)
-    except train.TrainingDiverged as err:
+    except TrainingDiverged as err:
         return _stopped(args.command, err)
     checkpoint = str(Path(args.output_dir) / "checkpoint.pt")
     trained = evaluate.run_knn(checkpoint, args.data)

@@ -22,12 +22,10 @@ from typing import Iterable
 
 import yaml
 
+from snclr.errors import ConfigError
+
 __all__ = ["PRESETS", "RESUME_FREE", "RESUME_RECORDED", "Config", "ConfigError", "apply_overrides",
            "check_resume_changes", "config_changes", "load_config_file", "preset", "resumed_config"]
-
-
-class ConfigError(ValueError):
-    """A bad configuration or input; the command line prints it as one line and exits 2."""
 
 
 @dataclass(frozen=True)

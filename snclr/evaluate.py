@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from snclr.checkpoint import build_model, config_of, load_model_state, non_finite, read_checkpoint
-from snclr.config import ConfigError
 from snclr.data import (AugmentedDataset, EvalDataset, ImageSet, eval_transform, limit,
                         linear_train_transform, load_splits, make_loader)
+from snclr.errors import ConfigError
 
 __all__ = ["LINEAR_PROTOCOLS", "extract_features", "knn_accuracy", "linear_probe",
            "linear_probe_augmented", "load_backbone", "parameter_checksum", "run_evaluation",

@@ -36,10 +36,11 @@ from snclr import distributed
 from snclr.bank import MemoryBank
 from snclr.checkpoint import (RESUME_KEYS, build_model, config_of, get_rng_state, load_model_state,
                               non_finite, read_checkpoint, set_rng_state, write_checkpoint)
-from snclr.config import (Config, ConfigError, check_resume_changes, config_changes, resumed_config,
+from snclr.config import (Config, check_resume_changes, config_changes, resumed_config,
                           validate)
 from snclr.data import TwoViewDataset, limit, load_splits, make_loader, two_view_transforms
 from snclr.encoders import fit_img_size
+from snclr.errors import ConfigError, TrainingDiverged
 from snclr.evaluate import extract_features, knn_accuracy
 from snclr.metrics import MetricsLog, clean
 from snclr.model import SNCLR, cosine_momentum
@@ -50,13 +51,6 @@ from snclr.report import write_report
 __all__ = ["Plan", "TrainingDiverged", "pretrain", "train_one_epoch"]
 
 HISTOGRAM_BINS = 50  # weights cluster near 1/K (tau_a = 1): fine bins show the spread
-
-
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss or weights: the run stopped, the last good checkpoint is kept.
-
-    Every rank raises it at the same step (the values tested are reduced over ranks).
-    """
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@
 import importlib.resources
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -238,3 +240,16 @@ def test_named_data_set_problems_are_one_line_errors(tmp_path, prepare, data, ma
     with pytest.raises(ConfigError, match=match) as err:
         load_splits(data.format(root=tmp_path))
     assert "\n" not in str(err.value)
+
+
+def test_data_does_not_import_the_config():
+    """The error class lives below both (snclr.errors): reading data never loads the config."""
+    script = "import sys, snclr.data; print(sorted(m for m in sys.modules if m == 'snclr.config'))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, check=True)
+    assert done.stdout.strip() == "[]"
+    from snclr import config, errors, train
+
+    assert config.ConfigError is errors.ConfigError and ConfigError is errors.ConfigError
+    assert train.TrainingDiverged is errors.TrainingDiverged
