@@ -15,6 +15,7 @@ from torch import Tensor
 
 from snclr import distributed, ops
 from snclr.ops._checks import check_features, check_positive
+from snclr.reference import thresholded
 
 __all__ = ["ATTENTIONS", "neighbor_weights", "soft_neighbor_loss"]
 
@@ -62,7 +63,7 @@ def neighbor_weights(
             f"passed as weights=), got {attention!r}"
         )
     if threshold and attention == "cosine":
-        weights = weights * (weights > 1.0 / num_neighbors)
+        weights = thresholded(weights)
     return weights
 
 

@@ -19,6 +19,7 @@ from snclr import functional
 from snclr.bank import MemoryBank
 from snclr.encoders import create_encoder, encoder_spec
 from snclr.heads import LearnedAttention, predictor, projector
+from snclr.reference import thresholded
 
 __all__ = ["METHODS", "SNCLR", "SNCLROutput", "cosine_momentum", "create_model", "fixed_options",
            "register_method"]
@@ -237,7 +238,7 @@ class SNCLR(nn.Module):
         elif self.attention == "learned":
             weights = self.attention_head(y, found.neighbors)
             if self.threshold:
-                weights = weights * (weights > 1.0 / k)
+                weights = thresholded(weights)
         loss = functional.soft_neighbor_loss(z, y, key, found.neighbors, weights=weights, **options)
         return loss, self._statistics(found, weights)
 

@@ -74,6 +74,15 @@ def test_soft_neighbors_definition():
     assert (~kept).any() and kept.any()
 
 
+def test_threshold_keeps_the_weights_above_one_over_k():
+    weights = torch.tensor([[0.5, 0.25, 0.15, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    expected = torch.tensor([[0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # 1/K = 0.25 is cut
+    assert torch.equal(reference.thresholded(weights), expected)
+    # K is the last dimension: with two neighbours the cut is 1/2.
+    assert reference.threshold_mask(torch.tensor([[0.7, 0.3], [0.5, 0.5]])).tolist() == [
+        [True, False], [False, False]]
+
+
 @pytest.mark.parametrize("offset", [0, 5])
 def test_soft_target_loss_matches_log_softmax(offset):
     b, s, m, d = 6, 3, 30, 12
