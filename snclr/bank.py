@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from snclr import distributed, ops
+from snclr.functional import ATTENTION_TEMPERATURE
 
 __all__ = ["BANK_MODES", "MemoryBank"]
 
@@ -83,9 +84,16 @@ class MemoryBank(nn.Module):
         # Filled rows are always the prefix [0, filled) until the ring wraps, then all rows.
         return self.queue if self.search_unfilled else self.queue[: self._filled]
 
-    def search(self, key: Tensor, online: Tensor, k: int, **options) -> ops.SoftNeighbors:
-        """:func:`snclr.ops.soft_neighbors` of ``key`` against the searchable rows."""
-        return ops.soft_neighbors(key, online, self.rows(), k, **options)
+    def search(self, key: Tensor, online: Tensor, k: int, *,
+               attention_temperature: float = ATTENTION_TEMPERATURE,
+               **options) -> ops.SoftNeighbors:
+        """:func:`snclr.ops.soft_neighbors` of ``key`` against the searchable rows.
+
+        ``attention_temperature`` is tau_a, the op's ``temperature=``; the other options
+        (``threshold``, ``exclude``, ``backend``) pass to the op by name.
+        """
+        return ops.soft_neighbors(key, online, self.rows(), k,
+                                  temperature=attention_temperature, **options)
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor, labels: Tensor | None = None) -> None:

@@ -23,6 +23,7 @@ from typing import Iterable
 import yaml
 
 from snclr.errors import ConfigError
+from snclr.functional import ATTENTION_TEMPERATURE, TEMPERATURE
 
 __all__ = ["PRESETS", "RESUME_FREE", "RESUME_RECORDED", "Config", "ConfigError", "apply_overrides",
            "check_resume_changes", "config_changes", "load_config_file", "preset", "resumed_config"]
@@ -48,8 +49,8 @@ class Config:
     method: str = "snclr"
     num_neighbors: int = 5
     queue_size: int = 4096
-    temperature: float = 0.2
-    attention_temperature: float = 1.0
+    temperature: float = TEMPERATURE
+    attention_temperature: float = ATTENTION_TEMPERATURE
     threshold: bool = False
     detach_positiveness: bool = False
     projector_layers: int | None = None
@@ -98,7 +99,7 @@ PRESETS: dict[str, dict] = {
     "vit-small": {
         "data": "imagenet", "img_size": 224, "augmentation": "byol", "crop_scale_min": 0.08,
         "num_workers": 10, "encoder": "vit_small", "num_neighbors": 30, "queue_size": 128000,
-        "temperature": 0.2, "projector_layers": 3, "projector_hidden": 4096,
+        "projector_layers": 3, "projector_hidden": 4096,
         "projector_dim": 256, "predictor_hidden": 4096, "epochs": 300, "batch_size": 4096,
         "optimizer": "adamw", "lr": 1.5e-4, "weight_decay": 0.1, "warmup_epochs": 40,
         "momentum_base": 0.99, "output_dir": "runs/vit-small", "knn_every": 0, "log_every": 50,

@@ -47,6 +47,18 @@ def test_search_unfilled_reproduces_the_reference_initialisation():
     assert bank.search(torch.randn(3, 8), torch.randn(3, 8), 10).indices.shape == (3, 10)
 
 
+def test_search_takes_the_attention_temperature_by_its_model_name():
+    from snclr import ops
+
+    bank = MemoryBank(20, 8)
+    bank.enqueue(torch.randn(20, 8))
+    key, online = torch.randn(3, 8), torch.randn(3, 8)
+    found = bank.search(key, online, 4, attention_temperature=0.1)
+    expected = ops.soft_neighbors(key, online, bank.rows(), 4, temperature=0.1)
+    torch.testing.assert_close(found.positiveness, expected.positiveness)
+    assert not torch.allclose(found.positiveness, bank.search(key, online, 4).positiveness)
+
+
 def test_state_dict_round_trip_restores_queue_and_pointers():
     bank = MemoryBank(6, 4)
     bank.enqueue(torch.randn(8, 4), torch.arange(8))
