@@ -53,7 +53,7 @@ class Config:
     attention_temperature: float = ATTENTION_TEMPERATURE
     threshold: bool = False
     detach_positiveness: bool = False
-    projector_layers: int | None = None
+    projector_layers: int | None = None  # None: the encoder family's (3 for ViT, 2 otherwise)
     projector_hidden: int = 512
     projector_dim: int = 128
     predictor_hidden: int = 512
@@ -89,6 +89,8 @@ class Config:
         return apply_overrides(cls(), values, source=source)
 
 
+# Presets leave projector_layers unset: the depth comes with the encoder
+# (snclr.encoders.projector_depth: 3 layers for ViT, 2 for ResNet, as MoCo v3).
 PRESETS: dict[str, dict] = {
     # CPU-sized: Animal-MNIST, small CNN, a few minutes on 2 cores.
     "demo": {},
@@ -99,11 +101,10 @@ PRESETS: dict[str, dict] = {
     "vit-small": {
         "data": "imagenet", "img_size": 224, "augmentation": "byol", "crop_scale_min": 0.08,
         "num_workers": 10, "encoder": "vit_small", "num_neighbors": 30, "queue_size": 128000,
-        "projector_layers": 3, "projector_hidden": 4096,
-        "projector_dim": 256, "predictor_hidden": 4096, "epochs": 300, "batch_size": 4096,
-        "optimizer": "adamw", "lr": 1.5e-4, "weight_decay": 0.1, "warmup_epochs": 40,
-        "momentum_base": 0.99, "output_dir": "runs/vit-small", "knn_every": 0, "log_every": 50,
-        "save_every": 5,
+        "projector_hidden": 4096, "projector_dim": 256, "predictor_hidden": 4096,
+        "epochs": 300, "batch_size": 4096, "optimizer": "adamw", "lr": 1.5e-4,
+        "weight_decay": 0.1, "warmup_epochs": 40, "momentum_base": 0.99,
+        "output_dir": "runs/vit-small", "knn_every": 0, "log_every": 50, "save_every": 5,
     },
     # MoCo v3 ResNet-50 recipe (its CONFIG.md, 100 epochs): LARS, base lr 0.6 per 256,
     # wd 1e-6, 10 warm-up epochs, momentum 0.99 -> 1, T = 1.0, 2-layer projector (4096 ->
@@ -112,11 +113,10 @@ PRESETS: dict[str, dict] = {
     "resnet50": {
         "data": "imagenet", "img_size": 224, "augmentation": "byol", "crop_scale_min": 0.08,
         "num_workers": 10, "encoder": "resnet50", "num_neighbors": 30, "queue_size": 128000,
-        "temperature": 1.0, "projector_layers": 2, "projector_hidden": 4096,
-        "projector_dim": 256, "predictor_hidden": 4096, "epochs": 100, "batch_size": 4096,
-        "optimizer": "lars", "lr": 0.6, "weight_decay": 1e-6, "warmup_epochs": 10,
-        "momentum_base": 0.99, "output_dir": "runs/resnet50", "knn_every": 0, "log_every": 50,
-        "save_every": 5,
+        "temperature": 1.0, "projector_hidden": 4096, "projector_dim": 256,
+        "predictor_hidden": 4096, "epochs": 100, "batch_size": 4096, "optimizer": "lars",
+        "lr": 0.6, "weight_decay": 1e-6, "warmup_epochs": 10, "momentum_base": 0.99,
+        "output_dir": "runs/resnet50", "knn_every": 0, "log_every": 50, "save_every": 5,
     },
 }
 

@@ -40,8 +40,10 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, *, num_layers: int, last_bn:
     return nn.Sequential(*layers)
 
 
-def projector(in_dim: int, *, hidden_dim: int = 4096, out_dim: int = 256, num_layers: int = 3) -> nn.Sequential:
-    """MoCo v3 projector g: 3 layers for ViT, 2 for ResNet."""
+def projector(in_dim: int, *, hidden_dim: int = 4096, out_dim: int = 256,
+              num_layers: int) -> nn.Sequential:
+    """MoCo v3 projector g; its depth depends on the encoder family
+    (:func:`snclr.encoders.projector_depth`: 3 layers for ViT, 2 for ResNet)."""
     return mlp(in_dim, hidden_dim, out_dim, num_layers=num_layers)
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from snclr import functional
 from snclr.bank import MemoryBank
-from snclr.encoders import create_encoder, encoder_spec
+from snclr.encoders import create_encoder, projector_depth
 from snclr.heads import LearnedAttention, predictor, projector
 from snclr.reference import thresholded
 
@@ -117,7 +117,9 @@ class SNCLR(nn.Module):
         attention_temperature: tau_a of the positiveness softmax (1 = reference code).
         threshold: zero positiveness weights ``<= 1/K``.
         detach_positiveness: no gradient from the loss into y through the weights.
-        projector_layers, projector_hidden, projector_dim, predictor_hidden: head sizes.
+        projector_layers: Linear layers of the projector; None: the encoder family's
+            (:func:`snclr.encoders.projector_depth`: 3 for a ViT, 2 otherwise).
+        projector_hidden, projector_dim, predictor_hidden: head widths.
         bank_mode: ``"local"`` or ``"global"`` queue under torch.distributed.
         search_unfilled: search the random initial queue rows too (reference code).
         bank_dtype: storage dtype of the queue.
@@ -147,7 +149,7 @@ class SNCLR(nn.Module):
         attention_temperature: float = functional.ATTENTION_TEMPERATURE,
         threshold: bool = False,
         detach_positiveness: bool = False,
-        projector_layers: int = 2,
+        projector_layers: int | None = None,
         projector_hidden: int = 4096,
         projector_dim: int = 256,
         predictor_hidden: int = 4096,
@@ -173,7 +175,10 @@ class SNCLR(nn.Module):
         self.threshold, self.detach_positiveness, self.backend = threshold, detach_positiveness, backend
 
         self.encoder = encoder
-        self.projector = projector(num_features, hidden_dim=projector_hidden, out_dim=projector_dim, num_layers=projector_layers)
+        if projector_layers is None:
+            projector_layers = projector_depth(encoder)
+        self.projector = projector(num_features, hidden_dim=projector_hidden,
+                                   out_dim=projector_dim, num_layers=projector_layers)
         self.predictor = predictor(projector_dim, hidden_dim=predictor_hidden)
         self.momentum_encoder = copy.deepcopy(encoder)
         self.momentum_projector = copy.deepcopy(self.projector)
@@ -275,7 +280,7 @@ def create_model(
 
     The method fixes its options (``mocov3``: K = 0; ``nnclr``: K = 1, nearest target;
     ``snclr-uniform`` / ``snclr-learned``: the attention); the projector depth follows the
-    encoder family (3 layers for ViT, 2 otherwise) unless given.
+    encoder family (:func:`snclr.encoders.projector_depth`) unless given.
 
     Example:
         >>> model = create_model("small_cnn", method="mocov3", in_chans=1, img_size=28,
@@ -286,6 +291,5 @@ def create_model(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     if isinstance(encoder, str):
-        options.setdefault("projector_layers", encoder_spec(encoder).projector_layers)
         encoder = create_encoder(encoder, in_chans=in_chans, img_size=img_size)
     return SNCLR(encoder, **{**options, **METHODS[method]})

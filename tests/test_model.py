@@ -80,6 +80,20 @@ def test_vit_encoder_gets_a_three_layer_projector():
     assert model(torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28)).loss.isfinite()
 
 
+def test_the_projector_depth_comes_from_the_encoder_family():
+    def depth(model):
+        return sum(isinstance(m, torch.nn.Linear) for m in model.projector)
+
+    heads = dict(projector_hidden=32, projector_dim=8, predictor_hidden=32, queue_size=16)
+    vit = create_encoder("vit_tiny", in_chans=1, img_size=28)
+    assert depth(SNCLR(vit, **heads)) == 3  # create_encoder records the family's depth
+    assert depth(SNCLR(create_encoder("small_cnn", in_chans=1), **heads)) == 2
+    custom = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 40))
+    assert depth(SNCLR(custom, num_features=40, **heads)) == 2
+    assert depth(SNCLR(vit, projector_layers=1, **heads)) == 1
+    assert depth(create_model("small_cnn", projector_layers=None, **SMALL)) == 2
+
+
 def test_custom_encoder_module():
     encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 40))
     model = SNCLR(encoder, num_features=40, num_neighbors=2, queue_size=16, projector_hidden=32, projector_dim=8, predictor_hidden=32)
