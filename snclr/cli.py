@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
+from snclr import distributed
 from snclr.config import PRESETS, Config, apply_overrides, load_config_file, preset
 from snclr.errors import ConfigError, TrainingDiverged
 from snclr.model import METHODS
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--checkpoint", required=True, help="checkpoint.pt written by pretrain")
         e.add_argument("--data", help="dataset name or folder (default: the one the checkpoint trained on)")
         e.add_argument("--json", action="store_true", help="print one JSON object")
-        e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        e.add_argument("--device", default="auto", choices=distributed.DEVICES)
         e.add_argument("--num-workers", type=int, default=0)
         e.add_argument("--random-init", action="store_true", help="evaluate the same architecture untrained")
         e.add_argument("--limit-samples", type=int, default=0, help=argparse.SUPPRESS)  # tests
@@ -161,8 +161,8 @@ def _run(args: argparse.Namespace) -> int:
                                   allow_config_change=args.allow_config_change)
         except TrainingDiverged as err:
             return _stopped(args.command, err)
-        # The process group is gone by now: ask torchrun's environment which rank this is.
-        if int(os.environ.get("RANK", "0")) == 0:
+        # The process group is gone by now: ask which rank torchrun started.
+        if distributed.launch_rank() == 0:
             print(f"finished {last.get('epoch', 0)} epochs; run folder {config.output_dir}" +
                   (f"; kNN top-1 {last['knn_top1']:.4f}" if last.get("knn_top1") is not None else ""))
         return 0
@@ -223,7 +223,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _stopped(command: str, err: Exception) -> int:
     # Every rank stops at the same step; one line is enough.
-    if int(os.environ.get("RANK", "0")) == 0:
+    if distributed.launch_rank() == 0:
         print(f"snclr {command}: stopped: {err}", file=sys.stderr)
     return 3
 

@@ -22,6 +22,7 @@ from typing import Iterable
 
 import yaml
 
+from snclr.distributed import DEVICES
 from snclr.errors import ConfigError
 from snclr.functional import ATTENTION_TEMPERATURE, TEMPERATURE
 
@@ -203,7 +204,7 @@ def validate(config: Config) -> None:
         "optimizer": ("adamw", "lars"), "precision": ("auto", "fp32", "bf16", "fp16"),
         "augmentation": ("auto", "byol", "greyscale"), "bank_mode": ("local", "global"),
         "bank_dtype": ("auto", "fp32", "bf16", "fp16"),
-        "device": ("auto", "cpu", "cuda"), "backend": ("auto", "torch", "triton"),
+        "device": DEVICES, "backend": ("auto", "torch", "triton"),
     }
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:

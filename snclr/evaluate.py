@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from snclr import distributed
 from snclr.checkpoint import build_model, config_of, load_model_state, non_finite, read_checkpoint
 from snclr.data import (AugmentedDataset, EvalDataset, ImageSet, eval_transform, limit,
                         linear_train_transform, load_splits, make_loader)
@@ -233,10 +234,6 @@ def load_backbone(checkpoint: str, *, random_init: bool = False, seed: int = 0) 
     return model.encoder, {"config": config, **shape}
 
 
-def _device(name: str = "auto") -> torch.device:
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
-
-
 def _check_counts(**counts: int) -> None:
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -312,7 +309,7 @@ def run_knn(checkpoint: str, data: str, *, random_init: bool = False, ks: tuple[
     ``limit_samples`` > 0 evaluates on fixed class-balanced subsets of both splits (tests).
     """
     e = _encode(checkpoint, data, random_init=random_init, num_workers=num_workers,
-                device=_device(device), limit_samples=limit_samples)
+                device=distributed.resolve_device(device), limit_samples=limit_samples)
     result = knn_accuracy(e.train_features, e.train_labels, e.test_features, e.test_labels,
                           ks=ks, num_classes=e.train.num_classes)
     return {"top1": result[f"top1_k{ks[0]}"], **result}
@@ -334,7 +331,7 @@ def run_linear(checkpoint: str, data: str, *, epochs: int = 100, lr: float = 0.1
     """
     _check_linear(epochs, lr, protocol)
     e = _encode(checkpoint, data, random_init=random_init, num_workers=num_workers,
-                device=_device(device), limit_samples=limit_samples)
+                device=distributed.resolve_device(device), limit_samples=limit_samples)
     return _probe(e, protocol=protocol, epochs=epochs, lr=lr, seed=seed,
                   num_workers=num_workers, progress=progress)
 
@@ -351,7 +348,7 @@ def run_evaluation(checkpoint: str, data: str, *, ks: tuple[int, ...] = (20, 200
     """
     _check_linear(linear_epochs, linear_lr, protocol)
     e = _encode(checkpoint, data, random_init=False, num_workers=num_workers,
-                device=_device(device), limit_samples=limit_samples)
+                device=distributed.resolve_device(device), limit_samples=limit_samples)
     result = knn_accuracy(e.train_features, e.train_labels, e.test_features, e.test_labels,
                           ks=ks, num_classes=e.train.num_classes)
     probe = _probe(e, protocol=protocol, epochs=linear_epochs, lr=linear_lr, seed=seed,

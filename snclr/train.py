@@ -87,18 +87,10 @@ class State:
         return f"checkpoint.pt still holds the last good state (step {self.saved_step})"
 
 
-def _device(config: Config) -> torch.device:
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available")
-    if config.device != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def _set_threads(device: torch.device) -> None:
     # Without OMP_NUM_THREADS, share the cores among the ranks on this machine.
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        local = distributed.local_world_size()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
@@ -339,7 +331,7 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
     elif resume:
         raise ConfigError(f"--resume given but {ckpt_path} does not exist")
     validate(config)
-    device = _device(config)
+    device = distributed.resolve_device(config.device)
     _set_threads(device)
     splits = load_splits(config.data)
     train_set = limit(splits["train"], config.limit_samples)

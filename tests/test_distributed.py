@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from snclr import MemoryBank, distributed
+from snclr.errors import ConfigError
 from snclr.functional import soft_neighbor_loss
 from snclr.train import _rank_banks, _restore_rank_bank
 
@@ -62,6 +63,24 @@ def test_helpers_are_noops_on_one_process():
     t = torch.randn(3, 2)
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
     assert torch.equal(distributed.gather_no_grad(t), t) and torch.equal(distributed.all_reduce_mean(t), t)
+
+
+def test_device_and_launch_rank_come_from_one_place(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.resolve_device("auto") == torch.device("cpu")
+    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="device 'cuda' requested but CUDA is not"):
+        distributed.resolve_device("cuda")
+    with pytest.raises(ConfigError, match=r"device must be one of .*got 'gpu'"):
+        distributed.resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.resolve_device("auto") == torch.device("cuda", 1)
+    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.delenv("RANK", raising=False)
+    assert distributed.launch_rank() == 0
+    monkeypatch.setenv("RANK", "3")
+    assert distributed.launch_rank() == 3 and distributed.rank() == 0  # no process group
 
 
 def test_gather_and_reduce_across_ranks(ranks):

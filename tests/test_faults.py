@@ -312,6 +312,20 @@ def test_bad_backend_or_attention_temperature_leaves_the_folder_alone(run_copy, 
     assert code == 2 and message in one_line(err) and not fresh.exists()
 
 
+def test_device_cuda_without_cuda_exits_2_for_pretrain_knn_and_linear(base_run, tmp_path,
+                                                                      capsys, monkeypatch):
+    """Evaluation used to fall back to the CPU silently where training refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    message = "device 'cuda' requested but CUDA is not available"
+    code, _, err = run(["pretrain", *TINY, "--device", "cuda", "--output-dir", tmp_path / "run"],
+                       capsys)
+    assert code == 2 and message in one_line(err) and not (tmp_path / "run").exists()
+    for command in ("knn", "linear"):
+        argv = [command, "--checkpoint", base_run / "checkpoint.pt", "--device", "cuda"]
+        code, out, err = run(argv, capsys)
+        assert code == 2 and message in one_line(err) and out == ""
+
+
 @pytest.mark.parametrize(
     "where, message",
     [
