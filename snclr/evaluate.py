@@ -27,6 +27,7 @@ from snclr.checkpoint import build_model, config_of, load_model_state, non_finit
 from snclr.data import (AugmentedDataset, EvalDataset, ImageSet, eval_transform, limit,
                         linear_train_transform, load_splits, make_loader)
 from snclr.errors import ConfigError
+from snclr.optim import cosine_lr
 
 __all__ = ["LINEAR_PROTOCOLS", "extract_features", "knn_accuracy", "linear_probe",
            "linear_probe_augmented", "load_backbone", "parameter_checksum", "run_evaluation",
@@ -123,8 +124,8 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
     for _ in range(epochs):
         order = torch.randperm(len(train_x), generator=generator).to(train_x.device)
         for rows in order.split(batch_size):
-            _sgd_step(head, optimizer, train_x[rows], train_labels[rows],
-                      lr=_cosine(lr, step, total))
+            _sgd_step(head, optimizer, train_x[rows], train_labels[rows], base_lr=lr, step=step,
+                      total=total)
             step += 1
     return _head_accuracy(head, test_x, test_labels)
 
@@ -144,12 +145,10 @@ def _linear_head(dim: int, num_classes: int, generator: torch.Generator, device:
     return head, optimizer
 
 
-def _cosine(lr: float, step: int, total: int) -> float:
-    return lr * 0.5 * (1 + math.cos(math.pi * step / total))
-
-
 def _sgd_step(head: nn.Linear, optimizer: torch.optim.SGD, x: Tensor, y: Tensor, *,
-              lr: float) -> None:
+              base_lr: float, step: int, total: int) -> None:
+    # The pretraining schedule, counted in steps, without warm-up (MoCo v3's linear probe).
+    lr = cosine_lr(step, lr=base_lr, warmup_epochs=0, epochs=total)
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss = F.cross_entropy(head(x), y)
@@ -211,8 +210,8 @@ def linear_probe_augmented(encoder: nn.Module, train_set: ImageSet, test_feature
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
                                                  enabled=device.type == "cuda"):
                 features = encoder(x.to(device, non_blocking=True)).float()
-            _sgd_step(head, optimizer, (features - mean) / std, y.to(device),
-                      lr=_cosine(lr, step, total))
+            _sgd_step(head, optimizer, (features - mean) / std, y.to(device), base_lr=lr,
+                      step=step, total=total)
             step += 1
     encoder.train(was_training)
     return _head_accuracy(head, (test_features - mean) / std, test_labels)
