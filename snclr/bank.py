@@ -21,7 +21,7 @@ class MemoryBank(nn.Module):
 
     Rows, write pointer, fill count and the optional label of each row are persistent
     buffers, so ``state_dict`` carries the queue into checkpoints. Searching reads only;
-    :meth:`enqueue` is the one mutation.
+    :meth:`enqueue` is the one mutation in training, :meth:`restore_rows` the one on resume.
 
     Args:
         size: number of rows N.
@@ -127,6 +127,23 @@ class MemoryBank(nn.Module):
         self._filled = min(self.size, self._filled + count)
         self.pointer.fill_(self._pointer)
         self.filled.fill_(self._filled)
+
+    @torch.no_grad()
+    def restore_rows(self, rows: Tensor, labels: Tensor) -> None:
+        """Overwrite every row and label with saved ones (a rank's queue from a checkpoint).
+
+        The write pointer and fill count stay: a resumed rank keeps the ones its state dict
+        restored, which are the same on every rank.
+
+        Shape:
+            ``rows`` ``(N, D)``, ``labels`` ``(N,)``.
+        """
+        if rows.shape != self.queue.shape or labels.shape != self.labels.shape:
+            raise ValueError(f"saved rows and labels must have shapes {tuple(self.queue.shape)} "
+                             f"and {tuple(self.labels.shape)}, got {tuple(rows.shape)} and "
+                             f"{tuple(labels.shape)}")
+        self.queue.copy_(rows)
+        self.labels.copy_(labels)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

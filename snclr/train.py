@@ -144,9 +144,7 @@ def _restore_rank_bank(bank: MemoryBank, banks: dict | None, rank: int) -> None:
     if banks is None:
         return
     source = rank % banks["queue"].shape[0]
-    with torch.no_grad():
-        bank.queue.copy_(banks["queue"][source])
-        bank.labels.copy_(banks["labels"][source])
+    bank.restore_rows(banks["queue"][source], banks["labels"][source])
 
 
 def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: MetricsLog) -> dict:

@@ -119,3 +119,14 @@ def test_enqueue_rejects_float_labels_and_integer_keys():
     assert bank.num_filled == 0  # nothing was written
     bank.enqueue(torch.randn(2, 2), torch.tensor([3, 1], dtype=torch.int32))
     assert bank.labels[:2].tolist() == [3, 1] and bank.labels.dtype == torch.int64
+
+
+def test_restore_rows_overwrites_rows_and_labels_but_not_the_pointers():
+    bank = MemoryBank(6, 4)
+    bank.enqueue(torch.randn(4, 4), torch.arange(4))
+    rows, labels = F.normalize(torch.randn(6, 4), dim=1), torch.arange(10, 16)
+    bank.restore_rows(rows, labels)
+    assert torch.equal(bank.queue, rows) and torch.equal(bank.labels, labels)
+    assert (bank.num_filled, int(bank.pointer)) == (4, 4)
+    with pytest.raises(ValueError, match=r"must have shapes \(6, 4\) and \(6,\), got \(5, 4\)"):
+        bank.restore_rows(rows[:5], labels)
