@@ -191,13 +191,13 @@ def load_config_file(path: str | Path) -> dict:
 def validate(config: Config) -> None:
     """Checks that need no data or model; raises :class:`ConfigError` with one line."""
     from snclr.encoders import encoder_spec, list_encoders
-    from snclr.model import METHODS
+    from snclr.model import METHODS, num_neighbors_used
 
     if config.encoder not in list_encoders():
         raise ConfigError(f"unknown encoder {config.encoder!r}; choose one of {list_encoders()}")
     if config.method not in METHODS:
         raise ConfigError(f"unknown method {config.method!r}; choose one of {sorted(METHODS)}")
-    k = METHODS[config.method].get("num_neighbors", config.num_neighbors)
+    k = num_neighbors_used(config.method, config.num_neighbors)
     if config.queue_size < k:
         raise ConfigError(f"queue_size={config.queue_size} is smaller than K={k} neighbours")
     choices = {

@@ -22,7 +22,7 @@ from snclr.heads import LearnedAttention, predictor, projector
 from snclr.reference import thresholded
 
 __all__ = ["METHODS", "SNCLR", "SNCLROutput", "cosine_momentum", "create_model", "fixed_options",
-           "register_method"]
+           "num_neighbors_used", "register_method"]
 
 # Method name -> the model options it fixes. Every method runs on the same pipeline, so a
 # comparison changes only these.
@@ -74,6 +74,19 @@ def fixed_options(method: str) -> dict[str, str]:
         unread = _UNREAD_BY_ATTENTION[attention]
         reason = f"{method}'s {attention} attention does not use it"
     return {**fixed, **{name: reason for name in unread}}
+
+
+def num_neighbors_used(method: str, num_neighbors: int) -> int:
+    """K as a method runs it: its own when it fixes K (``mocov3`` 0, ``nnclr`` 1), else
+    ``num_neighbors``.
+
+    Example:
+        >>> num_neighbors_used("mocov3", 5), num_neighbors_used("nnclr", 5)
+        (0, 1)
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    return METHODS[method].get("num_neighbors", num_neighbors)
 
 
 def cosine_momentum(progress: float, *, base: float = 0.99, final: float = 1.0) -> float:

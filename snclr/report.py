@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from snclr.metrics import read_rows
+from snclr.model import fixed_options, num_neighbors_used
 
 __all__ = ["read_metrics", "write_report"]
 
@@ -60,6 +61,13 @@ def _plot_histogram(path: Path, counts: list[float], title: str) -> bool:
     return True
 
 
+def _k(config: dict) -> str:
+    """The K the method trained with, and why when the method fixes it."""
+    k = num_neighbors_used(config["method"], config["num_neighbors"])
+    fixed = fixed_options(config["method"]).get("num_neighbors")
+    return f"{k} ({fixed})" if fixed else str(k)
+
+
 def write_report(run_dir: Path, config: dict, *, histogram: list[float], wall_s: float) -> Path:
     """Write the plots and ``report.md`` into ``run_dir``; return the report path."""
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -88,7 +96,7 @@ def write_report(run_dir: Path, config: dict, *, histogram: list[float], wall_s:
         "",
         f"- epochs: {last.get('epoch', 0)} of {config['epochs']}, steps: {steps[-1]['step'] if steps else 0}, "
         f"batch {config['batch_size']}, optimizer {config['optimizer']} (base lr {config['lr']}, wd {config['weight_decay']})",
-        f"- K = {config['num_neighbors']}, queue {config['queue_size']}, T = {config['temperature']}",
+        f"- K = {_k(config)}, queue {config['queue_size']}, T = {config['temperature']}",
         f"- image size: {config['img_size']} px",
         f"- wall time this session: {wall_s:.1f} s",
         "",
