@@ -234,11 +234,11 @@ def _sample_seed(seed: int, epoch: int, i: int) -> int:
     return (seed * 1_000_003 + epoch) * 10_000_019 + i
 
 
-class TwoViewDataset(Dataset):
-    """``(view1, view2, label)`` triples; sample i of epoch e is augmented under seed (seed, e, i)."""
+class _SeededViews(Dataset):
+    """``(*views, label)``: sample i of epoch e through each transform under seed (seed, e, i)."""
 
-    def __init__(self, images: ImageSet, transform1, transform2, *, seed: int) -> None:
-        self.images, self.transform1, self.transform2, self.seed = images, transform1, transform2, seed
+    def __init__(self, images: ImageSet, *transforms, seed: int) -> None:
+        self.images, self.transforms, self.seed = images, transforms, seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -254,27 +254,22 @@ class TwoViewDataset(Dataset):
             # default_generator only: torch.manual_seed would also seed CUDA (slow, and
             # must not touch the training RNG).
             torch.default_generator.manual_seed(_sample_seed(self.seed, self.epoch, i))
-            return self.transform1(image), self.transform2(image), self.images.labels[i]
+            views = tuple(transform(image) for transform in self.transforms)
+        return (*views, self.images.labels[i])
 
 
-class AugmentedDataset(Dataset):
-    """``(image, label)`` pairs; sample i of epoch e is transformed under seed (seed, e, i)."""
+class TwoViewDataset(_SeededViews):
+    """``(view1, view2, label)`` triples for pretraining."""
+
+    def __init__(self, images: ImageSet, transform1, transform2, *, seed: int) -> None:
+        super().__init__(images, transform1, transform2, seed=seed)
+
+
+class AugmentedDataset(_SeededViews):
+    """``(image, label)`` pairs under a random transform (the augmented linear probe)."""
 
     def __init__(self, images: ImageSet, transform, *, seed: int) -> None:
-        self.images, self.transform, self.seed = images, transform, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        image = self.images.image(i)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(_sample_seed(self.seed, self.epoch, i))
-            return self.transform(image), self.images.labels[i]
+        super().__init__(images, transform, seed=seed)
 
 
 class EvalDataset(Dataset):
