@@ -1,13 +1,13 @@
 """Two gloo processes with b/2 samples each equal one process with b samples."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from torchrun import free_port
 from snclr import MemoryBank, distributed
 from snclr.errors import ConfigError
 from snclr.functional import soft_neighbor_loss
@@ -19,12 +19,6 @@ BATCH, K, DIM, WORLD = 8, 3, 16, 2
 def make_inputs():
     g = torch.Generator().manual_seed(7)
     return [torch.randn(*s, generator=g, dtype=torch.float64) for s in ((BATCH, DIM),) * 3 + ((BATCH, K, DIM),)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
