@@ -109,7 +109,8 @@ class MemoryBank(nn.Module):
         if labels is None:
             labels = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
         elif labels.shape != keys.shape[:1]:
-            raise ValueError(f"labels must have shape ({keys.shape[0]},), got {tuple(labels.shape)}")
+            raise ValueError(f"labels must have shape ({keys.shape[0]},), "
+                             f"got {tuple(labels.shape)}")
         elif labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             # Storing 2.7 as class 2 would silently corrupt neighbour purity.
             raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")

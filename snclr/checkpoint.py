@@ -191,7 +191,8 @@ def load_model_state(model: SNCLR, state: dict, *, source: str) -> None:
     own = model.state_dict()
     if set(own) != set(state):
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        raise ConfigError(f"{source} holds a different model (missing {missing[:3]}, unexpected {extra[:3]})")
+        raise ConfigError(f"{source} holds a different model (missing {missing[:3]}, "
+                          f"unexpected {extra[:3]})")
     for name, tensor in own.items():
         if tensor.shape != state[name].shape:
             raise ConfigError(

@@ -59,7 +59,8 @@ class Config:
     projector_dim: int = 128
     predictor_hidden: int = 512
     bank_mode: str = "local"
-    bank_dtype: str = "auto"  # queue storage = search precision; auto: the GPU autocast dtype, else fp32
+    # The queue's storage dtype is the search precision; auto: the GPU autocast dtype, else fp32.
+    bank_dtype: str = "auto"
     backend: str = "auto"
     # optimisation
     epochs: int = 8
@@ -178,9 +179,11 @@ def load_config_file(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {str(err).splitlines()[0]}") from None
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {reason}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

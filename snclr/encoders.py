@@ -162,14 +162,16 @@ def _timm_vit(arch: str, *, in_chans: int, img_size: int) -> nn.Module:
     import timm
 
     patch = _vit_patch(img_size)
-    model = timm.create_model(
-        arch, pretrained=False, num_classes=0, in_chans=in_chans, img_size=img_size, patch_size=patch
-    )
+    model = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans,
+                              img_size=img_size, patch_size=patch)
     return model  # timm sets num_features
 
 
 for _arch in ("resnet18", "resnet50"):
-    register_encoder(_arch)(lambda *, in_chans, img_size, _a=_arch: _torchvision_resnet(_a, in_chans=in_chans, img_size=img_size))
+    register_encoder(_arch)(
+        lambda *, in_chans, img_size, _a=_arch: _torchvision_resnet(_a, in_chans=in_chans,
+                                                                    img_size=img_size)
+    )
 
 for _name, _arch in (
     ("vit_tiny", "vit_tiny_patch16_224"),

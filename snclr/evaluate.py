@@ -49,7 +49,8 @@ def extract_features(encoder: nn.Module, images: ImageSet, *, img_size: int, dev
         EvalDataset(images, eval_transform(
             img_size=img_size, in_chans=images.in_chans,
             native_size=images.img_size if images.same_size else None)),
-        batch_size=batch_size, train=False, num_workers=num_workers, pin_memory=device.type == "cuda",
+        batch_size=batch_size, train=False, num_workers=num_workers,
+        pin_memory=device.type == "cuda",
     )
     was_training = encoder.training
     encoder.eval()
@@ -64,7 +65,8 @@ def extract_features(encoder: nn.Module, images: ImageSet, *, img_size: int, dev
 
 @torch.no_grad()
 def weighted_knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Tensor, *,
-                         k: int, num_classes: int, temperature: float = 0.07, chunk: int = 1024) -> Tensor:
+                         k: int, num_classes: int, temperature: float = 0.07,
+                         chunk: int = 1024) -> Tensor:
     """InstDisc weighted kNN class scores.
 
     Args:
@@ -89,13 +91,16 @@ def weighted_knn_predict(train_features: Tensor, train_labels: Tensor, test_feat
     return torch.cat(scores)
 
 
-def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor, *,
-                 ks: tuple[int, ...] = (20, 200), num_classes: int | None = None, temperature: float = 0.07) -> dict[str, float]:
+def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Tensor,
+                 test_labels: Tensor, *, ks: tuple[int, ...] = (20, 200),
+                 num_classes: int | None = None, temperature: float = 0.07) -> dict[str, float]:
     """Top-1 accuracy of :func:`weighted_knn_predict` for each k: ``{"top1_k20": ..., ...}``."""
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     result = {}
     for k in ks:
-        pred = weighted_knn_predict(train_features, train_labels, test_features, k=k, num_classes=num_classes, temperature=temperature).argmax(1)
+        scores = weighted_knn_predict(train_features, train_labels, test_features, k=k,
+                                      num_classes=num_classes, temperature=temperature)
+        pred = scores.argmax(1)
         result[f"top1_k{k}"] = (pred == test_labels).float().mean().item()
     return result
 
@@ -103,12 +108,15 @@ def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Te
 def parameter_checksum(module: nn.Module) -> float:
     """Sum of |p| over parameters and buffers (float64): any change to the backbone shows."""
     with torch.no_grad():
-        return sum(t.detach().double().abs().sum().item() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point())
+        tensors = [*module.parameters(), *module.buffers()]
+        return sum(t.detach().double().abs().sum().item() for t in tensors
+                   if t.is_floating_point())
 
 
-def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor, *,
-                 num_classes: int, epochs: int = 100, lr: float = 0.1, batch_size: int = 256,
-                 weight_decay: float = 0.0, seed: int = 0) -> dict[str, float]:
+def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor,
+                 test_labels: Tensor, *, num_classes: int, epochs: int = 100, lr: float = 0.1,
+                 batch_size: int = 256, weight_decay: float = 0.0,
+                 seed: int = 0) -> dict[str, float]:
     """Train a linear classifier on frozen features (SGD momentum 0.9, cosine lr); top-1 on test.
 
     Features are standardised with the train mean and std (a fixed affine map, so the
@@ -217,7 +225,8 @@ def linear_probe_augmented(encoder: nn.Module, train_set: ImageSet, test_feature
     return _head_accuracy(head, (test_features - mean) / std, test_labels)
 
 
-def load_backbone(checkpoint: str, *, random_init: bool = False, seed: int = 0) -> tuple[nn.Module, dict]:
+def load_backbone(checkpoint: str, *, random_init: bool = False,
+                  seed: int = 0) -> tuple[nn.Module, dict]:
     """The online encoder of a checkpoint (or the same architecture untrained) and its config."""
     payload = read_checkpoint(checkpoint)
     config = config_of(payload)
@@ -265,10 +274,12 @@ def _encode(checkpoint: str, data: str, *, random_init: bool, num_workers: int,
     splits = load_splits(data)
     train, test = (limit(splits[split], limit_samples) for split in ("train", "test"))
     if train.in_chans != info["in_chans"]:
-        raise ConfigError(f"the checkpoint expects {info['in_chans']}-channel images, {data!r} has {train.in_chans}")
+        raise ConfigError(f"the checkpoint expects {info['in_chans']}-channel images, {data!r} "
+                          f"has {train.in_chans}")
     encoder.to(device)
     checksum = parameter_checksum(encoder)
-    feats = [extract_features(encoder, split, img_size=info["img_size"], device=device, num_workers=num_workers)
+    feats = [extract_features(encoder, split, img_size=info["img_size"], device=device,
+                              num_workers=num_workers)
              for split in (train, test)]
     encoded = _Encoded(encoder, info["img_size"], train, test, *feats[0], *feats[1], checksum)
     encoded.check_unchanged()
@@ -301,8 +312,9 @@ def _check_linear(epochs, lr, protocol) -> None:
                           f"{protocol!r}")
 
 
-def run_knn(checkpoint: str, data: str, *, random_init: bool = False, ks: tuple[int, ...] = (20, 200),
-            num_workers: int = 0, device: str = "auto", limit_samples: int = 0) -> dict[str, float]:
+def run_knn(checkpoint: str, data: str, *, random_init: bool = False,
+            ks: tuple[int, ...] = (20, 200), num_workers: int = 0, device: str = "auto",
+            limit_samples: int = 0) -> dict[str, float]:
     """``snclr knn``: weighted kNN top-1 of a checkpoint's backbone on a dataset.
 
     ``limit_samples`` > 0 evaluates on fixed class-balanced subsets of both splits (tests).

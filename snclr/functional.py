@@ -102,7 +102,8 @@ def _check_loss_inputs(
     elif attention == "learned" and num_neighbors > 0:
         raise ValueError("attention='learned' needs the weights= computed by the module")
     elif attention == "cosine" and num_neighbors > 0 and y.shape[1] != dim:
-        raise ValueError(f"cosine attention scores the neighbours with y: y must have D={dim} columns, got {shapes}")
+        raise ValueError(f"cosine attention scores the neighbours with y: y must have D={dim} "
+                         f"columns, got {shapes}")
     if attention == "nearest" and num_neighbors == 0:
         raise ValueError("attention='nearest' (NNCLR) needs at least one neighbour, got K=0")
 

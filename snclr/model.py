@@ -185,7 +185,8 @@ class SNCLR(nn.Module):
             raise ValueError("temperature and attention_temperature must be > 0")
         self.num_neighbors, self.temperature = num_neighbors, temperature
         self.attention, self.attention_temperature = attention, attention_temperature
-        self.threshold, self.detach_positiveness, self.backend = threshold, detach_positiveness, backend
+        self.threshold, self.detach_positiveness = threshold, detach_positiveness
+        self.backend = backend
 
         self.encoder = encoder
         if projector_layers is None:
@@ -198,7 +199,8 @@ class SNCLR(nn.Module):
         for param in self.momentum_parameters():
             param.requires_grad_(False)
         self.attention_head = LearnedAttention(projector_dim) if attention == "learned" else None
-        self.bank = MemoryBank(queue_size, projector_dim, mode=bank_mode, search_unfilled=search_unfilled, dtype=bank_dtype)
+        self.bank = MemoryBank(queue_size, projector_dim, mode=bank_mode,
+                               search_unfilled=search_unfilled, dtype=bank_dtype)
 
     def online_parameters(self) -> list[nn.Parameter]:
         return [*self.encoder.parameters(), *self.projector.parameters()]
@@ -234,7 +236,8 @@ class SNCLR(nn.Module):
         return SNCLROutput(loss=loss_12 + loss_21, keys=k2, **stats)
 
     def _direction(self, z: Tensor, y: Tensor, key: Tensor, k: int) -> tuple[Tensor, dict]:
-        options = dict(temperature=self.temperature, detach_positiveness=self.detach_positiveness, attention=self.attention, backend=self.backend)
+        options = dict(temperature=self.temperature, detach_positiveness=self.detach_positiveness,
+                       attention=self.attention, backend=self.backend)
         if k == 0:
             # MoCo v3 terms only, whatever the attention (NNCLR included) while the queue fills.
             neighbors = key.new_zeros(key.shape[0], 0, key.shape[1])
@@ -262,7 +265,8 @@ class SNCLR(nn.Module):
 
     @torch.no_grad()
     def _statistics(self, found, weights: Tensor | None) -> dict:
-        stats = dict(neighbor_indices=found.indices, neighbor_similarity=found.similarity.float().mean())
+        stats = dict(neighbor_indices=found.indices,
+                     neighbor_similarity=found.similarity.float().mean())
         if weights is not None:
             w = weights.detach().float()
             stats.update(
