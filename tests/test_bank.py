@@ -14,7 +14,7 @@ def test_enqueue_wraps_around_without_dropping_rows():
     assert bank.num_filled == 3 and int(bank.pointer) == 3
     bank.enqueue(second, torch.arange(10, 14))
     # Rows 3, 4 take second[0:2]; the ring wraps and second[2:4] overwrite rows 0, 1.
-    expected = torch.cat([F.normalize(second[2:], dim=1), F.normalize(first[2:3], dim=1), F.normalize(second[:2], dim=1)])
+    expected = F.normalize(torch.cat([second[2:], first[2:3], second[:2]]), dim=1)
     torch.testing.assert_close(bank.queue, expected)
     assert bank.labels.tolist() == [12, 13, 2, 10, 11]
     assert bank.num_filled == 5 and int(bank.filled) == 5 and int(bank.pointer) == 2
@@ -83,8 +83,10 @@ def test_bfloat16_storage():
     [
         (lambda: MemoryBank(0, 4), r"size and dim must be >= 1"),
         (lambda: MemoryBank(4, 4, mode="sharded"), r"mode must be one of"),
-        (lambda: MemoryBank(4, 4).enqueue(torch.randn(2, 3)), r"keys must have shape \(n, 4\), got \(2, 3\)"),
-        (lambda: MemoryBank(4, 4).enqueue(torch.randn(2, 4), torch.arange(3)), r"labels must have shape \(2,\)"),
+        (lambda: MemoryBank(4, 4).enqueue(torch.randn(2, 3)),
+         r"keys must have shape \(n, 4\), got \(2, 3\)"),
+        (lambda: MemoryBank(4, 4).enqueue(torch.randn(2, 4), torch.arange(3)),
+         r"labels must have shape \(2,\)"),
     ],
 )
 def test_bad_input(call, match):

@@ -104,7 +104,8 @@ def test_the_model_takes_its_options_from_the_config_by_field_name():
     assert (model.num_neighbors, model.bank.size, model.temperature) == (3, 24, 0.5)
     assert (model.attention_temperature, model.threshold, model.detach_positiveness) == (
         0.3, True, True)
-    assert [m.out_features for m in model.projector if isinstance(m, torch.nn.Linear)] == [16, 16, 8]
+    widths = [m.out_features for m in model.projector if isinstance(m, torch.nn.Linear)]
+    assert widths == [16, 16, 8]
     assert model.predictor[0].out_features == 12
     assert (model.bank.mode, model.backend, model.bank.queue.dtype) == (
         "global", "torch", torch.bfloat16)

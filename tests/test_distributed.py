@@ -18,7 +18,8 @@ BATCH, K, DIM, WORLD = 8, 3, 16, 2
 
 def make_inputs():
     g = torch.Generator().manual_seed(7)
-    return [torch.randn(*s, generator=g, dtype=torch.float64) for s in ((BATCH, DIM),) * 3 + ((BATCH, K, DIM),)]
+    shapes = ((BATCH, DIM),) * 3 + ((BATCH, K, DIM),)  # z, y, key, neighbours
+    return [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
@@ -38,8 +39,9 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         local.enqueue(key, torch.arange(BATCH)[rows])
         torch.save(
             dict(loss=loss.detach(), grad_z=grad_z, grad_y=grad_y, bank=bank.state_dict(),
-                 mean=distributed.all_reduce_mean(loss), gathered=gathered, rank=distributed.rank(),
-                 world=distributed.world_size(), local=local.state_dict(), rank_banks=_rank_banks(local)),
+                 mean=distributed.all_reduce_mean(loss), gathered=gathered,
+                 rank=distributed.rank(), world=distributed.world_size(),
+                 local=local.state_dict(), rank_banks=_rank_banks(local)),
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -56,7 +58,8 @@ def ranks(tmp_path_factory):
 def test_helpers_are_noops_on_one_process():
     t = torch.randn(3, 2)
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
-    assert torch.equal(distributed.gather_no_grad(t), t) and torch.equal(distributed.all_reduce_mean(t), t)
+    assert torch.equal(distributed.gather_no_grad(t), t)
+    assert torch.equal(distributed.all_reduce_mean(t), t)
 
 
 def test_device_and_launch_rank_come_from_one_place(monkeypatch):
@@ -90,8 +93,9 @@ def test_two_ranks_equal_one_rank(ranks):
     grad_z, grad_y = torch.autograd.grad(loss, (z, y))
     # The global loss is the mean of the ranks' local means; DDP averages gradients the same way.
     torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, loss, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(torch.cat([r["grad_z"] for r in ranks]) / WORLD, grad_z, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(torch.cat([r["grad_y"] for r in ranks]) / WORLD, grad_y, atol=1e-12, rtol=1e-12)
+    for name, expected in (("grad_z", grad_z), ("grad_y", grad_y)):
+        torch.testing.assert_close(torch.cat([r[name] for r in ranks]) / WORLD, expected,
+                                   atol=1e-12, rtol=1e-12)
 
 
 def test_global_bank_is_identical_on_every_rank(ranks):
@@ -100,7 +104,8 @@ def test_global_bank_is_identical_on_every_rank(ranks):
     single.enqueue(key, torch.arange(BATCH))
     for r in ranks:
         torch.testing.assert_close(r["bank"]["queue"], single.queue)
-        assert torch.equal(r["bank"]["labels"], single.labels) and int(r["bank"]["pointer"]) == single._pointer
+        assert torch.equal(r["bank"]["labels"], single.labels)
+        assert int(r["bank"]["pointer"]) == single._pointer
 
 
 def test_checkpoint_keeps_every_ranks_local_queue(ranks):

@@ -101,7 +101,8 @@ def test_corrupt_checkpoint_is_one_clear_error_and_the_folder_is_untouched(tmp_p
     run = tmp_path / "run"
     run.mkdir()
     if damage == "truncated":
-        torch.save({"format": "snclr-checkpoint-v1", "model": {"w": torch.randn(1000)}}, run / "checkpoint.pt")
+        torch.save({"format": "snclr-checkpoint-v1", "model": {"w": torch.randn(1000)}},
+                   run / "checkpoint.pt")
         data = (run / "checkpoint.pt").read_bytes()
         (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])
         match = "truncated or corrupt"
@@ -129,7 +130,8 @@ def test_resume_with_a_different_model_shape_fails(finished_run, tmp_path):
 
 def test_mocov3_and_learned_attention_train(tmp_path):
     for method in ("mocov3", "snclr-learned"):
-        last = pretrain(tiny(tmp_path / method, method=method, epochs=1, knn_every=0, optimizer="lars", lr=0.3))
+        last = pretrain(tiny(tmp_path / method, method=method, epochs=1, knn_every=0,
+                             optimizer="lars", lr=0.3))
         assert torch.isfinite(torch.tensor(last["loss"]))
 
 
@@ -162,7 +164,8 @@ def test_optimizer_groups_exclude_bias_and_norm():
     assert isinstance(optimizer, LARS)
     decayed, plain = optimizer.param_groups
     assert [p.ndim for p in decayed["params"]] == [2] and decayed["weight_decay"] == 0.1
-    assert all(p.ndim == 1 for p in plain["params"]) and plain["weight_decay"] == 0 and plain["lars_exclude"]
+    assert all(p.ndim == 1 for p in plain["params"])
+    assert plain["weight_decay"] == 0 and plain["lars_exclude"]
     model(torch.randn(8, 4)).sum().backward()
     for group in optimizer.param_groups:
         group["lr"] = 0.1
