@@ -193,6 +193,7 @@ def load_config_file(path: str | Path) -> dict:
 
 def validate(config: Config) -> None:
     """Checks that need no data or model; raises :class:`ConfigError` with one line."""
+    from snclr.bank import BANK_MODES
     from snclr.encoders import encoder_spec, list_encoders
     from snclr.model import METHODS, num_neighbors_used
 
@@ -205,7 +206,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"queue_size={config.queue_size} is smaller than K={k} neighbours")
     choices = {
         "optimizer": ("adamw", "lars"), "precision": ("auto", "fp32", "bf16", "fp16"),
-        "augmentation": ("auto", "byol", "greyscale"), "bank_mode": ("local", "global"),
+        "augmentation": ("auto", "byol", "greyscale"), "bank_mode": BANK_MODES,
         "bank_dtype": ("auto", "fp32", "bf16", "fp16"),
         "device": DEVICES, "backend": ("auto", "torch", "triton"),
     }
