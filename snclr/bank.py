@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from snclr import distributed, ops
+from snclr.functional import ATTENTION_TEMPERATURE
 
 __all__ = ["BANK_MODES", "MemoryBank"]
 
@@ -20,7 +21,7 @@ class MemoryBank(nn.Module):
 
     Rows, write pointer, fill count and the optional label of each row are persistent
     buffers, so ``state_dict`` carries the queue into checkpoints. Searching reads only;
-    :meth:`enqueue` is the one mutation.
+    :meth:`enqueue` is the one mutation in training, :meth:`restore_rows` the one on resume.
 
     Args:
         size: number of rows N.
@@ -83,9 +84,16 @@ class MemoryBank(nn.Module):
         # Filled rows are always the prefix [0, filled) until the ring wraps, then all rows.
         return self.queue if self.search_unfilled else self.queue[: self._filled]
 
-    def search(self, key: Tensor, online: Tensor, k: int, **options) -> ops.SoftNeighbors:
-        """:func:`snclr.ops.soft_neighbors` of ``key`` against the searchable rows."""
-        return ops.soft_neighbors(key, online, self.rows(), k, **options)
+    def search(self, key: Tensor, online: Tensor, k: int, *,
+               attention_temperature: float = ATTENTION_TEMPERATURE,
+               **options) -> ops.SoftNeighbors:
+        """:func:`snclr.ops.soft_neighbors` of ``key`` against the searchable rows.
+
+        ``attention_temperature`` is tau_a, the op's ``temperature=``; the other options
+        (``threshold``, ``exclude``, ``backend``) pass to the op by name.
+        """
+        return ops.soft_neighbors(key, online, self.rows(), k,
+                                  temperature=attention_temperature, **options)
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor, labels: Tensor | None = None) -> None:
@@ -101,7 +109,8 @@ class MemoryBank(nn.Module):
         if labels is None:
             labels = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
         elif labels.shape != keys.shape[:1]:
-            raise ValueError(f"labels must have shape ({keys.shape[0]},), got {tuple(labels.shape)}")
+            raise ValueError(f"labels must have shape ({keys.shape[0]},), "
+                             f"got {tuple(labels.shape)}")
         elif labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             # Storing 2.7 as class 2 would silently corrupt neighbour purity.
             raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
@@ -119,6 +128,23 @@ class MemoryBank(nn.Module):
         self._filled = min(self.size, self._filled + count)
         self.pointer.fill_(self._pointer)
         self.filled.fill_(self._filled)
+
+    @torch.no_grad()
+    def restore_rows(self, rows: Tensor, labels: Tensor) -> None:
+        """Overwrite every row and label with saved ones (a rank's queue from a checkpoint).
+
+        The write pointer and fill count stay: a resumed rank keeps the ones its state dict
+        restored, which are the same on every rank.
+
+        Shape:
+            ``rows`` ``(N, D)``, ``labels`` ``(N,)``.
+        """
+        if rows.shape != self.queue.shape or labels.shape != self.labels.shape:
+            raise ValueError(f"saved rows and labels must have shapes {tuple(self.queue.shape)} "
+                             f"and {tuple(self.labels.shape)}, got {tuple(rows.shape)} and "
+                             f"{tuple(labels.shape)}")
+        self.queue.copy_(rows)
+        self.labels.copy_(labels)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

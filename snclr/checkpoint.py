@@ -7,39 +7,54 @@ nothing in the file can run code.
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import random
 import re
 import zipfile
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from snclr.config import Config, ConfigError
+from snclr.config import Config
+from snclr.errors import ConfigError
 from snclr.model import SNCLR, create_model
 
-__all__ = ["EVAL_KEYS", "RESUME_KEYS", "build_model", "get_rng_state", "non_finite",
-           "read_checkpoint", "set_rng_state", "write_checkpoint"]
+__all__ = ["EVAL_KEYS", "RESUME_KEYS", "build_model", "get_rng_state", "model_fields",
+           "non_finite", "read_checkpoint", "set_rng_state", "write_checkpoint"]
 
 FORMAT = "snclr-checkpoint-v1"
 
 
+# Config fields resolved per run before they reach the model (bank_dtype: a name -> a dtype).
+_RESOLVED_PER_RUN = ("bank_dtype",)
+
+
+def model_fields() -> tuple[str, ...]:
+    """The Config fields that are keyword options of :class:`SNCLR`, in Config order.
+
+    They travel to the model by name; a new field named like an SNCLR option joins them.
+    """
+    options = inspect.signature(SNCLR).parameters
+    return tuple(f.name for f in fields(Config)
+                 if f.name in options and options[f.name].kind is inspect.Parameter.KEYWORD_ONLY
+                 and f.name not in _RESOLVED_PER_RUN)
+
+
 def build_model(config: Config, *, in_chans: int, img_size: int,
                 bank_dtype: torch.dtype = torch.float32) -> SNCLR:
-    """The SNCLR model a config describes (random weights), its queue stored in bank_dtype."""
-    options = dict(bank_dtype=bank_dtype,
-        num_neighbors=config.num_neighbors, queue_size=config.queue_size,
-        temperature=config.temperature, attention_temperature=config.attention_temperature,
-        threshold=config.threshold, detach_positiveness=config.detach_positiveness,
-        projector_hidden=config.projector_hidden, projector_dim=config.projector_dim,
-        predictor_hidden=config.predictor_hidden, bank_mode=config.bank_mode, backend=config.backend,
-    )
-    if config.projector_layers is not None:
-        options["projector_layers"] = config.projector_layers
+    """The SNCLR model a config describes (random weights), its queue stored in bank_dtype.
+
+    The options are the config's :func:`model_fields`; the method fixes its own on top
+    (:func:`snclr.model.create_model`).
+    """
+    options = {name: getattr(config, name) for name in model_fields()}
     try:
-        return create_model(config.encoder, method=config.method, in_chans=in_chans, img_size=img_size, **options)
+        return create_model(config.encoder, method=config.method, in_chans=in_chans,
+                            img_size=img_size, bank_dtype=bank_dtype, **options)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -176,7 +191,8 @@ def load_model_state(model: SNCLR, state: dict, *, source: str) -> None:
     own = model.state_dict()
     if set(own) != set(state):
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        raise ConfigError(f"{source} holds a different model (missing {missing[:3]}, unexpected {extra[:3]})")
+        raise ConfigError(f"{source} holds a different model (missing {missing[:3]}, "
+                          f"unexpected {extra[:3]})")
     for name, tensor in own.items():
         if tensor.shape != state[name].shape:
             raise ConfigError(

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from snclr.config import PRESETS, Config, ConfigError, apply_overrides, load_config_file, preset
+from snclr import distributed
+from snclr.config import PRESETS, Config, apply_overrides, load_config_file, preset
+from snclr.errors import ConfigError, TrainingDiverged
 from snclr.model import METHODS
 
 __all__ = ["build_parser", "config_from_args", "given_fields", "main"]
@@ -43,18 +44,24 @@ def _add_config_flags(parser: argparse.ArgumentParser, *, exclude: tuple[str, ..
             continue
         flag = "--" + field.name.replace("_", "-")
         group = documented if field.name in _DOCUMENTED else others
-        help_text = argparse.SUPPRESS if field.name in _HIDDEN else _DOCUMENTED.get(field.name, f"(default {field.default})")
+        help_text = _DOCUMENTED.get(field.name, f"(default {field.default})")
+        if field.name in _HIDDEN:
+            help_text = argparse.SUPPRESS
         if field.type.startswith("bool"):
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
         else:
-            group.add_argument(flag, dest=field.name, default=None, metavar=field.name.upper(), help=help_text)
+            group.add_argument(flag, dest=field.name, default=None, metavar=field.name.upper(),
+                               help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="snclr", description="SNCLR self-supervised pretraining and evaluation")
+    parser = argparse.ArgumentParser(
+        prog="snclr", description="SNCLR self-supervised pretraining and evaluation")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="pretrain an encoder", description="Pretrain an encoder with SNCLR (or a variant).")
+    p = sub.add_parser("pretrain", help="pretrain an encoder",
+                       description="Pretrain an encoder with SNCLR (or a variant).")
     p.add_argument("--preset",
                    help=f"starting values of a new run: {', '.join(PRESETS)} (default demo)")
     p.add_argument("--config", help="YAML or JSON file of option: value, applied over the preset")
@@ -70,21 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
                        ("linear", "linear-probe accuracy of a checkpoint's frozen backbone")):
         e = sub.add_parser(name, help=text, description=text)
         e.add_argument("--checkpoint", required=True, help="checkpoint.pt written by pretrain")
-        e.add_argument("--data", help="dataset name or folder (default: the one the checkpoint trained on)")
+        e.add_argument("--data", help="dataset name or folder (default: the one the checkpoint "
+                                      "trained on)")
         e.add_argument("--json", action="store_true", help="print one JSON object")
-        e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        e.add_argument("--device", default="auto", choices=distributed.DEVICES)
         e.add_argument("--num-workers", type=int, default=0)
-        e.add_argument("--random-init", action="store_true", help="evaluate the same architecture untrained")
+        e.add_argument("--random-init", action="store_true",
+                       help="evaluate the same architecture untrained")
         e.add_argument("--limit-samples", type=int, default=0, help=argparse.SUPPRESS)  # tests
         if name == "linear":
-            e.add_argument("--epochs", type=int, default=100, help="classifier epochs (default 100)")
+            e.add_argument("--epochs", type=int, default=100,
+                           help="classifier epochs (default 100)")
             e.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
             e.add_argument("--protocol", default="cached",
                            help="cached (default: features once, no augmentation) or augmented "
                                 "(MoCo v3: random-resized crop + flip every epoch)")
 
-    d = sub.add_parser("demo", help="pretrain the demo preset, then kNN of trained vs random encoder",
-                       description="Pretrain the demo preset, then compare kNN accuracy of the trained and a random encoder.")
+    d = sub.add_parser(
+        "demo", help="pretrain the demo preset, then kNN of trained vs random encoder",
+        description="Pretrain the demo preset, then compare kNN accuracy of the trained and a "
+                    "random encoder.")
     d.add_argument("--data", default="animal-mnist")
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--json", action="store_true")
@@ -127,7 +139,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """Preset, then the --config file, then explicit flags; each a new frozen config."""
     config = preset(args.preset or "demo")
     if args.config:
-        config = apply_overrides(config, load_config_file(args.config), source=f"config file {args.config!r}")
+        config = apply_overrides(config, load_config_file(args.config),
+                                 source=f"config file {args.config!r}")
     return apply_overrides(config, _flags(args), source="command line")
 
 
@@ -158,17 +171,18 @@ def _run(args: argparse.Namespace) -> int:
         try:
             last = train.pretrain(config, resume=args.resume, given=given_fields(args),
                                   allow_config_change=args.allow_config_change)
-        except train.TrainingDiverged as err:
+        except TrainingDiverged as err:
             return _stopped(args.command, err)
-        # The process group is gone by now: ask torchrun's environment which rank this is.
-        if int(os.environ.get("RANK", "0")) == 0:
+        # The process group is gone by now: ask which rank torchrun started.
+        if distributed.launch_rank() == 0:
+            knn = last.get("knn_top1")
             print(f"finished {last.get('epoch', 0)} epochs; run folder {config.output_dir}" +
-                  (f"; kNN top-1 {last['knn_top1']:.4f}" if last.get("knn_top1") is not None else ""))
+                  (f"; kNN top-1 {knn:.4f}" if knn is not None else ""))
         return 0
     if args.command in ("knn", "linear"):
         data = args.data or _checkpoint_data(args.checkpoint)
-        common = dict(random_init=args.random_init, num_workers=args.num_workers, device=args.device,
-                      limit_samples=args.limit_samples)
+        common = dict(random_init=args.random_init, num_workers=args.num_workers,
+                      device=args.device, limit_samples=args.limit_samples)
         if args.command == "knn":
             result = evaluate.run_knn(args.checkpoint, data, **common)
         else:
@@ -184,7 +198,7 @@ def _run(args: argparse.Namespace) -> int:
     config = apply_overrides(preset("demo"), {"data": args.data, "output_dir": args.output_dir})
     try:
         train.pretrain(config)
-    except train.TrainingDiverged as err:
+    except TrainingDiverged as err:
         return _stopped(args.command, err)
     checkpoint = str(Path(args.output_dir) / "checkpoint.pt")
     trained = evaluate.run_knn(checkpoint, args.data)
@@ -222,7 +236,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _stopped(command: str, err: Exception) -> int:
     # Every rank stops at the same step; one line is enough.
-    if int(os.environ.get("RANK", "0")) == 0:
+    if distributed.launch_rank() == 0:
         print(f"snclr {command}: stopped: {err}", file=sys.stderr)
     return 3
 

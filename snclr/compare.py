@@ -13,7 +13,7 @@ evaluations (kNN k = 20 and 200, the linear probe). The variant's folder is its 
   ``mocov3``) is refused, per variant and as an explicit command-line flag alike.
 - Everything is checked before any cell runs (variants, seeds, every variant's model,
   the folders of existing cells against the settings now); a refusal is one
-  :class:`~snclr.config.ConfigError` line.
+  :class:`~snclr.errors.ConfigError` line.
 - A rerun skips finished cells and reuses their cached evaluation (cached per evaluation
   setting and checkpoint step); an interrupted cell resumes through
   :func:`snclr.train.pretrain`'s own resume (exact on a CPU); a diverged cell is recorded
@@ -43,12 +43,13 @@ from tqdm import tqdm
 
 from snclr.checkpoint import RESUME_KEYS, build_model, config_of, read_checkpoint
 from snclr.compare_report import CellResult, write_comparison
-from snclr.config import (RESUME_FREE, Config, ConfigError, apply_overrides,
-                          check_resume_changes, config_changes, resumed_config, validate)
+from snclr.config import (RESUME_FREE, Config, apply_overrides, check_resume_changes,
+                          config_changes, resumed_config, validate)
 from snclr.data import limit, load_splits
+from snclr.errors import ConfigError, TrainingDiverged
 from snclr.evaluate import LINEAR_PROTOCOLS, run_evaluation
 from snclr.model import METHODS, fixed_options
-from snclr.train import TrainingDiverged, pretrain
+from snclr.train import pretrain
 
 __all__ = ["KNN_KS", "Comparison", "Evaluation", "Variant", "parse_seeds", "parse_variants",
            "plan_comparison", "run_comparison", "seed_everything"]

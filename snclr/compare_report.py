@@ -153,10 +153,10 @@ def _markdown(rows: list[Summary], cells: list[CellResult], *, baseline: str, se
         "",
         f"{len(rows)} variants x {len(setup['seeds'])} seeds "
         f"({', '.join(map(str, setup['seeds']))}) on `{setup['data']}`{subset}; every cell "
-        f"trains {_plural(setup['epochs'], 'epoch')} at batch {setup['batch_size']} ({setup['encoder']}, "
-        f"{size}). Evaluation: kNN top-1 (k = 20, 200; train split as memory, test split as "
-        f"queries) and a linear probe, protocol {protocol[setup['protocol']]}, "
-        f"{setup['linear_epochs']} epochs, lr {setup['linear_lr']}.",
+        f"trains {_plural(setup['epochs'], 'epoch')} at batch {setup['batch_size']} "
+        f"({setup['encoder']}, {size}). Evaluation: kNN top-1 (k = 20, 200; train split as "
+        f"memory, test split as queries) and a linear probe, protocol "
+        f"{protocol[setup['protocol']]}, {setup['linear_epochs']} epochs, lr {setup['linear_lr']}.",
         "",
         f"Mean ± sample standard deviation over seeds. Δ: the mean over seeds of (variant − "
         f"{baseline}) with the same seed, with its {pct} Student-t interval. Verdict on kNN "

@@ -22,12 +22,12 @@ from typing import Iterable
 
 import yaml
 
+from snclr.distributed import DEVICES
+from snclr.errors import ConfigError
+from snclr.functional import ATTENTION_TEMPERATURE, TEMPERATURE
+
 __all__ = ["PRESETS", "RESUME_FREE", "RESUME_RECORDED", "Config", "ConfigError", "apply_overrides",
            "check_resume_changes", "config_changes", "load_config_file", "preset", "resumed_config"]
-
-
-class ConfigError(ValueError):
-    """A bad configuration or input; the command line prints it as one line and exits 2."""
 
 
 @dataclass(frozen=True)
@@ -50,16 +50,17 @@ class Config:
     method: str = "snclr"
     num_neighbors: int = 5
     queue_size: int = 4096
-    temperature: float = 0.2
-    attention_temperature: float = 1.0
+    temperature: float = TEMPERATURE
+    attention_temperature: float = ATTENTION_TEMPERATURE
     threshold: bool = False
     detach_positiveness: bool = False
-    projector_layers: int | None = None
+    projector_layers: int | None = None  # None: the encoder family's (3 for ViT, 2 otherwise)
     projector_hidden: int = 512
     projector_dim: int = 128
     predictor_hidden: int = 512
     bank_mode: str = "local"
-    bank_dtype: str = "auto"  # queue storage = search precision; auto: the GPU autocast dtype, else fp32
+    # The queue's storage dtype is the search precision; auto: the GPU autocast dtype, else fp32.
+    bank_dtype: str = "auto"
     backend: str = "auto"
     # optimisation
     epochs: int = 8
@@ -90,6 +91,8 @@ class Config:
         return apply_overrides(cls(), values, source=source)
 
 
+# Presets leave projector_layers unset: the depth comes with the encoder
+# (snclr.encoders.projector_depth: 3 layers for ViT, 2 for ResNet, as MoCo v3).
 PRESETS: dict[str, dict] = {
     # CPU-sized: Animal-MNIST, small CNN, a few minutes on 2 cores.
     "demo": {},
@@ -100,11 +103,10 @@ PRESETS: dict[str, dict] = {
     "vit-small": {
         "data": "imagenet", "img_size": 224, "augmentation": "byol", "crop_scale_min": 0.08,
         "num_workers": 10, "encoder": "vit_small", "num_neighbors": 30, "queue_size": 128000,
-        "temperature": 0.2, "projector_layers": 3, "projector_hidden": 4096,
-        "projector_dim": 256, "predictor_hidden": 4096, "epochs": 300, "batch_size": 4096,
-        "optimizer": "adamw", "lr": 1.5e-4, "weight_decay": 0.1, "warmup_epochs": 40,
-        "momentum_base": 0.99, "output_dir": "runs/vit-small", "knn_every": 0, "log_every": 50,
-        "save_every": 5,
+        "projector_hidden": 4096, "projector_dim": 256, "predictor_hidden": 4096,
+        "epochs": 300, "batch_size": 4096, "optimizer": "adamw", "lr": 1.5e-4,
+        "weight_decay": 0.1, "warmup_epochs": 40, "momentum_base": 0.99,
+        "output_dir": "runs/vit-small", "knn_every": 0, "log_every": 50, "save_every": 5,
     },
     # MoCo v3 ResNet-50 recipe (its CONFIG.md, 100 epochs): LARS, base lr 0.6 per 256,
     # wd 1e-6, 10 warm-up epochs, momentum 0.99 -> 1, T = 1.0, 2-layer projector (4096 ->
@@ -113,11 +115,10 @@ PRESETS: dict[str, dict] = {
     "resnet50": {
         "data": "imagenet", "img_size": 224, "augmentation": "byol", "crop_scale_min": 0.08,
         "num_workers": 10, "encoder": "resnet50", "num_neighbors": 30, "queue_size": 128000,
-        "temperature": 1.0, "projector_layers": 2, "projector_hidden": 4096,
-        "projector_dim": 256, "predictor_hidden": 4096, "epochs": 100, "batch_size": 4096,
-        "optimizer": "lars", "lr": 0.6, "weight_decay": 1e-6, "warmup_epochs": 10,
-        "momentum_base": 0.99, "output_dir": "runs/resnet50", "knn_every": 0, "log_every": 50,
-        "save_every": 5,
+        "temperature": 1.0, "projector_hidden": 4096, "projector_dim": 256,
+        "predictor_hidden": 4096, "epochs": 100, "batch_size": 4096, "optimizer": "lars",
+        "lr": 0.6, "weight_decay": 1e-6, "warmup_epochs": 10, "momentum_base": 0.99,
+        "output_dir": "runs/resnet50", "knn_every": 0, "log_every": 50, "save_every": 5,
     },
 }
 
@@ -178,9 +179,11 @@ def load_config_file(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {str(err).splitlines()[0]}") from None
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {reason}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -190,21 +193,22 @@ def load_config_file(path: str | Path) -> dict:
 
 def validate(config: Config) -> None:
     """Checks that need no data or model; raises :class:`ConfigError` with one line."""
+    from snclr.bank import BANK_MODES
     from snclr.encoders import encoder_spec, list_encoders
-    from snclr.model import METHODS
+    from snclr.model import METHODS, num_neighbors_used
 
     if config.encoder not in list_encoders():
         raise ConfigError(f"unknown encoder {config.encoder!r}; choose one of {list_encoders()}")
     if config.method not in METHODS:
         raise ConfigError(f"unknown method {config.method!r}; choose one of {sorted(METHODS)}")
-    k = METHODS[config.method].get("num_neighbors", config.num_neighbors)
+    k = num_neighbors_used(config.method, config.num_neighbors)
     if config.queue_size < k:
         raise ConfigError(f"queue_size={config.queue_size} is smaller than K={k} neighbours")
     choices = {
         "optimizer": ("adamw", "lars"), "precision": ("auto", "fp32", "bf16", "fp16"),
-        "augmentation": ("auto", "byol", "greyscale"), "bank_mode": ("local", "global"),
+        "augmentation": ("auto", "byol", "greyscale"), "bank_mode": BANK_MODES,
         "bank_dtype": ("auto", "fp32", "bf16", "fp16"),
-        "device": ("auto", "cpu", "cuda"), "backend": ("auto", "torch", "triton"),
+        "device": DEVICES, "backend": ("auto", "torch", "triton"),
     }
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:

@@ -33,8 +33,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from snclr.config import ConfigError
 from snclr.datasets import NAMED_DATASETS, read_named, scan_folder
+from snclr.errors import ConfigError
 
 __all__ = [
     "BUILTIN_DATASETS", "ImageSet", "TwoViewDataset", "EvalDataset", "AugmentedDataset",
@@ -87,7 +87,8 @@ class ImageSet:
         )
 
 
-def stratified_split(labels: np.ndarray, *, train_fraction: float = TRAIN_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, *,
+                     train_fraction: float = TRAIN_FRACTION) -> tuple[np.ndarray, np.ndarray]:
     """Fixed per-class split: ``(train_rows, test_rows)``, each sorted ascending."""
     rng = np.random.default_rng(SPLIT_SEED)
     train, test = [], []
@@ -107,7 +108,8 @@ def limit(dataset: ImageSet, count: int) -> ImageSet:
     rng = np.random.default_rng(SPLIT_SEED)
     # Interleave the classes so any prefix is as balanced as possible.
     per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    order = [rows[i] for i in range(max(map(len, per_class))) for rows in per_class if i < len(rows)]
+    order = [rows[i] for i in range(max(map(len, per_class)))
+             for rows in per_class if i < len(rows)]
     return dataset.subset(np.sort(np.array(order[:count])))
 
 
@@ -148,7 +150,8 @@ def load_splits(name_or_dir: str) -> dict[str, ImageSet]:
             "nor an existing directory"
         )
     if not (root_dir / "train").is_dir():
-        raise ConfigError(f"dataset directory {name_or_dir!r} has no train/ sub-folder of class folders")
+        raise ConfigError(f"dataset directory {name_or_dir!r} has no train/ sub-folder of class "
+                          "folders")
     if (root_dir / "val").is_dir():
         return {"train": _folder_set(root_dir / "train"), "test": _folder_set(root_dir / "val")}
     return _split(_folder_set(root_dir / "train"))
@@ -167,7 +170,8 @@ def _normalize(in_chans: int) -> v2.Normalize:
     return v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # ImageNet statistics
 
 
-def two_view_transforms(kind: str, *, img_size: int, crop_scale_min: float, in_chans: int) -> tuple[v2.Compose, v2.Compose]:
+def two_view_transforms(kind: str, *, img_size: int, crop_scale_min: float,
+                        in_chans: int) -> tuple[v2.Compose, v2.Compose]:
     """The two view transforms (view 1, view 2).
 
     ``byol`` (MoCo v3 / BYOL, colour images): random resized crop, flip, colour jitter
@@ -214,7 +218,8 @@ def eval_transform(*, img_size: int, native_size: int | None, in_chans: int) -> 
     if img_size != native_size:
         short_side = int(img_size * 256 / 224) if img_size >= 64 else img_size
         resize = [v2.Resize(short_side, antialias=True), v2.CenterCrop(img_size)]
-    return v2.Compose([v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True), _normalize(in_chans)])
+    return v2.Compose([v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True),
+                       _normalize(in_chans)])
 
 
 def linear_train_transform(*, img_size: int, in_chans: int) -> v2.Compose:
@@ -234,11 +239,11 @@ def _sample_seed(seed: int, epoch: int, i: int) -> int:
     return (seed * 1_000_003 + epoch) * 10_000_019 + i
 
 
-class TwoViewDataset(Dataset):
-    """``(view1, view2, label)`` triples; sample i of epoch e is augmented under seed (seed, e, i)."""
+class _SeededViews(Dataset):
+    """``(*views, label)``: sample i of epoch e through each transform under seed (seed, e, i)."""
 
-    def __init__(self, images: ImageSet, transform1, transform2, *, seed: int) -> None:
-        self.images, self.transform1, self.transform2, self.seed = images, transform1, transform2, seed
+    def __init__(self, images: ImageSet, *transforms, seed: int) -> None:
+        self.images, self.transforms, self.seed = images, transforms, seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -254,27 +259,22 @@ class TwoViewDataset(Dataset):
             # default_generator only: torch.manual_seed would also seed CUDA (slow, and
             # must not touch the training RNG).
             torch.default_generator.manual_seed(_sample_seed(self.seed, self.epoch, i))
-            return self.transform1(image), self.transform2(image), self.images.labels[i]
+            views = tuple(transform(image) for transform in self.transforms)
+        return (*views, self.images.labels[i])
 
 
-class AugmentedDataset(Dataset):
-    """``(image, label)`` pairs; sample i of epoch e is transformed under seed (seed, e, i)."""
+class TwoViewDataset(_SeededViews):
+    """``(view1, view2, label)`` triples for pretraining."""
+
+    def __init__(self, images: ImageSet, transform1, transform2, *, seed: int) -> None:
+        super().__init__(images, transform1, transform2, seed=seed)
+
+
+class AugmentedDataset(_SeededViews):
+    """``(image, label)`` pairs under a random transform (the augmented linear probe)."""
 
     def __init__(self, images: ImageSet, transform, *, seed: int) -> None:
-        self.images, self.transform, self.seed = images, transform, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        image = self.images.image(i)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(_sample_seed(self.seed, self.epoch, i))
-            return self.transform(image), self.images.labels[i]
+        super().__init__(images, transform, seed=seed)
 
 
 class EvalDataset(Dataset):
@@ -302,7 +302,8 @@ def make_loader(
     """
     sampler = None
     if train:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=seed, drop_last=True)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train,
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,

@@ -1,8 +1,9 @@
 """Backbone encoders by name (a small timm-style registry).
 
 Each factory returns an ``nn.Module`` mapping images ``(B, C, H, W)`` to features
-``(B, num_features)`` and sets ``num_features`` on it. Nothing downloads weights: every
-encoder starts from random initialisation, as self-supervised pretraining does.
+``(B, num_features)`` and sets ``num_features`` on it; :func:`create_encoder` also records
+the family's projector depth on it (:func:`projector_depth`). Nothing downloads weights:
+every encoder starts from random initialisation, as self-supervised pretraining does.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["MAX_NATIVE_SIZE", "EncoderSpec", "create_encoder", "encoder_spec", "fit_img_size",
-           "list_encoders", "register_encoder"]
+__all__ = ["DEFAULT_PROJECTOR_LAYERS", "MAX_NATIVE_SIZE", "EncoderSpec", "create_encoder",
+           "encoder_spec", "fit_img_size", "list_encoders", "projector_depth", "register_encoder"]
 
 MAX_NATIVE_SIZE = 224  # a data set's native size is used up to this (the ImageNet recipes')
+# MoCo v3's projector depth: 2 layers for ResNets and any other encoder; the ViTs register 3.
+DEFAULT_PROJECTOR_LAYERS = 2
 
 
 def _any_size(img_size: int) -> int:
@@ -36,7 +39,7 @@ class EncoderSpec:
 _REGISTRY: dict[str, EncoderSpec] = {}
 
 
-def register_encoder(name: str, *, projector_layers: int = 2,
+def register_encoder(name: str, *, projector_layers: int = DEFAULT_PROJECTOR_LAYERS,
                      size_multiple: Callable[[int], int] = _any_size):
     """Decorator adding a factory to the registry; a name can be registered once."""
 
@@ -93,7 +96,21 @@ def create_encoder(name: str, *, in_chans: int = 3, img_size: int = 224) -> nn.M
         >>> enc(torch.randn(2, 1, 28, 28)).shape == (2, enc.num_features)
         True
     """
-    return encoder_spec(name).factory(in_chans=in_chans, img_size=img_size)
+    spec = encoder_spec(name)
+    encoder = spec.factory(in_chans=in_chans, img_size=img_size)
+    encoder.projector_layers = spec.projector_layers  # read by projector_depth
+    return encoder
+
+
+def projector_depth(encoder: nn.Module) -> int:
+    """The projector depth for an encoder: its family's (3 for a ViT) when
+    :func:`create_encoder` built it, else :data:`DEFAULT_PROJECTOR_LAYERS`.
+
+    Example:
+        >>> projector_depth(create_encoder("small_cnn", in_chans=1, img_size=28))
+        2
+    """
+    return getattr(encoder, "projector_layers", DEFAULT_PROJECTOR_LAYERS)
 
 
 class SmallCNN(nn.Module):
@@ -145,14 +162,16 @@ def _timm_vit(arch: str, *, in_chans: int, img_size: int) -> nn.Module:
     import timm
 
     patch = _vit_patch(img_size)
-    model = timm.create_model(
-        arch, pretrained=False, num_classes=0, in_chans=in_chans, img_size=img_size, patch_size=patch
-    )
+    model = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans,
+                              img_size=img_size, patch_size=patch)
     return model  # timm sets num_features
 
 
 for _arch in ("resnet18", "resnet50"):
-    register_encoder(_arch)(lambda *, in_chans, img_size, _a=_arch: _torchvision_resnet(_a, in_chans=in_chans, img_size=img_size))
+    register_encoder(_arch)(
+        lambda *, in_chans, img_size, _a=_arch: _torchvision_resnet(_a, in_chans=in_chans,
+                                                                    img_size=img_size)
+    )
 
 for _name, _arch in (
     ("vit_tiny", "vit_tiny_patch16_224"),

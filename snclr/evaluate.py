@@ -22,10 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from snclr import distributed
 from snclr.checkpoint import build_model, config_of, load_model_state, non_finite, read_checkpoint
-from snclr.config import ConfigError
 from snclr.data import (AugmentedDataset, EvalDataset, ImageSet, eval_transform, limit,
                         linear_train_transform, load_splits, make_loader)
+from snclr.errors import ConfigError
+from snclr.optim import cosine_lr
 
 __all__ = ["LINEAR_PROTOCOLS", "extract_features", "knn_accuracy", "linear_probe",
            "linear_probe_augmented", "load_backbone", "parameter_checksum", "run_evaluation",
@@ -47,7 +49,8 @@ def extract_features(encoder: nn.Module, images: ImageSet, *, img_size: int, dev
         EvalDataset(images, eval_transform(
             img_size=img_size, in_chans=images.in_chans,
             native_size=images.img_size if images.same_size else None)),
-        batch_size=batch_size, train=False, num_workers=num_workers, pin_memory=device.type == "cuda",
+        batch_size=batch_size, train=False, num_workers=num_workers,
+        pin_memory=device.type == "cuda",
     )
     was_training = encoder.training
     encoder.eval()
@@ -62,7 +65,8 @@ def extract_features(encoder: nn.Module, images: ImageSet, *, img_size: int, dev
 
 @torch.no_grad()
 def weighted_knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Tensor, *,
-                         k: int, num_classes: int, temperature: float = 0.07, chunk: int = 1024) -> Tensor:
+                         k: int, num_classes: int, temperature: float = 0.07,
+                         chunk: int = 1024) -> Tensor:
     """InstDisc weighted kNN class scores.
 
     Args:
@@ -87,13 +91,16 @@ def weighted_knn_predict(train_features: Tensor, train_labels: Tensor, test_feat
     return torch.cat(scores)
 
 
-def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor, *,
-                 ks: tuple[int, ...] = (20, 200), num_classes: int | None = None, temperature: float = 0.07) -> dict[str, float]:
+def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Tensor,
+                 test_labels: Tensor, *, ks: tuple[int, ...] = (20, 200),
+                 num_classes: int | None = None, temperature: float = 0.07) -> dict[str, float]:
     """Top-1 accuracy of :func:`weighted_knn_predict` for each k: ``{"top1_k20": ..., ...}``."""
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     result = {}
     for k in ks:
-        pred = weighted_knn_predict(train_features, train_labels, test_features, k=k, num_classes=num_classes, temperature=temperature).argmax(1)
+        scores = weighted_knn_predict(train_features, train_labels, test_features, k=k,
+                                      num_classes=num_classes, temperature=temperature)
+        pred = scores.argmax(1)
         result[f"top1_k{k}"] = (pred == test_labels).float().mean().item()
     return result
 
@@ -101,12 +108,15 @@ def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Te
 def parameter_checksum(module: nn.Module) -> float:
     """Sum of |p| over parameters and buffers (float64): any change to the backbone shows."""
     with torch.no_grad():
-        return sum(t.detach().double().abs().sum().item() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point())
+        tensors = [*module.parameters(), *module.buffers()]
+        return sum(t.detach().double().abs().sum().item() for t in tensors
+                   if t.is_floating_point())
 
 
-def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor, *,
-                 num_classes: int, epochs: int = 100, lr: float = 0.1, batch_size: int = 256,
-                 weight_decay: float = 0.0, seed: int = 0) -> dict[str, float]:
+def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor,
+                 test_labels: Tensor, *, num_classes: int, epochs: int = 100, lr: float = 0.1,
+                 batch_size: int = 256, weight_decay: float = 0.0,
+                 seed: int = 0) -> dict[str, float]:
     """Train a linear classifier on frozen features (SGD momentum 0.9, cosine lr); top-1 on test.
 
     Features are standardised with the train mean and std (a fixed affine map, so the
@@ -122,8 +132,8 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
     for _ in range(epochs):
         order = torch.randperm(len(train_x), generator=generator).to(train_x.device)
         for rows in order.split(batch_size):
-            _sgd_step(head, optimizer, train_x[rows], train_labels[rows],
-                      lr=_cosine(lr, step, total))
+            _sgd_step(head, optimizer, train_x[rows], train_labels[rows], base_lr=lr, step=step,
+                      total=total)
             step += 1
     return _head_accuracy(head, test_x, test_labels)
 
@@ -143,12 +153,10 @@ def _linear_head(dim: int, num_classes: int, generator: torch.Generator, device:
     return head, optimizer
 
 
-def _cosine(lr: float, step: int, total: int) -> float:
-    return lr * 0.5 * (1 + math.cos(math.pi * step / total))
-
-
 def _sgd_step(head: nn.Linear, optimizer: torch.optim.SGD, x: Tensor, y: Tensor, *,
-              lr: float) -> None:
+              base_lr: float, step: int, total: int) -> None:
+    # The pretraining schedule, counted in steps, without warm-up (MoCo v3's linear probe).
+    lr = cosine_lr(step, lr=base_lr, warmup_epochs=0, epochs=total)
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss = F.cross_entropy(head(x), y)
@@ -210,14 +218,15 @@ def linear_probe_augmented(encoder: nn.Module, train_set: ImageSet, test_feature
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
                                                  enabled=device.type == "cuda"):
                 features = encoder(x.to(device, non_blocking=True)).float()
-            _sgd_step(head, optimizer, (features - mean) / std, y.to(device),
-                      lr=_cosine(lr, step, total))
+            _sgd_step(head, optimizer, (features - mean) / std, y.to(device), base_lr=lr,
+                      step=step, total=total)
             step += 1
     encoder.train(was_training)
     return _head_accuracy(head, (test_features - mean) / std, test_labels)
 
 
-def load_backbone(checkpoint: str, *, random_init: bool = False, seed: int = 0) -> tuple[nn.Module, dict]:
+def load_backbone(checkpoint: str, *, random_init: bool = False,
+                  seed: int = 0) -> tuple[nn.Module, dict]:
     """The online encoder of a checkpoint (or the same architecture untrained) and its config."""
     payload = read_checkpoint(checkpoint)
     config = config_of(payload)
@@ -231,10 +240,6 @@ def load_backbone(checkpoint: str, *, random_init: bool = False, seed: int = 0) 
             raise ConfigError(f"checkpoint {checkpoint!r} holds non-finite weights (NaN or "
                               f"infinity in {len(bad)} tensors of the encoder, e.g. {bad[0]})")
     return model.encoder, {"config": config, **shape}
-
-
-def _device(name: str = "auto") -> torch.device:
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def _check_counts(**counts: int) -> None:
@@ -269,10 +274,12 @@ def _encode(checkpoint: str, data: str, *, random_init: bool, num_workers: int,
     splits = load_splits(data)
     train, test = (limit(splits[split], limit_samples) for split in ("train", "test"))
     if train.in_chans != info["in_chans"]:
-        raise ConfigError(f"the checkpoint expects {info['in_chans']}-channel images, {data!r} has {train.in_chans}")
+        raise ConfigError(f"the checkpoint expects {info['in_chans']}-channel images, {data!r} "
+                          f"has {train.in_chans}")
     encoder.to(device)
     checksum = parameter_checksum(encoder)
-    feats = [extract_features(encoder, split, img_size=info["img_size"], device=device, num_workers=num_workers)
+    feats = [extract_features(encoder, split, img_size=info["img_size"], device=device,
+                              num_workers=num_workers)
              for split in (train, test)]
     encoded = _Encoded(encoder, info["img_size"], train, test, *feats[0], *feats[1], checksum)
     encoded.check_unchanged()
@@ -305,14 +312,15 @@ def _check_linear(epochs, lr, protocol) -> None:
                           f"{protocol!r}")
 
 
-def run_knn(checkpoint: str, data: str, *, random_init: bool = False, ks: tuple[int, ...] = (20, 200),
-            num_workers: int = 0, device: str = "auto", limit_samples: int = 0) -> dict[str, float]:
+def run_knn(checkpoint: str, data: str, *, random_init: bool = False,
+            ks: tuple[int, ...] = (20, 200), num_workers: int = 0, device: str = "auto",
+            limit_samples: int = 0) -> dict[str, float]:
     """``snclr knn``: weighted kNN top-1 of a checkpoint's backbone on a dataset.
 
     ``limit_samples`` > 0 evaluates on fixed class-balanced subsets of both splits (tests).
     """
     e = _encode(checkpoint, data, random_init=random_init, num_workers=num_workers,
-                device=_device(device), limit_samples=limit_samples)
+                device=distributed.resolve_device(device), limit_samples=limit_samples)
     result = knn_accuracy(e.train_features, e.train_labels, e.test_features, e.test_labels,
                           ks=ks, num_classes=e.train.num_classes)
     return {"top1": result[f"top1_k{ks[0]}"], **result}
@@ -334,7 +342,7 @@ def run_linear(checkpoint: str, data: str, *, epochs: int = 100, lr: float = 0.1
     """
     _check_linear(epochs, lr, protocol)
     e = _encode(checkpoint, data, random_init=random_init, num_workers=num_workers,
-                device=_device(device), limit_samples=limit_samples)
+                device=distributed.resolve_device(device), limit_samples=limit_samples)
     return _probe(e, protocol=protocol, epochs=epochs, lr=lr, seed=seed,
                   num_workers=num_workers, progress=progress)
 
@@ -351,7 +359,7 @@ def run_evaluation(checkpoint: str, data: str, *, ks: tuple[int, ...] = (20, 200
     """
     _check_linear(linear_epochs, linear_lr, protocol)
     e = _encode(checkpoint, data, random_init=False, num_workers=num_workers,
-                device=_device(device), limit_samples=limit_samples)
+                device=distributed.resolve_device(device), limit_samples=limit_samples)
     result = knn_accuracy(e.train_features, e.train_labels, e.test_features, e.test_labels,
                           ks=ks, num_classes=e.train.num_classes)
     probe = _probe(e, protocol=protocol, epochs=linear_epochs, lr=linear_lr, seed=seed,

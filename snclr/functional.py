@@ -15,8 +15,16 @@ from torch import Tensor
 
 from snclr import distributed, ops
 from snclr.ops._checks import check_features, check_positive
+from snclr.reference import thresholded
 
-__all__ = ["ATTENTIONS", "neighbor_weights", "soft_neighbor_loss"]
+__all__ = ["ATTENTIONS", "ATTENTION_TEMPERATURE", "TEMPERATURE", "neighbor_weights",
+           "soft_neighbor_loss"]
+
+# The defaults of DESIGN section 2, stated here only (the model and the config take them from
+# here): the logit temperature T of MoCo v3 and SNCLR, and tau_a of the positiveness softmax
+# (1 reproduces the reference code).
+TEMPERATURE = 0.2
+ATTENTION_TEMPERATURE = 1.0
 
 # cosine: softmax of <n(y), n(nbr)> / tau_a (SNCLR default); uniform: 1/K; nearest: the
 # nearest neighbour alone replaces the key as the positive (NNCLR); learned: weights come
@@ -29,7 +37,7 @@ def neighbor_weights(
     neighbors: Tensor,
     *,
     attention: str = "cosine",
-    temperature: float = 1.0,
+    temperature: float = ATTENTION_TEMPERATURE,
     threshold: bool = False,
 ) -> Tensor:
     """Positiveness weights ``w`` of the K neighbours of each sample.
@@ -38,7 +46,7 @@ def neighbor_weights(
         y: ``(B, D)`` online projections.
         neighbors: ``(B, K, D)`` neighbour rows, raw or normalised.
         attention: ``"cosine"``, ``"uniform"`` or ``"nearest"``.
-        temperature: tau_a of the cosine softmax.
+        temperature: tau_a of the cosine softmax (the model's ``attention_temperature``).
         threshold: zero the weights ``<= 1/K`` (not renormalised).
 
     Returns:
@@ -62,7 +70,7 @@ def neighbor_weights(
             f"passed as weights=), got {attention!r}"
         )
     if threshold and attention == "cosine":
-        weights = weights * (weights > 1.0 / num_neighbors)
+        weights = thresholded(weights)
     return weights
 
 
@@ -94,7 +102,8 @@ def _check_loss_inputs(
     elif attention == "learned" and num_neighbors > 0:
         raise ValueError("attention='learned' needs the weights= computed by the module")
     elif attention == "cosine" and num_neighbors > 0 and y.shape[1] != dim:
-        raise ValueError(f"cosine attention scores the neighbours with y: y must have D={dim} columns, got {shapes}")
+        raise ValueError(f"cosine attention scores the neighbours with y: y must have D={dim} "
+                         f"columns, got {shapes}")
     if attention == "nearest" and num_neighbors == 0:
         raise ValueError("attention='nearest' (NNCLR) needs at least one neighbour, got K=0")
 
@@ -105,11 +114,11 @@ def soft_neighbor_loss(
     key: Tensor,
     neighbors: Tensor,
     *,
-    temperature: float = 0.2,
+    temperature: float = TEMPERATURE,
     threshold: bool = False,
     detach_positiveness: bool = False,
     attention: str = "cosine",
-    attention_temperature: float = 1.0,
+    attention_temperature: float = ATTENTION_TEMPERATURE,
     weights: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 __all__ = ["LearnedAttention", "mlp", "predictor", "projector"]
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, *, num_layers: int, last_bn: bool = True) -> nn.Sequential:
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, *, num_layers: int,
+        last_bn: bool = True) -> nn.Sequential:
     """``num_layers`` Linear layers with BN + ReLU between them and a non-affine last BN.
 
     Args:
@@ -32,7 +33,8 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, *, num_layers: int, last_bn:
     layers: list[nn.Module] = []
     width = in_dim
     for _ in range(num_layers - 1):
-        layers += [nn.Linear(width, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(width, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
+                   nn.ReLU(inplace=True)]
         width = hidden_dim
     layers.append(nn.Linear(width, out_dim, bias=not last_bn))
     if last_bn:
@@ -40,8 +42,10 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, *, num_layers: int, last_bn:
     return nn.Sequential(*layers)
 
 
-def projector(in_dim: int, *, hidden_dim: int = 4096, out_dim: int = 256, num_layers: int = 3) -> nn.Sequential:
-    """MoCo v3 projector g: 3 layers for ViT, 2 for ResNet."""
+def projector(in_dim: int, *, hidden_dim: int = 4096, out_dim: int = 256,
+              num_layers: int) -> nn.Sequential:
+    """MoCo v3 projector g; its depth depends on the encoder family
+    (:func:`snclr.encoders.projector_depth`: 3 layers for ViT, 2 for ResNet)."""
     return mlp(in_dim, hidden_dim, out_dim, num_layers=num_layers)
 
 

@@ -17,11 +17,12 @@ from torch import Tensor, nn
 
 from snclr import functional
 from snclr.bank import MemoryBank
-from snclr.encoders import create_encoder, encoder_spec
+from snclr.encoders import create_encoder, projector_depth
 from snclr.heads import LearnedAttention, predictor, projector
+from snclr.reference import thresholded
 
 __all__ = ["METHODS", "SNCLR", "SNCLROutput", "cosine_momentum", "create_model", "fixed_options",
-           "register_method"]
+           "num_neighbors_used", "register_method"]
 
 # Method name -> the model options it fixes. Every method runs on the same pipeline, so a
 # comparison changes only these.
@@ -75,6 +76,19 @@ def fixed_options(method: str) -> dict[str, str]:
     return {**fixed, **{name: reason for name in unread}}
 
 
+def num_neighbors_used(method: str, num_neighbors: int) -> int:
+    """K as a method runs it: its own when it fixes K (``mocov3`` 0, ``nnclr`` 1), else
+    ``num_neighbors``.
+
+    Example:
+        >>> num_neighbors_used("mocov3", 5), num_neighbors_used("nnclr", 5)
+        (0, 1)
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    return METHODS[method].get("num_neighbors", num_neighbors)
+
+
 def cosine_momentum(progress: float, *, base: float = 0.99, final: float = 1.0) -> float:
     """EMA momentum rising from ``base`` to ``final`` on a half cosine; progress in [0, 1]."""
     return final - (final - base) * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))) / 2
@@ -116,7 +130,9 @@ class SNCLR(nn.Module):
         attention_temperature: tau_a of the positiveness softmax (1 = reference code).
         threshold: zero positiveness weights ``<= 1/K``.
         detach_positiveness: no gradient from the loss into y through the weights.
-        projector_layers, projector_hidden, projector_dim, predictor_hidden: head sizes.
+        projector_layers: Linear layers of the projector; None: the encoder family's
+            (:func:`snclr.encoders.projector_depth`: 3 for a ViT, 2 otherwise).
+        projector_hidden, projector_dim, predictor_hidden: head widths.
         bank_mode: ``"local"`` or ``"global"`` queue under torch.distributed.
         search_unfilled: search the random initial queue rows too (reference code).
         bank_dtype: storage dtype of the queue.
@@ -141,12 +157,12 @@ class SNCLR(nn.Module):
         num_features: int | None = None,
         num_neighbors: int = 5,
         queue_size: int = 4096,
-        temperature: float = 0.2,
+        temperature: float = functional.TEMPERATURE,
         attention: str = "cosine",
-        attention_temperature: float = 1.0,
+        attention_temperature: float = functional.ATTENTION_TEMPERATURE,
         threshold: bool = False,
         detach_positiveness: bool = False,
-        projector_layers: int = 2,
+        projector_layers: int | None = None,
         projector_hidden: int = 4096,
         projector_dim: int = 256,
         predictor_hidden: int = 4096,
@@ -169,17 +185,22 @@ class SNCLR(nn.Module):
             raise ValueError("temperature and attention_temperature must be > 0")
         self.num_neighbors, self.temperature = num_neighbors, temperature
         self.attention, self.attention_temperature = attention, attention_temperature
-        self.threshold, self.detach_positiveness, self.backend = threshold, detach_positiveness, backend
+        self.threshold, self.detach_positiveness = threshold, detach_positiveness
+        self.backend = backend
 
         self.encoder = encoder
-        self.projector = projector(num_features, hidden_dim=projector_hidden, out_dim=projector_dim, num_layers=projector_layers)
+        if projector_layers is None:
+            projector_layers = projector_depth(encoder)
+        self.projector = projector(num_features, hidden_dim=projector_hidden,
+                                   out_dim=projector_dim, num_layers=projector_layers)
         self.predictor = predictor(projector_dim, hidden_dim=predictor_hidden)
         self.momentum_encoder = copy.deepcopy(encoder)
         self.momentum_projector = copy.deepcopy(self.projector)
         for param in self.momentum_parameters():
             param.requires_grad_(False)
         self.attention_head = LearnedAttention(projector_dim) if attention == "learned" else None
-        self.bank = MemoryBank(queue_size, projector_dim, mode=bank_mode, search_unfilled=search_unfilled, dtype=bank_dtype)
+        self.bank = MemoryBank(queue_size, projector_dim, mode=bank_mode,
+                               search_unfilled=search_unfilled, dtype=bank_dtype)
 
     def online_parameters(self) -> list[nn.Parameter]:
         return [*self.encoder.parameters(), *self.projector.parameters()]
@@ -215,7 +236,8 @@ class SNCLR(nn.Module):
         return SNCLROutput(loss=loss_12 + loss_21, keys=k2, **stats)
 
     def _direction(self, z: Tensor, y: Tensor, key: Tensor, k: int) -> tuple[Tensor, dict]:
-        options = dict(temperature=self.temperature, detach_positiveness=self.detach_positiveness, attention=self.attention, backend=self.backend)
+        options = dict(temperature=self.temperature, detach_positiveness=self.detach_positiveness,
+                       attention=self.attention, backend=self.backend)
         if k == 0:
             # MoCo v3 terms only, whatever the attention (NNCLR included) while the queue fills.
             neighbors = key.new_zeros(key.shape[0], 0, key.shape[1])
@@ -227,7 +249,7 @@ class SNCLR(nn.Module):
             key,
             y.float(),
             k,
-            temperature=self.attention_temperature,
+            attention_temperature=self.attention_temperature,
             threshold=self.threshold,
             backend=self.backend,
         )
@@ -237,13 +259,14 @@ class SNCLR(nn.Module):
         elif self.attention == "learned":
             weights = self.attention_head(y, found.neighbors)
             if self.threshold:
-                weights = weights * (weights > 1.0 / k)
+                weights = thresholded(weights)
         loss = functional.soft_neighbor_loss(z, y, key, found.neighbors, weights=weights, **options)
         return loss, self._statistics(found, weights)
 
     @torch.no_grad()
     def _statistics(self, found, weights: Tensor | None) -> dict:
-        stats = dict(neighbor_indices=found.indices, neighbor_similarity=found.similarity.float().mean())
+        stats = dict(neighbor_indices=found.indices,
+                     neighbor_similarity=found.similarity.float().mean())
         if weights is not None:
             w = weights.detach().float()
             stats.update(
@@ -274,7 +297,7 @@ def create_model(
 
     The method fixes its options (``mocov3``: K = 0; ``nnclr``: K = 1, nearest target;
     ``snclr-uniform`` / ``snclr-learned``: the attention); the projector depth follows the
-    encoder family (3 layers for ViT, 2 otherwise) unless given.
+    encoder family (:func:`snclr.encoders.projector_depth`) unless given.
 
     Example:
         >>> model = create_model("small_cnn", method="mocov3", in_chans=1, img_size=28,
@@ -285,6 +308,5 @@ def create_model(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     if isinstance(encoder, str):
-        options.setdefault("projector_layers", encoder_spec(encoder).projector_layers)
         encoder = create_encoder(encoder, in_chans=in_chans, img_size=img_size)
     return SNCLR(encoder, **{**options, **METHODS[method]})

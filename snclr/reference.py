@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SoftNeighbors", "knn_topk", "soft_neighbors", "soft_target_contrastive_loss"]
+__all__ = ["SoftNeighbors", "knn_topk", "soft_neighbors", "soft_target_contrastive_loss",
+           "threshold_mask", "thresholded"]
 
 # Rows of queries scored against all candidates per step of the loss: bounds the transient
 # logits to CHUNK_ROWS x M instead of B x M.
@@ -157,6 +158,23 @@ def knn_topk(
     return values.to(out_dtype), indices
 
 
+def threshold_mask(weights: Tensor) -> Tensor:
+    """The weights the threshold keeps: ``w > 1/K``, with K = ``weights.shape[-1]``."""
+    return weights > 1.0 / weights.shape[-1]
+
+
+def thresholded(weights: Tensor) -> Tensor:
+    """The optional threshold of DESIGN section 2: ``w * [w > 1/K]``, not renormalised.
+
+    Args:
+        weights: ``(..., K)`` positiveness weights of K >= 1 neighbours.
+
+    Returns:
+        ``weights`` with the entries ``<= 1/K`` set to zero (same shape and dtype).
+    """
+    return weights * threshold_mask(weights)
+
+
 def soft_neighbors(
     key: Tensor,
     online: Tensor,
@@ -197,7 +215,7 @@ def soft_neighbors(
     )
     positiveness = torch.softmax(attention / temperature, dim=-1)
     if threshold:
-        positiveness = positiveness * (positiveness > 1.0 / k)
+        positiveness = thresholded(positiveness)
     return SoftNeighbors(indices, similarity, neighbors, positiveness)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from snclr.metrics import read_rows
+from snclr.model import fixed_options, num_neighbors_used
 
 __all__ = ["read_metrics", "write_report"]
 
@@ -60,6 +61,13 @@ def _plot_histogram(path: Path, counts: list[float], title: str) -> bool:
     return True
 
 
+def _k(config: dict) -> str:
+    """The K the method trained with, and why when the method fixes it."""
+    k = num_neighbors_used(config["method"], config["num_neighbors"])
+    fixed = fixed_options(config["method"]).get("num_neighbors")
+    return f"{k} ({fixed})" if fixed else str(k)
+
+
 def write_report(run_dir: Path, config: dict, *, histogram: list[float], wall_s: float) -> Path:
     """Write the plots and ``report.md`` into ``run_dir``; return the report path."""
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -71,24 +79,32 @@ def write_report(run_dir: Path, config: dict, *, histogram: list[float], wall_s:
         picked = [r for r in epochs if r.get(key) is not None]
         return [r["epoch"] for r in picked], [r[key] for r in picked]
 
-    if _plot(run_dir / "loss.png", "training loss", [("loss", [r["step"] for r in steps], [r["loss"] for r in steps])], "step"):
-        plots.append(("Loss per step", "loss.png"))
-    if _plot(run_dir / "lr.png", "learning rate", [("lr", [r["step"] for r in steps], [r["lr"] for r in steps])], "step"):
-        plots.append(("Learning rate per step", "lr.png"))
-    if _plot(run_dir / "knn.png", f"kNN top-1 (k={config['knn_k']})", [("kNN top-1", *epoch_series("knn_top1"))], "epoch"):
-        plots.append(("kNN accuracy per epoch", "knn.png"))
-    if _plot(run_dir / "purity.png", "neighbour purity", [("purity", *epoch_series("neighbor_purity"))], "epoch"):
-        plots.append(("Neighbour purity per epoch", "purity.png"))
-    if _plot_histogram(run_dir / "positiveness.png", histogram, "positiveness of selected neighbours (last epoch)"):
+    step_numbers = [r["step"] for r in steps]
+    curves = [  # (file, plot title, series, x label, section title)
+        ("loss.png", "training loss", [("loss", step_numbers, [r["loss"] for r in steps])],
+         "step", "Loss per step"),
+        ("lr.png", "learning rate", [("lr", step_numbers, [r["lr"] for r in steps])],
+         "step", "Learning rate per step"),
+        ("knn.png", f"kNN top-1 (k={config['knn_k']})",
+         [("kNN top-1", *epoch_series("knn_top1"))], "epoch", "kNN accuracy per epoch"),
+        ("purity.png", "neighbour purity", [("purity", *epoch_series("neighbor_purity"))],
+         "epoch", "Neighbour purity per epoch"),
+    ]
+    for name, title, series, xlabel, section in curves:
+        if _plot(run_dir / name, title, series, xlabel):
+            plots.append((section, name))
+    if _plot_histogram(run_dir / "positiveness.png", histogram,
+                       "positiveness of selected neighbours (last epoch)"):
         plots.append(("Positiveness histogram (last epoch)", "positiveness.png"))
 
     last = epochs[-1] if epochs else {}
     lines = [
         f"# snclr pretraining report: {config['method']} / {config['encoder']} on {config['data']}",
         "",
-        f"- epochs: {last.get('epoch', 0)} of {config['epochs']}, steps: {steps[-1]['step'] if steps else 0}, "
-        f"batch {config['batch_size']}, optimizer {config['optimizer']} (base lr {config['lr']}, wd {config['weight_decay']})",
-        f"- K = {config['num_neighbors']}, queue {config['queue_size']}, T = {config['temperature']}",
+        f"- epochs: {last.get('epoch', 0)} of {config['epochs']}, "
+        f"steps: {steps[-1]['step'] if steps else 0}, batch {config['batch_size']}, "
+        f"optimizer {config['optimizer']} (base lr {config['lr']}, wd {config['weight_decay']})",
+        f"- K = {_k(config)}, queue {config['queue_size']}, T = {config['temperature']}",
         f"- image size: {config['img_size']} px",
         f"- wall time this session: {wall_s:.1f} s",
         "",

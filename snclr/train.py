@@ -36,10 +36,11 @@ from snclr import distributed
 from snclr.bank import MemoryBank
 from snclr.checkpoint import (RESUME_KEYS, build_model, config_of, get_rng_state, load_model_state,
                               non_finite, read_checkpoint, set_rng_state, write_checkpoint)
-from snclr.config import (Config, ConfigError, check_resume_changes, config_changes, resumed_config,
+from snclr.config import (Config, check_resume_changes, config_changes, resumed_config,
                           validate)
 from snclr.data import TwoViewDataset, limit, load_splits, make_loader, two_view_transforms
 from snclr.encoders import fit_img_size
+from snclr.errors import ConfigError, TrainingDiverged
 from snclr.evaluate import extract_features, knn_accuracy
 from snclr.metrics import MetricsLog, clean
 from snclr.model import SNCLR, cosine_momentum
@@ -50,13 +51,6 @@ from snclr.report import write_report
 __all__ = ["Plan", "TrainingDiverged", "pretrain", "train_one_epoch"]
 
 HISTOGRAM_BINS = 50  # weights cluster near 1/K (tau_a = 1): fine bins show the spread
-
-
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss or weights: the run stopped, the last good checkpoint is kept.
-
-    Every rank raises it at the same step (the values tested are reduced over ranks).
-    """
 
 
 @dataclass(frozen=True)
@@ -93,18 +87,10 @@ class State:
         return f"checkpoint.pt still holds the last good state (step {self.saved_step})"
 
 
-def _device(config: Config) -> torch.device:
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available")
-    if config.device != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def _set_threads(device: torch.device) -> None:
     # Without OMP_NUM_THREADS, share the cores among the ranks on this machine.
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        local = distributed.local_world_size()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
@@ -114,16 +100,20 @@ def _plan(config: Config, device: torch.device, train_size: int, in_chans: int) 
         raise ConfigError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1); "
                           f"this run is on {device.type}")
     if config.batch_size % world:
-        raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {world} processes")
+        raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {world} "
+                          "processes")
     if config.batch_size > train_size:
-        raise ConfigError(f"batch_size={config.batch_size} is larger than the {train_size} training images")
+        raise ConfigError(f"batch_size={config.batch_size} is larger than the {train_size} "
+                          "training images")
     precision = config.precision if device.type == "cuda" else "fp32"  # autocast on GPU only
-    amp = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    amp = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16,
+           "fp32": None}[precision]
     # auto: search in the 16-bit dtype the GPU trains in (tensor cores), fp32 elsewhere.
     bank_dtype = {"auto": amp or torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
                   "fp16": torch.float16}[config.bank_dtype]
     return Plan(
-        device=device, world_size=world, rank=distributed.rank(), local_batch=config.batch_size // world,
+        device=device, world_size=world, rank=distributed.rank(),
+        local_batch=config.batch_size // world,
         lr=config.lr * config.batch_size / 256, steps_per_epoch=train_size // config.batch_size,
         amp_dtype=amp, bank_dtype=bank_dtype, in_chans=in_chans, img_size=config.img_size,
     )
@@ -158,9 +148,7 @@ def _restore_rank_bank(bank: MemoryBank, banks: dict | None, rank: int) -> None:
     if banks is None:
         return
     source = rank % banks["queue"].shape[0]
-    with torch.no_grad():
-        bank.queue.copy_(banks["queue"][source])
-        bank.labels.copy_(banks["labels"][source])
+    bank.restore_rows(banks["queue"][source], banks["labels"][source])
 
 
 def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: MetricsLog) -> dict:
@@ -175,10 +163,12 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
         x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         fraction = state.epoch + i / plan.steps_per_epoch
-        lr = cosine_lr(fraction, lr=plan.lr, warmup_epochs=config.warmup_epochs, epochs=config.epochs)
+        lr = cosine_lr(fraction, lr=plan.lr, warmup_epochs=config.warmup_epochs,
+                       epochs=config.epochs)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast(device.type, dtype=plan.amp_dtype or torch.float32, enabled=plan.amp_dtype is not None):
+        with torch.autocast(device.type, dtype=plan.amp_dtype or torch.float32,
+                            enabled=plan.amp_dtype is not None):
             out = state.wrapped(x1, x2)
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(out.loss).backward()
@@ -187,7 +177,8 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         state.scaler.step(state.optimizer)
         state.scaler.update()
-        momentum = cosine_momentum(fraction / config.epochs, base=config.momentum_base, final=config.momentum_final)
+        momentum = cosine_momentum(fraction / config.epochs, base=config.momentum_base,
+                                   final=config.momentum_final)
         model.momentum_update(momentum)
         sums[0] += out.loss.detach().float()
         if out.neighbor_indices is not None:
@@ -197,7 +188,8 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
             sums[4] += 1
             if out.positiveness is not None:
                 sums[2] += out.positiveness_entropy.float()
-                histogram += torch.histc(out.positiveness.float(), bins=HISTOGRAM_BINS, min=0, max=1)
+                histogram += torch.histc(out.positiveness.float(), bins=HISTOGRAM_BINS,
+                                         min=0, max=1)
         model.enqueue(out.keys, labels)
         state.step += 1
         seen += config.batch_size
@@ -233,7 +225,8 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
 def _knn(config: Config, plan: Plan, model: SNCLR, train_set, test_set) -> float:
     train = extract_features(model.encoder, train_set, img_size=plan.img_size, device=plan.device)
     test = extract_features(model.encoder, test_set, img_size=plan.img_size, device=plan.device)
-    return knn_accuracy(*train, *test, ks=(config.knn_k,), num_classes=train_set.num_classes)[f"top1_k{config.knn_k}"]
+    accuracy = knn_accuracy(*train, *test, ks=(config.knn_k,), num_classes=train_set.num_classes)
+    return accuracy[f"top1_k{config.knn_k}"]
 
 
 def pretrain(config: Config, *, resume: bool = False, given: Iterable[str] | None = None,
@@ -345,7 +338,7 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
     elif resume:
         raise ConfigError(f"--resume given but {ckpt_path} does not exist")
     validate(config)
-    device = _device(config)
+    device = distributed.resolve_device(config.device)
     _set_threads(device)
     splits = load_splits(config.data)
     train_set = limit(splits["train"], config.limit_samples)

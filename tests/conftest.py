@@ -35,7 +35,8 @@ def _kernel_tests_on_the_gpu(request):
 
     Without a GPU they run on CPU tensors under the Triton interpreter (set above).
     """
-    if torch.cuda.is_available() and request.module.__name__.split(".")[-1].startswith("test_kernels"):
+    module = request.module.__name__.split(".")[-1]
+    if torch.cuda.is_available() and module.startswith("test_kernels"):
         with torch.device("cuda"):
             yield
     else:

@@ -14,7 +14,7 @@ def test_enqueue_wraps_around_without_dropping_rows():
     assert bank.num_filled == 3 and int(bank.pointer) == 3
     bank.enqueue(second, torch.arange(10, 14))
     # Rows 3, 4 take second[0:2]; the ring wraps and second[2:4] overwrite rows 0, 1.
-    expected = torch.cat([F.normalize(second[2:], dim=1), F.normalize(first[2:3], dim=1), F.normalize(second[:2], dim=1)])
+    expected = F.normalize(torch.cat([second[2:], first[2:3], second[:2]]), dim=1)
     torch.testing.assert_close(bank.queue, expected)
     assert bank.labels.tolist() == [12, 13, 2, 10, 11]
     assert bank.num_filled == 5 and int(bank.filled) == 5 and int(bank.pointer) == 2
@@ -47,6 +47,18 @@ def test_search_unfilled_reproduces_the_reference_initialisation():
     assert bank.search(torch.randn(3, 8), torch.randn(3, 8), 10).indices.shape == (3, 10)
 
 
+def test_search_takes_the_attention_temperature_by_its_model_name():
+    from snclr import ops
+
+    bank = MemoryBank(20, 8)
+    bank.enqueue(torch.randn(20, 8))
+    key, online = torch.randn(3, 8), torch.randn(3, 8)
+    found = bank.search(key, online, 4, attention_temperature=0.1)
+    expected = ops.soft_neighbors(key, online, bank.rows(), 4, temperature=0.1)
+    torch.testing.assert_close(found.positiveness, expected.positiveness)
+    assert not torch.allclose(found.positiveness, bank.search(key, online, 4).positiveness)
+
+
 def test_state_dict_round_trip_restores_queue_and_pointers():
     bank = MemoryBank(6, 4)
     bank.enqueue(torch.randn(8, 4), torch.arange(8))
@@ -71,8 +83,10 @@ def test_bfloat16_storage():
     [
         (lambda: MemoryBank(0, 4), r"size and dim must be >= 1"),
         (lambda: MemoryBank(4, 4, mode="sharded"), r"mode must be one of"),
-        (lambda: MemoryBank(4, 4).enqueue(torch.randn(2, 3)), r"keys must have shape \(n, 4\), got \(2, 3\)"),
-        (lambda: MemoryBank(4, 4).enqueue(torch.randn(2, 4), torch.arange(3)), r"labels must have shape \(2,\)"),
+        (lambda: MemoryBank(4, 4).enqueue(torch.randn(2, 3)),
+         r"keys must have shape \(n, 4\), got \(2, 3\)"),
+        (lambda: MemoryBank(4, 4).enqueue(torch.randn(2, 4), torch.arange(3)),
+         r"labels must have shape \(2,\)"),
     ],
 )
 def test_bad_input(call, match):
@@ -107,3 +121,14 @@ def test_enqueue_rejects_float_labels_and_integer_keys():
     assert bank.num_filled == 0  # nothing was written
     bank.enqueue(torch.randn(2, 2), torch.tensor([3, 1], dtype=torch.int32))
     assert bank.labels[:2].tolist() == [3, 1] and bank.labels.dtype == torch.int64
+
+
+def test_restore_rows_overwrites_rows_and_labels_but_not_the_pointers():
+    bank = MemoryBank(6, 4)
+    bank.enqueue(torch.randn(4, 4), torch.arange(4))
+    rows, labels = F.normalize(torch.randn(6, 4), dim=1), torch.arange(10, 16)
+    bank.restore_rows(rows, labels)
+    assert torch.equal(bank.queue, rows) and torch.equal(bank.labels, labels)
+    assert (bank.num_filled, int(bank.pointer)) == (4, 4)
+    with pytest.raises(ValueError, match=r"must have shapes \(6, 4\) and \(6,\), got \(5, 4\)"):
+        bank.restore_rows(rows[:5], labels)

@@ -87,3 +87,27 @@ def test_non_finite_names_every_bad_tensor():
             "rng": torch.zeros(3, dtype=torch.uint8), "step": 3}
     assert non_finite(tree) == ["model.b", "optimizer.state.0.exp_avg"]
     assert non_finite({"a": torch.ones(1)}) == []
+
+
+def test_the_model_takes_its_options_from_the_config_by_field_name():
+    from snclr.config import Config
+
+    assert checkpoint.model_fields() == (
+        "num_neighbors", "queue_size", "temperature", "attention_temperature", "threshold",
+        "detach_positiveness", "projector_layers", "projector_hidden", "projector_dim",
+        "predictor_hidden", "bank_mode", "backend")
+    config = Config(encoder="small_cnn", num_neighbors=3, queue_size=24, temperature=0.5,
+                    attention_temperature=0.3, threshold=True, detach_positiveness=True,
+                    projector_layers=3, projector_hidden=16, projector_dim=8,
+                    predictor_hidden=12, bank_mode="global", backend="torch")
+    model = checkpoint.build_model(config, in_chans=1, img_size=28, bank_dtype=torch.bfloat16)
+    assert (model.num_neighbors, model.bank.size, model.temperature) == (3, 24, 0.5)
+    assert (model.attention_temperature, model.threshold, model.detach_positiveness) == (
+        0.3, True, True)
+    widths = [m.out_features for m in model.projector if isinstance(m, torch.nn.Linear)]
+    assert widths == [16, 16, 8]
+    assert model.predictor[0].out_features == 12
+    assert (model.bank.mode, model.backend, model.bank.queue.dtype) == (
+        "global", "torch", torch.bfloat16)
+    mocov3 = checkpoint.build_model(Config(method="mocov3"), in_chans=1, img_size=28)
+    assert mocov3.num_neighbors == 0  # the method's own options win

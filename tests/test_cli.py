@@ -27,20 +27,25 @@ def test_help_of_each_subcommand(command, capsys):
 
 
 def test_python_dash_m_snclr_runs():
-    result = subprocess.run([sys.executable, "-m", "snclr", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "snclr", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "pretrain" in result.stdout
 
 
 def test_preset_then_config_file_then_flags(tmp_path):
     (tmp_path / "c.yaml").write_text("epochs: 7\nlr: 0.5\noptimizer: lars\n")
-    args = build_parser().parse_args(["pretrain", "--preset", "resnet50", "--config", str(tmp_path / "c.yaml"), "--lr", "0.25", "--threshold"])
+    args = build_parser().parse_args(["pretrain", "--preset", "resnet50", "--config",
+                                      str(tmp_path / "c.yaml"), "--lr", "0.25", "--threshold"])
     config = config_from_args(args)
-    assert (config.encoder, config.epochs, config.lr, config.optimizer, config.threshold) == ("resnet50", 7, 0.25, "lars", True)
+    assert (config.encoder, config.epochs, config.lr, config.optimizer, config.threshold) == (
+        "resnet50", 7, 0.25, "lars", True)
     assert config.queue_size == 128000 and config.temperature == 1.0
     (tmp_path / "c.json").write_text(json.dumps({"method": "nnclr"}))
-    args = build_parser().parse_args(["pretrain", "--preset", "vit-small", "--config", str(tmp_path / "c.json")])
+    args = build_parser().parse_args(["pretrain", "--preset", "vit-small", "--config",
+                                      str(tmp_path / "c.json")])
     vit = config_from_args(args)
-    assert (vit.method, vit.encoder, vit.batch_size, vit.weight_decay, vit.warmup_epochs) == ("nnclr", "vit_small", 4096, 0.1, 40)
+    assert (vit.method, vit.encoder, vit.batch_size, vit.weight_decay, vit.warmup_epochs) == (
+        "nnclr", "vit_small", 4096, 0.1, 40)
 
 
 @pytest.mark.parametrize(
@@ -56,7 +61,8 @@ def test_preset_then_config_file_then_flags(tmp_path):
         (["pretrain", "--config", "missing.yaml"], "does not exist"),
         (["knn", "--checkpoint", "missing.pt", "--data", "animal-mnist"], "does not exist"),
     ],
-    ids=["encoder", "dataset", "batch", "queue", "preset", "type", "workers", "config-file", "checkpoint"],
+    ids=["encoder", "dataset", "batch", "queue", "preset", "type", "workers", "config-file",
+         "checkpoint"],
 )
 def test_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -71,7 +77,8 @@ def test_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys, monkey
 
 def test_config_file_with_unknown_option_exits_2(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("epochs: 1\nlearning_rate: 3\n")
-    assert main(["pretrain", "--config", str(tmp_path / "bad.yaml"), "--output-dir", str(tmp_path / "run")]) == 2
+    argv = ["pretrain", "--config", tmp_path / "bad.yaml", "--output-dir", tmp_path / "run"]
+    assert main([str(a) for a in argv]) == 2
     assert "unknown option(s) learning_rate" in capsys.readouterr().err
 
 
@@ -81,13 +88,16 @@ def test_pretrain_then_knn_and_linear_json(tmp_path, capsys):
     assert yaml.safe_load((run / "config.yaml").read_text())["method"] == "mocov3"
     capsys.readouterr()
     checkpoint = str(run / "checkpoint.pt")
-    assert main(["knn", "--checkpoint", checkpoint, "--data", "animal-mnist", "--json", "--limit-samples", "300"]) == 0
+    assert main(["knn", "--checkpoint", checkpoint, "--data", "animal-mnist", "--json",
+                 "--limit-samples", "300"]) == 0
     knn = json.loads(capsys.readouterr().out)
     assert set(knn) == {"top1", "top1_k20", "top1_k200"}
-    assert main(["knn", "--checkpoint", checkpoint, "--json", "--random-init", "--limit-samples", "300"]) == 0
+    assert main(["knn", "--checkpoint", checkpoint, "--json", "--random-init",
+                 "--limit-samples", "300"]) == 0
     random = json.loads(capsys.readouterr().out)
     assert 0 < random["top1"] <= 1
-    assert main(["linear", "--checkpoint", checkpoint, "--data", "animal-mnist", "--epochs", "1", "--json", "--limit-samples", "300"]) == 0
+    assert main(["linear", "--checkpoint", checkpoint, "--data", "animal-mnist", "--epochs", "1",
+                 "--json", "--limit-samples", "300"]) == 0
     linear = json.loads(capsys.readouterr().out)
     assert 0 < linear["top1"] <= 1 and linear["protocol"] == "cached"
     assert main(["linear", "--checkpoint", checkpoint, "--protocol", "augmented", "--epochs", "1",
@@ -101,7 +111,8 @@ def test_pretrain_then_knn_and_linear_json(tmp_path, capsys):
 def test_corrupt_checkpoint_exits_2_without_traceback(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     result = subprocess.run(
-        [sys.executable, "-m", "snclr", "knn", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--data", "animal-mnist"],
+        [sys.executable, "-m", "snclr", "knn", "--checkpoint", str(tmp_path / "checkpoint.pt"),
+         "--data", "animal-mnist"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2

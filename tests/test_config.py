@@ -95,3 +95,16 @@ def test_resume_change_classes():
     assert check_resume_changes(config_changes(saved, changed), allow=True) == {
         "num_neighbors": (5, 3), "epochs": (8, 9), "lr": (0.006, 0.1)}
     assert "epochs" in RESUME_RECORDED and "lr" not in RESUME_FREE
+
+
+def test_the_temperatures_are_stated_once():
+    import inspect
+
+    from snclr import SNCLR, functional
+
+    model = inspect.signature(SNCLR).parameters
+    loss = inspect.signature(functional.soft_neighbor_loss).parameters
+    for name, value in (("temperature", functional.TEMPERATURE),
+                        ("attention_temperature", functional.ATTENTION_TEMPERATURE)):
+        assert getattr(Config(), name) == model[name].default == loss[name].default == value
+    assert (functional.TEMPERATURE, functional.ATTENTION_TEMPERATURE) == (0.2, 1.0)

@@ -3,6 +3,8 @@
 import importlib.resources
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -25,7 +27,8 @@ def animal_train():
 def test_animal_mnist_split_is_fixed_stratified_80_20(animal_train):
     test = load_dataset("animal-mnist", split="test")
     assert (len(animal_train), len(test)) == (8000, 2000)
-    assert animal_train.images.shape == (8000, 1, 28, 28) and animal_train.images.dtype == torch.uint8
+    assert animal_train.images.shape == (8000, 1, 28, 28)
+    assert animal_train.images.dtype == torch.uint8
     assert torch.bincount(animal_train.labels).tolist() == [800] * 10
     assert torch.bincount(test.labels).tolist() == [200] * 10
     again = load_dataset("animal-mnist", split="train")
@@ -89,8 +92,8 @@ def test_byol_views_are_asymmetric():
                 return t.p
         raise AssertionError(name)
 
-    assert (probability(view1, "GaussianBlur"), probability(view2, "GaussianBlur")) == (1.0, 0.1)
-    assert (probability(view1, "RandomSolarize"), probability(view2, "RandomSolarize")) == (0.0, 0.2)
+    for name, expected in (("GaussianBlur", (1.0, 0.1)), ("RandomSolarize", (0.0, 0.2))):
+        assert (probability(view1, name), probability(view2, name)) == expected
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index(animal_train):
@@ -118,7 +121,8 @@ def test_train_loader_order_depends_on_seed_and_epoch_only(animal_train):
     assert torch.equal(order(0, 1), order(0, 1))
     assert not torch.equal(order(0, 1), order(0, 2))
     assert len(order(0, 0)) == 40
-    two_ranks = [make_loader(dataset, batch_size=8, train=True, world_size=2, rank=r) for r in (0, 1)]
+    two_ranks = [make_loader(dataset, batch_size=8, train=True, world_size=2, rank=r)
+                 for r in (0, 1)]
     assert [len(loader) for loader in two_ranks] == [2, 2]  # 20 per rank, drop_last
 
 
@@ -238,3 +242,16 @@ def test_named_data_set_problems_are_one_line_errors(tmp_path, prepare, data, ma
     with pytest.raises(ConfigError, match=match) as err:
         load_splits(data.format(root=tmp_path))
     assert "\n" not in str(err.value)
+
+
+def test_data_does_not_import_the_config():
+    """The error class lives below both (snclr.errors): reading data never loads the config."""
+    script = "import sys, snclr.data; print(sorted(m for m in sys.modules if m == 'snclr.config'))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, check=True)
+    assert done.stdout.strip() == "[]"
+    from snclr import config, errors, train
+
+    assert config.ConfigError is errors.ConfigError and ConfigError is errors.ConfigError
+    assert train.TrainingDiverged is errors.TrainingDiverged

@@ -1,14 +1,15 @@
 """Two gloo processes with b/2 samples each equal one process with b samples."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from torchrun import free_port
 from snclr import MemoryBank, distributed
+from snclr.errors import ConfigError
 from snclr.functional import soft_neighbor_loss
 from snclr.train import _rank_banks, _restore_rank_bank
 
@@ -17,13 +18,8 @@ BATCH, K, DIM, WORLD = 8, 3, 16, 2
 
 def make_inputs():
     g = torch.Generator().manual_seed(7)
-    return [torch.randn(*s, generator=g, dtype=torch.float64) for s in ((BATCH, DIM),) * 3 + ((BATCH, K, DIM),)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    shapes = ((BATCH, DIM),) * 3 + ((BATCH, K, DIM),)  # z, y, key, neighbours
+    return [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
@@ -43,8 +39,9 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         local.enqueue(key, torch.arange(BATCH)[rows])
         torch.save(
             dict(loss=loss.detach(), grad_z=grad_z, grad_y=grad_y, bank=bank.state_dict(),
-                 mean=distributed.all_reduce_mean(loss), gathered=gathered, rank=distributed.rank(),
-                 world=distributed.world_size(), local=local.state_dict(), rank_banks=_rank_banks(local)),
+                 mean=distributed.all_reduce_mean(loss), gathered=gathered,
+                 rank=distributed.rank(), world=distributed.world_size(),
+                 local=local.state_dict(), rank_banks=_rank_banks(local)),
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -61,7 +58,26 @@ def ranks(tmp_path_factory):
 def test_helpers_are_noops_on_one_process():
     t = torch.randn(3, 2)
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
-    assert torch.equal(distributed.gather_no_grad(t), t) and torch.equal(distributed.all_reduce_mean(t), t)
+    assert torch.equal(distributed.gather_no_grad(t), t)
+    assert torch.equal(distributed.all_reduce_mean(t), t)
+
+
+def test_device_and_launch_rank_come_from_one_place(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.resolve_device("auto") == torch.device("cpu")
+    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="device 'cuda' requested but CUDA is not"):
+        distributed.resolve_device("cuda")
+    with pytest.raises(ConfigError, match=r"device must be one of .*got 'gpu'"):
+        distributed.resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.resolve_device("auto") == torch.device("cuda", 1)
+    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.delenv("RANK", raising=False)
+    assert distributed.launch_rank() == 0
+    monkeypatch.setenv("RANK", "3")
+    assert distributed.launch_rank() == 3 and distributed.rank() == 0  # no process group
 
 
 def test_gather_and_reduce_across_ranks(ranks):
@@ -77,8 +93,9 @@ def test_two_ranks_equal_one_rank(ranks):
     grad_z, grad_y = torch.autograd.grad(loss, (z, y))
     # The global loss is the mean of the ranks' local means; DDP averages gradients the same way.
     torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, loss, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(torch.cat([r["grad_z"] for r in ranks]) / WORLD, grad_z, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(torch.cat([r["grad_y"] for r in ranks]) / WORLD, grad_y, atol=1e-12, rtol=1e-12)
+    for name, expected in (("grad_z", grad_z), ("grad_y", grad_y)):
+        torch.testing.assert_close(torch.cat([r[name] for r in ranks]) / WORLD, expected,
+                                   atol=1e-12, rtol=1e-12)
 
 
 def test_global_bank_is_identical_on_every_rank(ranks):
@@ -87,7 +104,8 @@ def test_global_bank_is_identical_on_every_rank(ranks):
     single.enqueue(key, torch.arange(BATCH))
     for r in ranks:
         torch.testing.assert_close(r["bank"]["queue"], single.queue)
-        assert torch.equal(r["bank"]["labels"], single.labels) and int(r["bank"]["pointer"]) == single._pointer
+        assert torch.equal(r["bank"]["labels"], single.labels)
+        assert int(r["bank"]["pointer"]) == single._pointer
 
 
 def test_checkpoint_keeps_every_ranks_local_queue(ranks):

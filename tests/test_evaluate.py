@@ -53,6 +53,22 @@ def test_linear_probe_separates_clusters():
     assert linear_probe(train_x, train_y, test_x, test_y, num_classes=5, epochs=20)["top1"] == 1.0
 
 
+def test_linear_probe_uses_the_pretraining_cosine_schedule_without_warmup(monkeypatch):
+    from snclr.optim import cosine_lr
+
+    seen, step = [], torch.optim.SGD.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", record)
+    x, y = clusters(per_class=10)  # 40 rows, batch 16: 3 steps an epoch
+    linear_probe(x, y, x, y, num_classes=4, epochs=3, lr=0.2, batch_size=16)
+    assert seen == [cosine_lr(i, lr=0.2, warmup_epochs=0, epochs=9) for i in range(9)]
+    assert seen[0] == 0.2 and seen[-1] < 0.01
+
+
 def test_parameter_checksum_sees_any_change():
     module = torch.nn.Linear(3, 3)
     before = parameter_checksum(module)

@@ -5,12 +5,8 @@ one-line message and what the run folder holds afterwards.
 """
 
 import json
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,11 +14,11 @@ import torch
 import yaml
 
 from datafiles import write_cifar, write_images
+from torchrun import run_two_ranks
 from snclr.checkpoint import read_checkpoint
 from snclr.cli import main
 from snclr.model import SNCLR
 
-REPO = Path(__file__).resolve().parents[1]
 # 64 Animal-MNIST images, batch 16: 4 steps an epoch, about a second.
 MODEL = ["--queue-size", "32", "--num-neighbors", "2", "--projector-hidden", "32",
          "--projector-dim", "16", "--predictor-hidden", "32", "--num-workers", "0",
@@ -187,19 +183,8 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_stop_together_on_a_non_finite_loss(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
-               f"--master-port={_free_port()}", "-m", "snclr", "pretrain", *TINY, "--lr", "1e30",
-               "--output-dir", str(tmp_path / "ddp")]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    result = run_two_ranks(["pretrain", *TINY, "--lr", "1e30", "--output-dir", tmp_path / "ddp"])
     assert result.returncode != 0  # and it returned: no rank was left waiting in a collective
     stopped = [line for line in result.stderr.splitlines()
                if line.startswith("snclr pretrain: stopped")]
@@ -310,6 +295,20 @@ def test_bad_backend_or_attention_temperature_leaves_the_folder_alone(run_copy, 
     fresh = run_copy.parent / "fresh"
     code, _, err = run(["pretrain", *TINY, *flags, "--output-dir", fresh], capsys)
     assert code == 2 and message in one_line(err) and not fresh.exists()
+
+
+def test_device_cuda_without_cuda_exits_2_for_pretrain_knn_and_linear(base_run, tmp_path,
+                                                                      capsys, monkeypatch):
+    """Evaluation used to fall back to the CPU silently where training refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    message = "device 'cuda' requested but CUDA is not available"
+    code, _, err = run(["pretrain", *TINY, "--device", "cuda", "--output-dir", tmp_path / "run"],
+                       capsys)
+    assert code == 2 and message in one_line(err) and not (tmp_path / "run").exists()
+    for command in ("knn", "linear"):
+        argv = [command, "--checkpoint", base_run / "checkpoint.pt", "--device", "cuda"]
+        code, out, err = run(argv, capsys)
+        assert code == 2 and message in one_line(err) and out == ""
 
 
 @pytest.mark.parametrize(

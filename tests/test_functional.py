@@ -71,7 +71,8 @@ def test_uniform_attention_equals_fixed_weights():
     z, y, key, nbr = inputs(8, 4, 16)
     got = soft_neighbor_loss(z, y, key, nbr, attention="uniform")
     fixed = torch.full((8, 4), 0.25, dtype=torch.float64)
-    torch.testing.assert_close(got, design_loss(z, y, key, nbr, weights=fixed), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got, design_loss(z, y, key, nbr, weights=fixed),
+                               atol=1e-10, rtol=1e-10)
     (grad_y,) = torch.autograd.grad(got, y, allow_unused=True)
     assert grad_y is None
 
@@ -79,7 +80,8 @@ def test_uniform_attention_equals_fixed_weights():
 def test_nearest_attention_replaces_the_key():
     z, y, key, nbr = inputs(5, 3, 8)
     got = soft_neighbor_loss(z, y, key, nbr, attention="nearest")
-    columns = torch.cat([F.normalize(key, dim=1).unsqueeze(1), F.normalize(nbr, dim=2)], 1).reshape(-1, 8)
+    columns = torch.cat([F.normalize(key, dim=1).unsqueeze(1), F.normalize(nbr, dim=2)], 1)
+    columns = columns.reshape(-1, 8)  # (B*S, D), ordered (sample, slot)
     log_p = torch.log_softmax(F.normalize(z, dim=1) @ columns.t() / T, dim=1)
     expected = -2 * T * log_p[torch.arange(5), torch.arange(5) * 4 + 1].mean()
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
@@ -96,7 +98,8 @@ def test_given_weights_are_used_as_is():
     z, y, key, nbr = inputs(6, 3, 16)
     weights = torch.rand(6, 3, dtype=torch.float64)
     got = soft_neighbor_loss(z, y, key, nbr, attention="learned", weights=weights)
-    torch.testing.assert_close(got, design_loss(z, y, key, nbr, weights=weights), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got, design_loss(z, y, key, nbr, weights=weights),
+                               atol=1e-10, rtol=1e-10)
 
 
 def test_threshold_removes_the_weights_not_above_one_over_k():
@@ -115,13 +118,15 @@ def test_threshold_removes_the_weights_not_above_one_over_k():
         (dict(attention="learned"), r"needs the weights="),
         (dict(weights=torch.rand(4, 3)), r"weights must have shape \(B=4, K=2\)"),
         (dict(temperature=0), r"temperature must be a finite number > 0"),
-        (dict(neighbors=torch.randn(4, 0, 8), attention="nearest"), r"needs at least one neighbour"),
+        (dict(neighbors=torch.randn(4, 0, 8), attention="nearest"),
+         r"needs at least one neighbour"),
         (dict(y=torch.randn(3, 8)), r"y must have B=4 rows"),
         (dict(y=torch.randn(4, 6)), r"y must have D=8 columns"),
     ],
 )
 def test_bad_input(kwargs, match):
-    args = dict(z=torch.randn(4, 8), y=torch.randn(4, 8), key=torch.randn(4, 8), neighbors=torch.randn(4, 2, 8))
+    args = dict(z=torch.randn(4, 8), y=torch.randn(4, 8), key=torch.randn(4, 8),
+                neighbors=torch.randn(4, 2, 8))
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         soft_neighbor_loss(**args)

@@ -19,7 +19,8 @@ def views(images, generator):
 def train(model, steps, batch=16):
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(batch, 1, 28, 28, generator=generator)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trained, lr=0.05, momentum=0.9)
     losses = []
     for _ in range(steps):
         out = model(*views(images, generator))
@@ -63,7 +64,8 @@ def test_forward_does_not_change_the_queue():
 
 @pytest.mark.parametrize("method", ["snclr", "mocov3", "nnclr", "snclr-uniform", "snclr-learned"])
 def test_every_method_trains(method):
-    model = create_model("small_cnn", method=method, num_neighbors=3, queue_size=32, threshold=True, **SMALL)
+    model = create_model("small_cnn", method=method, num_neighbors=3, queue_size=32,
+                         threshold=True, **SMALL)
     losses, out = train(model, 4, batch=8)
     assert all(torch.isfinite(torch.tensor(losses)))
     expected_k = {"mocov3": 0, "nnclr": 1}.get(method, 3)
@@ -71,18 +73,35 @@ def test_every_method_trains(method):
     if expected_k:
         assert out.neighbor_indices.shape == (8, expected_k)
     if method == "snclr-learned":
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.attention_head.parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0
+                   for p in model.attention_head.parameters())
 
 
 def test_vit_encoder_gets_a_three_layer_projector():
-    model = create_model("vit_tiny", in_chans=1, img_size=28, projector_hidden=32, projector_dim=16, predictor_hidden=32, queue_size=16)
+    model = create_model("vit_tiny", in_chans=1, img_size=28, projector_hidden=32,
+                         projector_dim=16, predictor_hidden=32, queue_size=16)
     assert sum(isinstance(m, torch.nn.Linear) for m in model.projector) == 3
     assert model(torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28)).loss.isfinite()
 
 
+def test_the_projector_depth_comes_from_the_encoder_family():
+    def depth(model):
+        return sum(isinstance(m, torch.nn.Linear) for m in model.projector)
+
+    heads = dict(projector_hidden=32, projector_dim=8, predictor_hidden=32, queue_size=16)
+    vit = create_encoder("vit_tiny", in_chans=1, img_size=28)
+    assert depth(SNCLR(vit, **heads)) == 3  # create_encoder records the family's depth
+    assert depth(SNCLR(create_encoder("small_cnn", in_chans=1), **heads)) == 2
+    custom = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 40))
+    assert depth(SNCLR(custom, num_features=40, **heads)) == 2
+    assert depth(SNCLR(vit, projector_layers=1, **heads)) == 1
+    assert depth(create_model("small_cnn", projector_layers=None, **SMALL)) == 2
+
+
 def test_custom_encoder_module():
     encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 40))
-    model = SNCLR(encoder, num_features=40, num_neighbors=2, queue_size=16, projector_hidden=32, projector_dim=8, predictor_hidden=32)
+    model = SNCLR(encoder, num_features=40, num_neighbors=2, queue_size=16, projector_hidden=32,
+                  projector_dim=8, predictor_hidden=32)
     model.enqueue(torch.randn(4, 8))
     assert model(torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28)).loss.isfinite()
 

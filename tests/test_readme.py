@@ -1,5 +1,6 @@
 """The README's Python example runs as written."""
 
+import ast
 import re
 from pathlib import Path
 
@@ -24,3 +25,42 @@ def test_what_happens_when_lists_the_exit_statuses_and_the_resume_classes():
     for name in [*RESUME_FREE, *RESUME_RECORDED]:
         assert name in hidden or f"`{name}`" in section, name
     assert "--allow-config-change" in section
+
+
+def _layout() -> list[str]:
+    text = README.read_text()
+    section = text[text.index("## Package layout"):text.index("## Tests")]
+    return re.findall(r"^\| `(snclr/[\w/]+\.py)` \|", section, flags=re.M)
+
+
+def test_package_layout_lists_every_module_and_only_modules_that_exist():
+    package = README.parent / "snclr"
+    modules = sorted(str(p.relative_to(README.parent)) for p in package.rglob("*.py"))
+    assert sorted(_layout()) == modules
+
+
+def test_package_layout_order_is_the_import_order():
+    """Every snclr import, lazy ones included, names a module listed further down."""
+    listed = _layout()
+
+    def listed_file(name: str) -> str | None:
+        path = name.replace(".", "/")
+        for candidate in (f"{path}.py", f"{path}/__init__.py"):
+            if candidate in listed:
+                return candidate
+        return None
+
+    upward = []
+    for row, module in enumerate(listed):
+        for node in ast.walk(ast.parse((README.parent / module).read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("snclr"):
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith("snclr")]
+            for name in names:
+                target = listed_file(name)
+                # The package's own __init__ runs on any snclr import; it is not a layer.
+                if target not in (None, module, "snclr/__init__.py") and listed.index(target) < row:
+                    upward.append(f"{module} imports {target}")
+    assert upward == []

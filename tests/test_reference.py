@@ -74,10 +74,20 @@ def test_soft_neighbors_definition():
     assert (~kept).any() and kept.any()
 
 
+def test_threshold_keeps_the_weights_above_one_over_k():
+    weights = torch.tensor([[0.5, 0.25, 0.15, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    expected = torch.tensor([[0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # 1/K = 0.25 is cut
+    assert torch.equal(reference.thresholded(weights), expected)
+    # K is the last dimension: with two neighbours the cut is 1/2.
+    assert reference.threshold_mask(torch.tensor([[0.7, 0.3], [0.5, 0.5]])).tolist() == [
+        [True, False], [False, False]]
+
+
 @pytest.mark.parametrize("offset", [0, 5])
 def test_soft_target_loss_matches_log_softmax(offset):
     b, s, m, d = 6, 3, 30, 12
-    q, c, t = torch.randn(b, d, dtype=torch.float64), torch.randn(m, d, dtype=torch.float64), torch.rand(b, s, dtype=torch.float64)
+    q, c = torch.randn(b, d, dtype=torch.float64), torch.randn(m, d, dtype=torch.float64)
+    t = torch.rand(b, s, dtype=torch.float64)
     loss = reference.soft_target_contrastive_loss(q, c, t, temperature=0.3, target_offset=offset)
     log_p = torch.log_softmax(F.normalize(q, dim=1) @ F.normalize(c, dim=1).t() / 0.3, dim=1)
     dense_targets = torch.zeros(b, m, dtype=torch.float64)
@@ -97,16 +107,21 @@ def test_gradcheck_soft_neighbors_positiveness():
     online = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     bank = F.normalize(torch.randn(20, 6, dtype=torch.float64), dim=1).requires_grad_()
     for threshold in (False, True):
-        fn = lambda o, b: reference.soft_neighbors(key, o, b, 4, temperature=0.7, threshold=threshold).positiveness  # noqa: E731
-        assert torch.autograd.gradcheck(fn, (online, bank))
+        def positiveness(o, b, threshold=threshold):
+            return reference.soft_neighbors(key, o, b, 4, temperature=0.7,
+                                            threshold=threshold).positiveness
+
+        assert torch.autograd.gradcheck(positiveness, (online, bank))
 
 
 def test_gradcheck_soft_target_contrastive_loss():
     q = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     c = torch.randn(15, 5, dtype=torch.float64, requires_grad=True)
     t = torch.rand(4, 3, dtype=torch.float64, requires_grad=True)
-    fn = lambda q, c, t: reference.soft_target_contrastive_loss(q, c, t, temperature=0.2, target_offset=2)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (q, c, t))
+    def loss(q, c, t):
+        return reference.soft_target_contrastive_loss(q, c, t, temperature=0.2, target_offset=2)
+
+    assert torch.autograd.gradcheck(loss, (q, c, t))
 
 
 def test_knn_topk_gradient_is_sparse_gather():

@@ -1,10 +1,6 @@
 """Pretraining end to end on a slice of Animal-MNIST: files, exact resume, two processes, errors."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,12 +8,12 @@ import pytest
 import torch
 import yaml
 
+from torchrun import run_two_ranks
 from snclr.checkpoint import read_checkpoint
 from snclr.config import Config, ConfigError, preset
 from snclr.optim import LARS, cosine_lr, create_optimizer
 from snclr.train import pretrain
 
-REPO = Path(__file__).resolve().parents[1]
 
 # A few steps on 64 images with a tiny model: seconds on a CPU.
 TINY = dict(
@@ -105,7 +101,8 @@ def test_corrupt_checkpoint_is_one_clear_error_and_the_folder_is_untouched(tmp_p
     run = tmp_path / "run"
     run.mkdir()
     if damage == "truncated":
-        torch.save({"format": "snclr-checkpoint-v1", "model": {"w": torch.randn(1000)}}, run / "checkpoint.pt")
+        torch.save({"format": "snclr-checkpoint-v1", "model": {"w": torch.randn(1000)}},
+                   run / "checkpoint.pt")
         data = (run / "checkpoint.pt").read_bytes()
         (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])
         match = "truncated or corrupt"
@@ -133,7 +130,8 @@ def test_resume_with_a_different_model_shape_fails(finished_run, tmp_path):
 
 def test_mocov3_and_learned_attention_train(tmp_path):
     for method in ("mocov3", "snclr-learned"):
-        last = pretrain(tiny(tmp_path / method, method=method, epochs=1, knn_every=0, optimizer="lars", lr=0.3))
+        last = pretrain(tiny(tmp_path / method, method=method, epochs=1, knn_every=0,
+                             optimizer="lars", lr=0.3))
         assert torch.isfinite(torch.tensor(last["loss"]))
 
 
@@ -147,22 +145,12 @@ def test_bank_dtype_sets_the_stored_queue(tmp_path, bank_dtype, stored):
     assert saved["model"]["bank.queue"].dtype == stored
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_run(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
-        f"--master-port={_free_port()}", "-m", "snclr", "pretrain", "--output-dir", str(tmp_path / "ddp"),
-        "--bank-mode", "global", "--epochs", "1", "--knn-every", "0",
+    result = run_two_ranks([
+        "pretrain", "--output-dir", tmp_path / "ddp", "--bank-mode", "global", "--epochs", "1",
+        "--knn-every", "0",
         *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k not in ("epochs",)],
-    ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    ])
     assert result.returncode == 0, result.stderr[-3000:]
     payload = read_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
     # 64 images / global batch 16 = 4 steps; global bank: each step enqueues both ranks' keys.
@@ -176,7 +164,8 @@ def test_optimizer_groups_exclude_bias_and_norm():
     assert isinstance(optimizer, LARS)
     decayed, plain = optimizer.param_groups
     assert [p.ndim for p in decayed["params"]] == [2] and decayed["weight_decay"] == 0.1
-    assert all(p.ndim == 1 for p in plain["params"]) and plain["weight_decay"] == 0 and plain["lars_exclude"]
+    assert all(p.ndim == 1 for p in plain["params"])
+    assert plain["weight_decay"] == 0 and plain["lars_exclude"]
     model(torch.randn(8, 4)).sum().backward()
     for group in optimizer.param_groups:
         group["lr"] = 0.1

@@ -106,7 +106,7 @@ def _positiveness_grads(
     p = torch.softmax(torch.einsum("bd,bkd->bk", on, unit) / ctx.temperature, dim=1)
     dp = grad_pos.to(rows.dtype)
     if ctx.threshold:
-        dp = dp * (p > 1.0 / ctx.k)
+        dp = dp * reference.threshold_mask(p)
     da = p * (dp - (dp * p).sum(dim=1, keepdim=True)) / ctx.temperature  # (B, K)
     grad_online = torch.einsum("bk,bkd->bd", da, unit)
     grad_unit = da.unsqueeze(2) * on.unsqueeze(1)  # (B, K, D)
