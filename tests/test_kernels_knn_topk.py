@@ -51,6 +51,16 @@ def assert_topk_consistent(query, bank, k, values, indices, exclude=None):
     assert bool((values >= kth - ATOL - RTOL * kth.abs()).all())
 
 
+def _split_and_merge(query, bank, k, *, group_size=16, exclude=None, **options):
+    """The two kernels directly, with the group size, split count and tiles given."""
+    candidates = kernels.knn_topk_split(query, bank, k, group_size=group_size, exclude=exclude,
+                                        **options)
+    indices, values, _ = kernels.knn_topk_merge(candidates, query, bank, k,
+                                                group_size=group_size, exclude=exclude,
+                                                values_dtype=torch.float32)
+    return values, indices
+
+
 @pytest.mark.parametrize("shape", SEARCH_SHAPES, ids=_ids(SEARCH_SHAPES))
 def test_knn_topk_matches_reference(shape):
     batch, rows, dim, k = shape
@@ -64,11 +74,11 @@ def test_knn_topk_matches_reference(shape):
 def test_split_counts_and_small_tiles(num_splits, k):
     query, bank = torch.randn(33, 64), torch.randn(333, 64)
     candidates = kernels.knn_topk_split(
-        query, bank, k, num_splits=num_splits, block_b=16, block_n=64, block_d=32
+        query, bank, k, group_size=16, num_splits=num_splits, block_b=16, block_n=64, block_d=32
     )
     assert candidates.shape == (33, num_splits, k)
     indices, values, positiveness = kernels.knn_topk_merge(
-        candidates, query, bank, k, values_dtype=torch.float32
+        candidates, query, bank, k, group_size=16, values_dtype=torch.float32
     )
     assert positiveness is None
     assert_topk_consistent(query, bank, k, values, indices)
@@ -82,10 +92,7 @@ def test_duplicated_rows_tie_to_the_smaller_index():
     bank = torch.cat([base, base, base])[torch.randperm(120)]
     query = torch.randint(-3, 4, (7, 32)).float()
     for num_splits in (1, 3):
-        candidates = kernels.knn_topk_split(query, bank, 9, num_splits=num_splits, block_n=16 * 4)
-        indices, values, _ = kernels.knn_topk_merge(
-            candidates, query, bank, 9, values_dtype=torch.float32
-        )
+        indices, values = _split_and_merge(query, bank, 9, num_splits=num_splits, block_n=64)[::-1]
         ref_values, ref_indices = reference.knn_topk(query, bank, 9)
         assert torch.equal(indices, ref_indices)
         torch.testing.assert_close(values, ref_values, atol=ATOL, rtol=RTOL)
@@ -147,14 +154,6 @@ def test_exclusion_leaving_fewer_than_k_rows():
     assert torch.equal(indices, ref_indices)
     assert bool((values[0, 2:] == float("-inf")).all())
     torch.testing.assert_close(values, ref_values, atol=ATOL, rtol=RTOL)
-
-
-def _split_and_merge(query, bank, k, **options):
-    """The two kernels directly, with the split count and tiles given."""
-    candidates = kernels.knn_topk_split(query, bank, k, **options)
-    indices, values, _ = kernels.knn_topk_merge(candidates, query, bank, k,
-                                                values_dtype=torch.float32)
-    return values, indices
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])

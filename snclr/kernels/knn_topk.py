@@ -4,49 +4,63 @@ Formula (DESIGN section 2, steps 1-2)::
 
     indices[b]    = top-K_n <q_b, bank_n>      descending, ties to the smaller n;
                                                NaN scores and excluded rows rank as -inf
-    values[b, t]  = <q_b, bank[indices[b, t]]> recomputed in fp32 from the K winners
+    values[b, t]  = <q_b, bank[indices[b, t]]> recomputed in fp32 from the winners
     positiveness  = softmax_t(<on_b, n(bank[indices[b, t]])> / tau)   (on_b unit-norm)
                     optionally * [w > 1/K], not renormalised
 
-Algorithm::
+Algorithm (two kernels; bank rows are cut into aligned groups of G = GROUP rows)::
 
     split kernel, grid (cdiv(B, BLOCK_B), SPLITS), query blocks vary fastest so the
     programs sharing a bank chunk run together and the bank is read from HBM ~once:
         Q = the (BLOCK_B, D) query block, loaded once         # D <= 256 (16-bit), else chunked
-        top = K empty slots per row, threshold = -inf         # (BLOCK_B, K_PAD) int64 keys
-        for each BLOCK_N tile of this split's rows (the last one slid back to end in range):
+        top = K empty slots per row                           # (BLOCK_B, K_PAD) int64 keys
+        for each full BLOCK_N tile of this split (pipelined: no data-dependent loop inside):
             s    = Q @ bank_tile^T                            # fp32 accumulation
-            best = max_n s                                    # fp32, NaN ignored
-            while some row's best > its threshold:            # rare once the lists are warm
-                col = first column holding best; unless stale or excluded,
-                replace the row's worst key with pack(best, col); threshold = new worst
-                s[:, col] = -inf; best = max_n s
-        candidates[b, split, :] = top                          # unsorted, K per split
+            gmax = max over each group of G columns of s      # NaN and excluded rows ignored
+            for each of the BLOCK_N / G groups (unrolled):    # a fixed cost per group
+                key = pack(gmax, group); if key > min(top): replace the row's minimum
+        the split's last, partial tile: the same, with masked loads and columns
+        candidates[b, split, :] = top                         # K group keys per split
     merge kernel, grid (cdiv(B, BLOCK_B),):
-        K rounds of tl.max over the SPLITS*K candidates -> sorted winners
+        K rounds of tl.max over the SPLITS*K group keys -> the K best groups
+        recompute the G scores of each in fp32 from the bank rows (K*G per row)
+        K rounds of tl.max over those K*G element keys -> sorted winners
         slots left empty (fewer than K eligible rows) take the smallest other rows
-        gather each winning row once: value = <q, row> (fp32), attention = <on, row>/|row|
-        softmax over K (+ threshold) -> positiveness
+        gather each winning row once: attention = <on, row>/|row|; softmax over K (+ threshold)
 
-The strict ``>`` is the tie rule: tiles arrive in column order, so a score equal to the
-threshold has a larger index than every listed one and loses, as in a stable sort; NaN
-compares false and -inf never passes, so neither enters. Only entering elements are packed.
+Why the K best groups hold every winner. Order elements by (score desc, index asc), NaN
+and excluded rows ineligible, and groups by (max desc, group asc), a group's max taken
+over its eligible elements. Let w be one of the K winners and g its group, with max
+m_g >= s_w. If g were not among the K best groups, K other groups would rank above it;
+the best element e of each (its max, at its smallest index) has s_e >= m_g >= s_w, and
+where s_e == s_w the group ranks above g only by a smaller group index, so e has a
+smaller index than w: these K distinct elements rank above w, and w is no winner. Ties at
+the cut (tau, the K-th group max) are thus resolved by the group index, exactly as the
+stable sort resolves them by the row index. A group whose rows are all ineligible has
+max -inf and never outranks one holding a winner; whatever it holds is ineligible and the
+merge fills empty slots by the contract. The groups are ranked with the split's scores
+(the search precision: tensor-core bf16 or tf32); the winners and their order among the
+K*G refined rows with the merge's fp32 scores.
 
 Packed key: the fp32 score maps monotonically to a signed int32 ``h`` (sign-magnitude to
-two's complement; NaN -> the key of -inf) and ``key = (h + 1) * 2**32 - n - 1``, so
-int64 order is score order and, within equal scores, the smaller index is larger. Keys
-are unique per row, so ``==`` against a maximum picks exactly one element. An empty slot
-holds the key of -inf at a column past 2**31.
+two's complement; NaN -> the key of -inf) and ``key = (h + 1) * 2**32 - c - 1`` for a
+column (row or group index) c, so int64 order is score order and, within equal scores, the
+smaller index is larger. Keys are unique per row, so ``==`` against a maximum picks
+exactly one element. An empty slot holds the key of -inf at a column past 2**31.
 
-Cost: flops 2*B*N*D (split) + ~4*B*K*D (merge). Bytes: bank read cdiv(B, BLOCK_B) times
-from L2 but ~once from HBM, query B*D per split, written B*SPLITS*K*8 candidate keys and
-B*K*(8 + 4 [+ 4]) outputs; extra memory O(B*K*SPLITS), never B x N.
+Cost: flops 2*B*N*D (split) + 2*B*K*G*D (merge). Bytes: bank read cdiv(B, BLOCK_B) times
+from L2 but ~once from HBM, query B*D per split, written B*SPLITS*K*8 group keys; the merge
+reads B*K*G bank rows (the refine) and B*K rows (positiveness) and writes B*K*(8 + 4 [+ 4]).
+Extra memory O(B*K*SPLITS), never B x N. Per score the split pays one fp32 max (the group
+max) and, per group, one compare-and-replace over the K_PAD slots: about 9*K_PAD/G integer
+instructions per score, so G trades split bookkeeping against the merge's K*G refine
+(``group_size_for``).
 
 Interpreter limits respected: bf16/fp16 tiles are cast to fp32 before ``tl.dot`` (bf16 dot
 is wrong there); no ``tl.sort``/``tl.topk`` (element-wise slow there), only ``tl.max``
-rounds; no block pointers; a single config, no autotuning; tile loads stay in range by
-construction (banks shorter than a tile are padded by the launcher) since the interpreter
-does not detect out-of-range loads. Static sm_90 bounds: ``bench/RESULTS.md``.
+rounds; no block pointers; a single config, no autotuning; every load is in range by
+construction or masked, since the interpreter does not detect out-of-range loads. Static
+sm_90 figures: ``bench/RESULTS.md`` and ``bench/model_knn.py``.
 """
 
 from __future__ import annotations
@@ -57,16 +71,17 @@ import triton.language as tl
 
 from snclr.kernels._common import NORM_EPS, input_precision, interpreted
 
-__all__ = ["knn_topk_merge", "knn_topk_split", "num_splits_for", "split_configs"]
+__all__ = ["group_size_for", "knn_topk_merge", "knn_topk_search", "knn_topk_split",
+           "num_splits_for", "split_configs"]
 
 # LOWEST pads the merge's candidate rows and marks taken candidates. HIGHEST pads list
-# slots >= K so they are never the row's worst and never get replaced.
+# slots >= K so they are never the row's minimum and never get replaced.
 _LOWEST = tl.constexpr(-(2**63))
 _HIGHEST = tl.constexpr(2**63 - 1)
 # The monotone int32 image of -inf (and of NaN): the high word of an empty slot's key.
 _NEG_INF_KEY32 = tl.constexpr(-2139095041)
-# Larger than any column: the argmax of a tile is the min column holding the max.
-_NO_COL = tl.constexpr(2**31 - 1)
+# Columns of empty slots start here: past every row and group index.
+_EMPTY_COL = tl.constexpr(2**31)
 # Rows per split are a multiple of this (>= the largest BLOCK_N), whatever config runs.
 _SPLIT_ALIGN = 256
 # Rows up to this many bytes (D = 256 in 16 bits, 128 in fp32) are scored with the query
@@ -79,30 +94,37 @@ _REGISTER_BUDGET = 128
 _EPS = tl.constexpr(NORM_EPS)
 # Cap on SPLITS * K_PAD so the merge holds all candidates of a query row in registers.
 _MAX_CANDIDATES = 2048
+# Group sizes the launcher picks from (a divisor of every BLOCK_N), and the refined rows
+# per query row it allows (K * G, the merge's register array).
+_GROUPS = (16, 32, 64)
+_MAX_REFINED = 2048
 
 
 def split_configs() -> tuple[list[triton.Config], callable]:
-    """Autotune list for the split kernel and its prune predicate (key: B, N, D, K_PAD).
+    """Autotune list for the split kernel and its prune predicate (key: B, N, D, K_PAD, G).
 
     BLOCK_D is not tuned: it is the padded width D (one dot per tile, the query block
-    loaded once) while a row of it fits in _MAX_ONE_PASS_BYTES, else _CHUNK_D. For K > 1
-    the tile loop holds the insertion loop, which Triton does not software-pipeline, so
-    num_stages only matters for K = 1 (two stages fit shared memory for every config); a
-    second program per SM hides the loads of the others.
+    loaded once) while a row of it fits in _MAX_ONE_PASS_BYTES, else _CHUNK_D. The tile
+    loop holds no data-dependent loop, so Triton software-pipelines its loads: three
+    stages of (BLOCK_N, D) 16-bit tiles fit shared memory for every config.
     """
     if interpreted():
         return [triton.Config({"BLOCK_B": 32, "BLOCK_N": 64})], None
     configs = [
-        triton.Config({"BLOCK_B": bb, "BLOCK_N": bn}, num_warps=w, num_stages=2)
+        triton.Config({"BLOCK_B": bb, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bb in (64, 128)
         for bn in (64, 128)
         for w in (4, 8)
+        for s in (2, 3)
     ]
 
     def prune(configs, named_args, **kwargs):
         k_pad = named_args.get("K_PAD", kwargs.get("K_PAD", 1))
-        return [c for c in configs if _fits_registers(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_N"],
-                                                      k_pad, c.num_warps)] or configs[:1]
+        group = named_args.get("GROUP", kwargs.get("GROUP", 64))
+        return [c for c in configs
+                if c.kwargs["BLOCK_N"] >= group
+                and _fits_registers(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_N"], k_pad,
+                                    c.num_warps)] or configs[:1]
 
     return configs, prune
 
@@ -110,8 +132,7 @@ def split_configs() -> tuple[list[triton.Config], callable]:
 def _fits_registers(block_b: int, block_n: int, k_pad: int, num_warps: int) -> bool:
     """Configs that compile for sm_90 without local memory (tests/sm90.py checks them).
 
-    Per thread: the fp32 score tile and the (BLOCK_B, K_PAD) int64 list. 128 x 128 tiles
-    leave less room (measured: 128 x 128, 8 warps, K = 64 spills at D = 256).
+    Per thread: the fp32 score tile and the (BLOCK_B, K_PAD) int64 list.
     """
     threads = 32 * num_warps
     tile = block_b * block_n // threads
@@ -137,56 +158,77 @@ def _knn_unpack_col(key):
 
 
 @triton.jit
-def _knn_unpack_score(key):
-    """The fp32 score of a key (-inf for the empty-slot sentinels)."""
-    high = (key >> 32).to(tl.int32)
-    return tl.where(high < 0, high ^ 0x7FFFFFFF, high).to(tl.float32, bitcast=True)
+def _knn_topk_groups_update(top, scores, base, lo, hi, exclude_row_ptr, E,
+                            stride_ee, row_ok,
+                            MASK_COLS: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+                            E_PAD: tl.constexpr, BLOCK_B: tl.constexpr,
+                            BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """Merge the group maxima of a score tile (bank rows base + [0, BLOCK_N)) into ``top``.
+
+    ``top`` holds each row's K best group keys so far (and HIGHEST padding). Every group
+    of the tile costs one compare-and-replace of the row's minimum key: no loop whose trip
+    count depends on the data. ``MASK_COLS`` (the split's last tile) drops the columns
+    outside [lo, hi); excluded rows drop to -inf before the group maxima are taken.
+    """
+    NUM_GROUPS: tl.constexpr = BLOCK_N // GROUP
+    cols = base + tl.arange(0, BLOCK_N)
+    if MASK_COLS:
+        scores = tl.where(((cols >= lo) & (cols < hi))[None, :], scores, float("-inf"))
+    if HAS_EXCLUDE:
+        for e in tl.static_range(E_PAD):
+            excluded = tl.load(exclude_row_ptr + e * stride_ee, mask=row_ok & (e < E), other=-1)
+            scores = tl.where(cols[None, :] == excluded[:, None], float("-inf"), scores)
+    # maxnum: a NaN never wins a max; an all-NaN group packs as -inf.
+    group_max = tl.max(tl.reshape(scores, (BLOCK_B, NUM_GROUPS, GROUP)), axis=2)
+    group_ids = base // GROUP + tl.arange(0, NUM_GROUPS)
+    keys = _knn_pack(group_max, group_ids[None, :])
+    worst = tl.min(top, axis=1)
+    for g in tl.static_range(NUM_GROUPS):
+        if NUM_GROUPS == 1:
+            key = tl.reshape(keys, (BLOCK_B,))
+        else:
+            key = tl.max(tl.where(tl.arange(0, NUM_GROUPS)[None, :] == g, keys, _LOWEST), axis=1)
+        replace = (top == worst[:, None]) & (key > worst)[:, None]
+        top = tl.where(replace, key[:, None], top)
+        worst = tl.min(top, axis=1)
+    return top
 
 
 @triton.jit
-def _knn_topk_update(top, threshold, scores, base, lo, hi, excluded_cols,
-                     K: tl.constexpr, HAS_EXCLUDE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Merge the fp32 scores of bank rows base + [0, BLOCK_N) into each row's top list.
-
-    ``threshold`` is the score of each row's worst key (-inf while a slot is empty). An
-    element enters only if its score is strictly above it: columns grow tile by tile, so an
-    equal score has the larger index and loses the tie, and NaN, -inf and excluded rows
-    never enter (the merge fills what they leave empty). Every tile costs one fp32 max per
-    element; only a tile where some row's best beats its threshold pays insertion rounds
-    (an argmax, a removal and a new max per element), one per element that enters. Columns
-    outside [lo, hi) are not masked up front (that would cost every tile a select per
-    element): when one comes up as a row's best it is removed without entering.
-    """
-    cols = base + tl.arange(0, BLOCK_N)
-    fresh_tile = (base >= lo) & (base + BLOCK_N <= hi)
-    best = tl.max(scores, axis=1)  # maxnum: a NaN never wins a max
-    hit = best > threshold
-    if K == 1 and not HAS_EXCLUDE:
-        # A running argmax: one round at most (the rare stale tile is masked first).
-        if not fresh_tile:
-            stale = (cols < lo) | (cols >= hi)
-            scores = tl.where(stale[None, :], float("-inf"), scores)
-            best = tl.max(scores, axis=1)
-            hit = best > threshold
-        if tl.max(hit.to(tl.int32), axis=0) > 0:
-            col = tl.min(tl.where(scores == best[:, None], cols[None, :], _NO_COL), axis=1)
-            top = tl.where(hit[:, None], _knn_pack(best, col)[:, None], top)
-            threshold = tl.where(hit, best, threshold)
+def _knn_topk_tile_scores(q, q_base, tile_ptr, tile_offs, d, row_ok, tile_ok,
+                          stride_qd, stride_bd, D: tl.constexpr, CAST_FP32: tl.constexpr,
+                          INPUT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          MASK_ROWS: tl.constexpr):
+    """The (BLOCK_B, BLOCK_N) fp32 score tile of one bank tile; ``tile_ok`` masks its rows
+    when ``MASK_ROWS`` (the partial last tile), so no load leaves the bank."""
+    if BLOCK_D >= D:
+        if MASK_ROWS:
+            b = tl.load(tile_ptr + tile_offs, mask=tile_ok[:, None] & (d < D)[None, :],
+                        other=0.0)
+        elif BLOCK_D > D:
+            b = tl.load(tile_ptr + tile_offs, mask=(d < D)[None, :], other=0.0)
+        else:
+            b = tl.load(tile_ptr + tile_offs)
+        if CAST_FP32:
+            b = b.to(tl.float32)
+        scores = tl.dot(q, tl.trans(b), input_precision=INPUT_PRECISION)
     else:
-        while tl.max(hit.to(tl.int32), axis=0) > 0:
-            # The first column holding each row's best; it enters unless stale or excluded.
-            col = tl.min(tl.where(scores == best[:, None], cols[None, :], _NO_COL), axis=1)
-            hit = hit & (col >= lo) & (col < hi)
-            if HAS_EXCLUDE:
-                hit = hit & (tl.max((excluded_cols == col[:, None]).to(tl.int32), axis=1) == 0)
-            worst = tl.min(top, axis=1)
-            top = tl.where((top == worst[:, None]) & hit[:, None],
-                           _knn_pack(best, col)[:, None], top)
-            threshold = _knn_unpack_score(tl.min(top, axis=1))
-            scores = tl.where(cols[None, :] == col[:, None], float("-inf"), scores)
-            best = tl.max(scores, axis=1)
-            hit = best > threshold
-    return top, threshold
+        scores = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        for d0 in tl.static_range(0, D, BLOCK_D):
+            d_ok = (d0 + d < D)[None, :]
+            qc = tl.load(q_base + (d0 + d)[None, :] * stride_qd,
+                         mask=row_ok[:, None] & d_ok, other=0.0)
+            if MASK_ROWS:
+                b = tl.load(tile_ptr + d0 * stride_bd + tile_offs, mask=tile_ok[:, None] & d_ok,
+                            other=0.0)
+            else:
+                b = tl.load(tile_ptr + d0 * stride_bd + tile_offs, mask=d_ok, other=0.0)
+            if CAST_FP32:
+                qc = qc.to(tl.float32)
+                b = b.to(tl.float32)
+            scores = tl.dot(qc, tl.trans(b), scores, input_precision=INPUT_PRECISION)
+    return scores
 
 
 @triton.jit
@@ -198,9 +240,11 @@ def _knn_topk_split_kernel(
     K: tl.constexpr, K_PAD: tl.constexpr, HAS_EXCLUDE: tl.constexpr, E_PAD: tl.constexpr,
     CAST_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     tl.static_assert(K_PAD >= K)
     tl.static_assert(BLOCK_N >= 16 and BLOCK_B >= 16 and BLOCK_D >= 16)
+    tl.static_assert(BLOCK_N % GROUP == 0)
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -208,68 +252,63 @@ def _knn_topk_split_kernel(
     rows64 = rows.to(tl.int64)
     slots = tl.arange(0, K_PAD)
     d = tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
     q_base = q_ptr + rows64[:, None] * stride_qb
+    exclude_row_ptr = exclude_ptr + rows64 * stride_eb
     # Loop-invariant int32 offsets of a bank tile: each tile adds one scalar base.
-    tile_offs = tl.arange(0, BLOCK_N)[:, None] * stride_bn + d[None, :] * stride_bd
+    tile_offs = n[:, None] * stride_bn + d[None, :] * stride_bd
 
-    # Phase 1: the query block, loaded once when D fits in one block; the exclusion lists.
+    # Phase 1: the query block, loaded once when D fits in one block.
+    q = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
     if BLOCK_D >= D:
         q = tl.load(q_base + d[None, :] * stride_qd, mask=row_ok[:, None] & (d < D)[None, :],
                     other=0.0)
         if CAST_FP32:
             q = q.to(tl.float32)
-    if HAS_EXCLUDE:
-        e = tl.arange(0, E_PAD)
-        excluded_cols = tl.load(exclude_ptr + rows64[:, None] * stride_eb + e[None, :] * stride_ee,
-                                mask=row_ok[:, None] & (e < E)[None, :], other=-1)
-    else:
-        excluded_cols = tl.full((BLOCK_B, 1), -1, dtype=tl.int64)
-    # Empty slots: the keys of -inf at columns 2**31 + slot (distinct, below every score).
-    # Padding slots >= K hold HIGHEST so they are never a row's worst.
-    empty = ((_NEG_INF_KEY32 + 1) << 32) - (2**31 + 1) - slots[None, :].to(tl.int64)
+    # Empty slots: the keys of -inf at columns 2**31 + slot (distinct, below every key).
+    # Padding slots >= K hold HIGHEST so they are never a row's minimum.
+    empty = ((_NEG_INF_KEY32 + 1) << 32) - (_EMPTY_COL + 1) - slots[None, :].to(tl.int64)
     top = tl.broadcast_to(tl.where(slots[None, :] < K, empty, _HIGHEST), (BLOCK_B, K_PAD))
-    threshold = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
 
-    # Phase 2: stream this split's rows. The last tile slides back to end at ``stop`` so
-    # no load is masked (the launcher pads banks shorter than a tile); the columns it
-    # repeats, or that lie outside the split, never enter (see _knn_topk_update).
+    # Phase 2: the split's full tiles, unmasked (splits start on a BLOCK_N boundary).
     start = pid_s * rows_per_split
     stop = tl.minimum(start + rows_per_split, N)
-    for n0 in range(start, stop, BLOCK_N):
-        base = tl.maximum(tl.minimum(n0, stop - BLOCK_N), 0)
-        tile_ptr = bank_ptr + base.to(tl.int64) * stride_bn
-        if BLOCK_D >= D:
-            b = tl.load(tile_ptr + tile_offs, mask=(d < D)[None, :], other=0.0)
-            if CAST_FP32:
-                b = b.to(tl.float32)
-            scores = tl.dot(q, tl.trans(b), input_precision=INPUT_PRECISION)
-        else:
-            scores = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d_ok = (d0 + d < D)[None, :]
-                qc = tl.load(q_base + (d0 + d)[None, :] * stride_qd,
-                             mask=row_ok[:, None] & d_ok, other=0.0)
-                b = tl.load(tile_ptr + d0 * stride_bd + tile_offs, mask=d_ok, other=0.0)
-                if CAST_FP32:
-                    qc = qc.to(tl.float32)
-                    b = b.to(tl.float32)
-                scores = tl.dot(qc, tl.trans(b), scores, input_precision=INPUT_PRECISION)
-        top, threshold = _knn_topk_update(top, threshold, scores, base, n0, stop,
-                                          excluded_cols, K, HAS_EXCLUDE, BLOCK_N)
+    full_stop = start + tl.maximum(stop - start, 0) // BLOCK_N * BLOCK_N
+    start64 = start.to(tl.int64)  # tile offsets can pass 2**31 elements
+    for base in range(start, full_stop, BLOCK_N):
+        tile_ptr = bank_ptr + (start64 + (base - start)) * stride_bn
+        scores = _knn_topk_tile_scores(q, q_base, tile_ptr, tile_offs, d, row_ok, n < BLOCK_N,
+                                       stride_qd, stride_bd, D, CAST_FP32, INPUT_PRECISION,
+                                       BLOCK_B, BLOCK_N, BLOCK_D, False)
+        top = _knn_topk_groups_update(top, scores, base, start, stop, exclude_row_ptr, E,
+                                      stride_ee, row_ok, False, HAS_EXCLUDE, E_PAD,
+                                      BLOCK_B, BLOCK_N, GROUP)
 
-    # Phase 3: this split's K candidates per row, unsorted.
+    # Phase 3: the partial last tile (the bank's end), rows and columns masked.
+    if full_stop < stop:
+        tile_ptr = bank_ptr + (start64 + (full_stop - start)) * stride_bn
+        tile_ok = full_stop + n < stop
+        scores = _knn_topk_tile_scores(q, q_base, tile_ptr, tile_offs, d, row_ok, tile_ok,
+                                       stride_qd, stride_bd, D, CAST_FP32, INPUT_PRECISION,
+                                       BLOCK_B, BLOCK_N, BLOCK_D, True)
+        top = _knn_topk_groups_update(top, scores, full_stop, full_stop, stop,
+                                      exclude_row_ptr, E, stride_ee, row_ok, True,
+                                      HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, GROUP)
+
+    # Phase 4: this split's K group keys per row, unsorted.
     out = cand_ptr + rows64[:, None] * stride_cb + pid_s * stride_cs + slots[None, :]
     tl.store(out, top, mask=row_ok[:, None] & (slots[None, :] < K))
 
 
 @triton.jit
 def _knn_topk_merge_kernel(
-    cand_ptr, q_ptr, bank_ptr, online_ptr,
+    cand_ptr, q_ptr, bank_ptr, online_ptr, exclude_ptr,
     idx_ptr, val_ptr, pos_ptr,
-    B, N, D, num_candidates, inv_temperature, threshold_value,
+    B, N, D, E, num_candidates, inv_temperature, threshold_value,
     stride_cb, stride_qb, stride_qd, stride_bn, stride_bd, stride_ob, stride_od,
-    stride_ib, stride_vb, stride_pb,
-    K: tl.constexpr, K_PAD: tl.constexpr, C_PAD: tl.constexpr,
+    stride_eb, stride_ee, stride_ib, stride_vb, stride_pb,
+    K: tl.constexpr, K_PAD: tl.constexpr, C_PAD: tl.constexpr, GROUP: tl.constexpr,
+    HAS_EXCLUDE: tl.constexpr, E_PAD: tl.constexpr,
     WITH_POSITIVENESS: tl.constexpr, THRESHOLD: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -279,19 +318,49 @@ def _knn_topk_merge_kernel(
     rows64 = rows.to(tl.int64)
     c = tl.arange(0, C_PAD)
     slots = tl.arange(0, K_PAD)
+    g = tl.arange(0, GROUP)
     d_offs = tl.arange(0, BLOCK_D)
+    q_row_ptr = q_ptr + rows64[:, None, None] * stride_qb
     cands = tl.load(cand_ptr + rows64[:, None] * stride_cb + c[None, :],
                     mask=row_ok[:, None] & (c[None, :] < num_candidates), other=_LOWEST)
+
+    # Phase 1: refine the K best groups: exact fp32 scores of their K*G rows, as keys.
+    elements = tl.full((BLOCK_B, K_PAD, GROUP), _LOWEST, dtype=tl.int64)
+    for t in range(0, K):
+        win = tl.max(cands, axis=1)
+        cands = tl.where(cands == win[:, None], _LOWEST, cands)
+        group = _knn_unpack_col(win)
+        live = row_ok & (group < _EMPTY_COL)  # an empty slot names no group
+        row = tl.where(live, group, 0)[:, None] * GROUP + g[None, :]  # (BLOCK_B, G)
+        row_live = live[:, None] & (row < N)
+        score = tl.zeros((BLOCK_B, GROUP), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + d_offs
+            d_ok = (d < D)[None, None, :]
+            r = tl.load(bank_ptr + row.to(tl.int64)[:, :, None] * stride_bn
+                        + d[None, None, :] * stride_bd,
+                        mask=row_live[:, :, None] & d_ok, other=0.0).to(tl.float32)
+            qd = tl.load(q_row_ptr + d[None, None, :] * stride_qd,
+                         mask=row_ok[:, None, None] & d_ok, other=0.0).to(tl.float32)
+            score += tl.sum(qd * r, axis=2)
+        if HAS_EXCLUDE:
+            for e in range(0, E):
+                excluded = tl.load(exclude_ptr + rows64 * stride_eb + e * stride_ee,
+                                   mask=row_ok, other=-1)
+                score = tl.where(row == excluded[:, None], float("-inf"), score)
+        keys = tl.where(row_live, _knn_pack(score, row), _LOWEST)
+        elements = tl.where(slots[None, :, None] == t, keys[:, None, :], elements)
+    elements = tl.reshape(elements, (BLOCK_B, K_PAD * GROUP))
+
     attention = tl.full((BLOCK_B, K_PAD), float("-inf"), dtype=tl.float32)
     chosen = tl.full((BLOCK_B, K_PAD), -1, dtype=tl.int64)
     filled = tl.full((BLOCK_B,), -1, dtype=tl.int64)
-
     for t in range(0, K):
-        # Phase 1: the t-th best candidate (keys are unique, so one element matches).
-        win = tl.max(cands, axis=1)
-        cands = tl.where(cands == win[:, None], _LOWEST, cands)
+        # Phase 2: the t-th best element (keys are unique, so one element matches).
+        win = tl.max(elements, axis=1)
+        elements = tl.where(elements == win[:, None], _LOWEST, elements)
         col = _knn_unpack_col(win)
-        eligible = (win >> 32) != _NEG_INF_KEY32
+        eligible = ((win >> 32) != _NEG_INF_KEY32) & (win != _LOWEST)
         chosen = tl.where((slots[None, :] == t) & eligible[:, None], col[:, None], chosen)
         # Fewer than K eligible rows (NaN scores, exclusions): as the reference's stable
         # sort does, the empty slots take the smallest rows that are not eligible winners
@@ -307,7 +376,7 @@ def _knn_topk_merge_kernel(
         col = tl.minimum(tl.maximum(col, 0), N - 1)  # guards the gather, never changes a winner
         tl.store(idx_ptr + rows64 * stride_ib + t, col, mask=row_ok)
 
-        # Phase 2: gather the winning row once; exact fp32 value and attention.
+        # Phase 3: the winning row once more: its value, and its attention.
         value = tl.zeros((BLOCK_B,), dtype=tl.float32)
         on_dot = tl.zeros((BLOCK_B,), dtype=tl.float32)
         sq_norm = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -316,9 +385,9 @@ def _knn_topk_merge_kernel(
             m = row_ok[:, None] & (d[None, :] < D)
             r = tl.load(bank_ptr + col[:, None] * stride_bn + d[None, :] * stride_bd, mask=m,
                         other=0.0).to(tl.float32)
-            q = tl.load(q_ptr + rows64[:, None] * stride_qb + d[None, :] * stride_qd, mask=m,
-                        other=0.0).to(tl.float32)
-            value += tl.sum(q * r, axis=1)
+            qd = tl.load(q_ptr + rows64[:, None] * stride_qb + d[None, :] * stride_qd, mask=m,
+                         other=0.0).to(tl.float32)
+            value += tl.sum(qd * r, axis=1)
             if WITH_POSITIVENESS:
                 o = tl.load(online_ptr + rows64[:, None] * stride_ob + d[None, :] * stride_od,
                             mask=m, other=0.0).to(tl.float32)
@@ -332,7 +401,7 @@ def _knn_topk_merge_kernel(
             a = on_dot / tl.maximum(tl.sqrt(sq_norm), _EPS) * inv_temperature
             attention = tl.where(slots[None, :] == t, a[:, None], attention)
 
-    # Phase 3: positiveness = softmax over the K neighbours (+ threshold, not renormalised).
+    # Phase 4: positiveness = softmax over the K neighbours (+ threshold, not renormalised).
     if WITH_POSITIVENESS:
         live = slots[None, :] < K
         shifted = attention - tl.max(attention, axis=1)[:, None]
@@ -354,7 +423,7 @@ def _tuned_split_kernel():
         configs, prune = split_configs()
         _split_tuned = triton.autotune(
             # INPUT_PRECISION too: an "ieee" fp32 dot has other winning tiles than "tf32".
-            configs, key=["B", "N", "D", "K_PAD", "INPUT_PRECISION"],
+            configs, key=["B", "N", "D", "K_PAD", "GROUP", "INPUT_PRECISION"],
             prune_configs_by={"early_config_prune": prune} if prune else None,
         )(_knn_topk_split_kernel)
     return _split_tuned
@@ -369,6 +438,17 @@ def num_splits_for(num_queries: int, num_rows: int, k: int) -> int:
     return max(1, splits)
 
 
+def group_size_for(num_queries: int, num_rows: int, dim: int, k: int) -> int:
+    """G: rows per group, a divisor of every BLOCK_N.
+
+    The split pays about 9 * K_PAD / G integer instructions per score; the merge refines
+    B * K * G rows. See bench/RESULTS.md for the modelled choice.
+    """
+    k_pad = triton.next_power_of_2(k)
+    group = 32 if k_pad <= 32 else 64
+    return min(group, max(_GROUPS[0], _MAX_REFINED // k_pad))
+
+
 def _block_d(dim: int, itemsize: int) -> int:
     width = max(16, triton.next_power_of_2(dim))
     return width if width * itemsize <= _MAX_ONE_PASS_BYTES else _CHUNK_D
@@ -379,6 +459,7 @@ def knn_topk_split(
     bank: torch.Tensor,
     k: int,
     *,
+    group_size: int,
     exclude: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_b: int | None = None,
@@ -386,7 +467,7 @@ def knn_topk_split(
     block_d: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    """Per-split top-k candidates as packed int64 keys, ``(B, SPLITS, K)``, unsorted.
+    """Per-split keys of the K best groups of ``group_size`` rows, ``(B, SPLITS, K)``.
 
     ``num_splits``, the block sizes and ``num_warps`` override the heuristic and the
     autotuned config (tests use them to cover split counts, tile edges and every config).
@@ -395,12 +476,8 @@ def knn_topk_split(
     num_rows = bank.shape[0]
     k_pad = triton.next_power_of_2(k)
     splits = num_splits or num_splits_for(num_queries, num_rows, k)
-    align = block_n or _SPLIT_ALIGN
+    align = max(block_n or _SPLIT_ALIGN, _SPLIT_ALIGN)
     rows_per_split = triton.cdiv(triton.cdiv(num_rows, splits), align) * align
-    if num_rows < _SPLIT_ALIGN:
-        # No load is masked: the last tile of a split slides back to end at N, so the bank
-        # must hold at least one tile. The padding rows are never scored.
-        bank = torch.cat([bank, bank.new_zeros(_SPLIT_ALIGN - num_rows, dim)])
     candidates = torch.empty((num_queries, splits, k), dtype=torch.int64, device=query.device)
     has_exclude = exclude is not None
     ex = exclude if has_exclude else candidates  # never read when HAS_EXCLUDE is False
@@ -417,11 +494,13 @@ def knn_topk_split(
         E_PAD=triton.next_power_of_2(max(1, num_excluded)), CAST_FP32=cast,
         INPUT_PRECISION=input_precision(query.dtype if not cast else torch.float32),
         BLOCK_D=block_d or _block_d(dim, 4 if cast else bank.element_size()),
+        GROUP=group_size,
     )
     if interpreted() or any(o is not None for o in (block_b, block_n, num_warps)):
         default = split_configs()[0][0].kwargs if interpreted() else {
             "BLOCK_B": 64, "BLOCK_N": 128}
-        meta = {"BLOCK_B": block_b or default["BLOCK_B"], "BLOCK_N": block_n or default["BLOCK_N"]}
+        meta = {"BLOCK_B": block_b or default["BLOCK_B"],
+                "BLOCK_N": max(block_n or default["BLOCK_N"], group_size)}
         if num_warps is not None:
             meta["num_warps"] = num_warps
         grid = (triton.cdiv(num_queries, meta["BLOCK_B"]), splits)
@@ -434,30 +513,40 @@ def knn_topk_split(
     return candidates
 
 
+def merge_block_b(num_candidates: int, k: int, group_size: int) -> int:
+    """Query rows per merge program: the candidate keys and the K*G refined keys of a
+    row stay in registers."""
+    per_row = max(triton.next_power_of_2(num_candidates),
+                  triton.next_power_of_2(k) * group_size)
+    return max(1, min(16, 4096 // per_row))
+
+
 def knn_topk_merge(
     candidates: torch.Tensor,
     query: torch.Tensor,
     bank: torch.Tensor,
     k: int,
     *,
+    group_size: int,
     values_dtype: torch.dtype,
+    exclude: torch.Tensor | None = None,
     online: torch.Tensor | None = None,
     temperature: float = 1.0,
     threshold: bool = False,
     positiveness_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Sorted winners of the split candidates: ``(indices, values, positiveness)``.
+    """Sorted winners of the split's group keys: ``(indices, values, positiveness)``.
 
     ``online`` (unit-norm rows, ``(B, D)``) turns on the positiveness output; otherwise the
-    third result is None.
+    third result is None. ``exclude`` and ``group_size`` must be the split's.
     """
     num_queries, dim = query.shape
     num_rows = bank.shape[0]
     k_pad = triton.next_power_of_2(k)
     num_candidates = candidates.shape[1] * candidates.shape[2]
     c_pad = triton.next_power_of_2(num_candidates)
-    block_b = max(1, min(16, 4096 // c_pad))
-    block_d = min(128, triton.next_power_of_2(dim))
+    block_b = merge_block_b(num_candidates, k, group_size)
+    block_d = min(128, triton.next_power_of_2(dim), max(16, 8192 // (block_b * group_size)))
     indices = torch.empty((num_queries, k), dtype=torch.int64, device=query.device)
     values = torch.empty((num_queries, k), dtype=values_dtype, device=query.device)
     with_pos = online is not None
@@ -467,17 +556,54 @@ def knn_topk_merge(
     )
     on = online if with_pos else query
     pos = positiveness if with_pos else values
+    has_exclude = exclude is not None
+    ex = exclude if has_exclude else indices  # never read when HAS_EXCLUDE is False
+    num_excluded = ex.shape[1] if has_exclude else 0
     grid = (triton.cdiv(num_queries, block_b),)
     _knn_topk_merge_kernel[grid](
-        cand_ptr=candidates, q_ptr=query, bank_ptr=bank, online_ptr=on,
+        cand_ptr=candidates, q_ptr=query, bank_ptr=bank, online_ptr=on, exclude_ptr=ex,
         idx_ptr=indices, val_ptr=values, pos_ptr=pos,
-        B=num_queries, N=num_rows, D=dim, num_candidates=num_candidates,
+        B=num_queries, N=num_rows, D=dim, E=num_excluded, num_candidates=num_candidates,
         inv_temperature=1.0 / temperature, threshold_value=1.0 / k,
         stride_cb=candidates.stride(0), stride_qb=query.stride(0), stride_qd=query.stride(1),
         stride_bn=bank.stride(0), stride_bd=bank.stride(1),
         stride_ob=on.stride(0), stride_od=on.stride(1),
+        stride_eb=ex.stride(0), stride_ee=ex.stride(1),
         stride_ib=indices.stride(0), stride_vb=values.stride(0), stride_pb=pos.stride(0),
-        K=k, K_PAD=k_pad, C_PAD=c_pad, WITH_POSITIVENESS=with_pos, THRESHOLD=bool(threshold),
+        K=k, K_PAD=k_pad, C_PAD=c_pad, GROUP=group_size, HAS_EXCLUDE=has_exclude,
+        E_PAD=triton.next_power_of_2(max(1, num_excluded)),
+        WITH_POSITIVENESS=with_pos, THRESHOLD=bool(threshold),
         BLOCK_B=block_b, BLOCK_D=block_d,
     )
     return indices, values, positiveness
+
+
+def knn_topk_search(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    *,
+    values_dtype: torch.dtype,
+    exclude: torch.Tensor | None = None,
+    online: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    threshold: bool = False,
+    positiveness_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Split then merge: ``(indices, values, positiveness)`` as :func:`knn_topk_merge`.
+
+    A 16-bit bank is searched with the query rounded to the bank's dtype, so the tile dot
+    runs on the 16-bit tensor cores; the merge refines and reports in fp32 from the query
+    as given. The storage dtype of the bank is the search precision.
+    """
+    num_queries, dim = query.shape
+    group_size = group_size_for(num_queries, bank.shape[0], dim, k)
+    search_query = query
+    if bank.dtype in (torch.bfloat16, torch.float16) and query.dtype != bank.dtype:
+        search_query = query.to(bank.dtype)
+    candidates = knn_topk_split(search_query, bank, k, group_size=group_size, exclude=exclude)
+    return knn_topk_merge(
+        candidates, query, bank, k, group_size=group_size, values_dtype=values_dtype,
+        exclude=exclude, online=online, temperature=temperature, threshold=threshold,
+        positiveness_dtype=positiveness_dtype,
+    )

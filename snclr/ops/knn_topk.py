@@ -1,6 +1,6 @@
 """``knn_topk``: checks, the fused custom op and its sparse autograd.
 
-``snclr::knn_topk`` runs the split and merge kernels of ``snclr.kernels.knn_topk``; the
+``snclr::knn_topk`` runs the split and merge (refine) kernels of ``snclr.kernels.knn_topk``; the
 backward never goes dense: it gathers the K winning bank rows (O(B*K*D)) and scatters into
 the bank gradient only when the bank requires grad. Registered with ``custom_op`` +
 ``register_fake`` + ``register_autograd``, so it works eagerly, under ``torch.compile`` and
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from snclr import reference
-from snclr.kernels.knn_topk import knn_topk_merge, knn_topk_split
+from snclr.kernels.knn_topk import knn_topk_search
 from snclr.ops._checks import (
     check_exclude,
     check_features,
@@ -36,25 +36,13 @@ def _check_knn_topk(query: Tensor, bank: Tensor, k: int, exclude: Tensor | None)
     check_exclude(exclude, query.shape[0], device)
 
 
-def search_candidates(query: Tensor, bank: Tensor, k: int, exclude: Tensor | None) -> Tensor:
-    """The split kernel, run in the bank's precision.
-
-    A 16-bit bank is searched with the query rounded to the bank's dtype, so the tile dot
-    runs on the 16-bit tensor cores; the merge then recomputes the winners' values in fp32
-    from the query as given. The storage dtype of the bank is the search precision.
-    """
-    if bank.dtype in (torch.bfloat16, torch.float16) and query.dtype != bank.dtype:
-        query = query.to(bank.dtype)
-    return knn_topk_split(query, bank, k, exclude=exclude)
-
-
 @torch.library.custom_op("snclr::knn_topk", mutates_args=())
 def _knn_topk_op(
     query: Tensor, bank: Tensor, k: int, exclude: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    candidates = search_candidates(query, bank, k, exclude)
     out_dtype = torch.promote_types(query.dtype, bank.dtype)
-    indices, values, _ = knn_topk_merge(candidates, query, bank, k, values_dtype=out_dtype)
+    indices, values, _ = knn_topk_search(query, bank, k, values_dtype=out_dtype,
+                                         exclude=exclude)
     return values, indices
 
 

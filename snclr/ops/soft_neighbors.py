@@ -14,7 +14,7 @@ from torch import Tensor
 
 from snclr import reference
 from snclr.kernels._common import NORM_EPS
-from snclr.kernels.knn_topk import knn_topk_merge
+from snclr.kernels.knn_topk import knn_topk_search
 from snclr.ops._checks import (
     check_exclude,
     check_features,
@@ -26,7 +26,6 @@ from snclr.ops._checks import (
     resolve_backend,
 )
 from snclr.ops._grads import normalize_backward, scatter_rows, similarity_grads
-from snclr.ops.knn_topk import search_candidates
 from snclr.reference import SoftNeighbors
 
 __all__ = ["SoftNeighbors", "soft_neighbors"]
@@ -57,11 +56,10 @@ def _soft_neighbors_op(
     exclude: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     # Float outputs first: opcheck sums the outputs starting from the first one.
-    candidates = search_candidates(query, bank, k, exclude)
-    indices, similarity, positiveness = knn_topk_merge(
-        candidates, query, bank, k,
-        values_dtype=torch.promote_types(query.dtype, bank.dtype),
-        online=online.contiguous(), temperature=temperature, threshold=threshold,
+    indices, similarity, positiveness = knn_topk_search(
+        query, bank, k, values_dtype=torch.promote_types(query.dtype, bank.dtype),
+        exclude=exclude, online=online.contiguous(), temperature=temperature,
+        threshold=threshold,
         positiveness_dtype=online.dtype,
     )
     return similarity, positiveness, indices
