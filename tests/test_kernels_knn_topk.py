@@ -51,12 +51,13 @@ def assert_topk_consistent(query, bank, k, values, indices, exclude=None):
     assert bool((values >= kth - ATOL - RTOL * kth.abs()).all())
 
 
-def _split_and_merge(query, bank, k, *, group_size=16, exclude=None, **options):
-    """The two kernels directly, with the group size, split count and tiles given."""
-    candidates = kernels.knn_topk_split(query, bank, k, group_size=group_size, exclude=exclude,
-                                        **options)
-    indices, values, _ = kernels.knn_topk_merge(candidates, query, bank, k,
-                                                group_size=group_size, exclude=exclude,
+def _split_and_merge(query, bank, k, *, group_rows=64, sub_rows=16, exclude=None, **options):
+    """The two kernels directly, with the group and subgroup sizes, split count and tiles
+    given."""
+    keys, sub_maxima = kernels.knn_topk_split(query, bank, k, group_rows=group_rows,
+                                              sub_rows=sub_rows, exclude=exclude, **options)
+    indices, values, _ = kernels.knn_topk_merge(keys, sub_maxima, query, bank, k,
+                                                sub_rows=sub_rows, exclude=exclude,
                                                 values_dtype=torch.float32)
     return values, indices
 
@@ -73,12 +74,12 @@ def test_knn_topk_matches_reference(shape):
 @pytest.mark.parametrize("k", [1, 3, 16])
 def test_split_counts_and_small_tiles(num_splits, k):
     query, bank = torch.randn(33, 64), torch.randn(333, 64)
-    candidates = kernels.knn_topk_split(
-        query, bank, k, group_size=16, num_splits=num_splits, block_b=16, block_n=64, block_d=32
+    keys, sub_maxima = kernels.knn_topk_split(
+        query, bank, k, group_rows=64, sub_rows=16, num_splits=num_splits, block_b=16, block_d=32
     )
-    assert candidates.shape == (33, num_splits, k)
+    assert keys.shape == (33, num_splits, k) and sub_maxima.shape == (33, num_splits, k, 4)
     indices, values, positiveness = kernels.knn_topk_merge(
-        candidates, query, bank, k, group_size=16, values_dtype=torch.float32
+        keys, sub_maxima, query, bank, k, sub_rows=16, values_dtype=torch.float32
     )
     assert positiveness is None
     assert_topk_consistent(query, bank, k, values, indices)
@@ -92,7 +93,7 @@ def test_duplicated_rows_tie_to_the_smaller_index():
     bank = torch.cat([base, base, base])[torch.randperm(120)]
     query = torch.randint(-3, 4, (7, 32)).float()
     for num_splits in (1, 3):
-        indices, values = _split_and_merge(query, bank, 9, num_splits=num_splits, block_n=64)[::-1]
+        indices, values = _split_and_merge(query, bank, 9, num_splits=num_splits)[::-1]
         ref_values, ref_indices = reference.knn_topk(query, bank, 9)
         assert torch.equal(indices, ref_indices)
         torch.testing.assert_close(values, ref_values, atol=ATOL, rtol=RTOL)
@@ -163,7 +164,7 @@ def test_many_equal_scores_straddling_the_threshold(num_splits):
     query = torch.ones(9, 16)
     bank = torch.zeros(700, 16)
     bank[:, 0] = torch.randint(-1, 2, (700,)).float()
-    values, indices = _split_and_merge(query, bank, 16, num_splits=num_splits, block_n=64)
+    values, indices = _split_and_merge(query, bank, 16, num_splits=num_splits)
     ref_values, ref_indices = reference.knn_topk(query, bank, 16)
     assert torch.equal(indices, ref_indices)
     assert torch.equal(values, ref_values)
@@ -193,7 +194,7 @@ def test_exclusion_of_rows_at_the_threshold():
         assert torch.equal(indices, ref_indices)
         torch.testing.assert_close(values, ref_values, atol=ATOL, rtol=RTOL)
         v, i = _split_and_merge(query, bank, 8, exclude=exclude, num_splits=num_splits,
-                                block_n=64)
+                                )
         assert torch.equal(i, ref_indices)
 
 
@@ -202,7 +203,7 @@ def test_fewer_rows_than_k_times_splits(rows):
     # Some splits hold fewer than K rows, or none at all.
     query, bank = torch.randn(7, 16), torch.randn(rows, 16)
     k = min(rows, 9)
-    values, indices = _split_and_merge(query, bank, k, num_splits=5, block_n=64)
+    values, indices = _split_and_merge(query, bank, k, num_splits=5)
     assert_topk_consistent(query, bank, k, values, indices)
 
 
@@ -212,7 +213,7 @@ def test_top_k_all_in_one_tile():
     bank = torch.randn(1000, 64) * 0.01
     bank[900:916] = query[:1] * torch.linspace(2, 1, 16)[:, None]
     for num_splits in (1, 3):
-        values, indices = _split_and_merge(query, bank, 16, num_splits=num_splits, block_n=64)
+        values, indices = _split_and_merge(query, bank, 16, num_splits=num_splits)
         assert torch.equal(indices[0], torch.arange(900, 916))
         assert_topk_consistent(query, bank, 16, values, indices)
 

@@ -65,14 +65,16 @@ sm_90 figures: ``bench/RESULTS.md`` and ``bench/model_knn.py``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from snclr.kernels._common import NORM_EPS, input_precision, interpreted
 
-__all__ = ["group_size_for", "knn_topk_merge", "knn_topk_search", "knn_topk_split",
-           "num_splits_for", "split_configs"]
+__all__ = ["SearchPlan", "knn_topk_merge", "knn_topk_search", "knn_topk_split",
+           "num_splits_for", "search_plan", "split_configs"]
 
 # LOWEST pads the merge's candidate rows and marks taken candidates. HIGHEST pads list
 # slots >= K so they are never the row's minimum and never get replaced.
@@ -94,10 +96,6 @@ _REGISTER_BUDGET = 128
 _EPS = tl.constexpr(NORM_EPS)
 # Cap on SPLITS * K_PAD so the merge holds all candidates of a query row in registers.
 _MAX_CANDIDATES = 2048
-# Group sizes the launcher picks from (a divisor of every BLOCK_N), and the refined rows
-# per query row it allows (K * G, the merge's register array).
-_GROUPS = (16, 32, 64)
-_MAX_REFINED = 2048
 
 
 def split_configs() -> tuple[list[triton.Config], callable]:
@@ -109,22 +107,20 @@ def split_configs() -> tuple[list[triton.Config], callable]:
     stages of (BLOCK_N, D) 16-bit tiles fit shared memory for every config.
     """
     if interpreted():
-        return [triton.Config({"BLOCK_B": 32, "BLOCK_N": 64})], None
+        return [triton.Config({"BLOCK_B": 32})], None
     configs = [
-        triton.Config({"BLOCK_B": bb, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_B": bb}, num_warps=w, num_stages=s)
         for bb in (64, 128)
-        for bn in (64, 128)
         for w in (4, 8)
         for s in (2, 3)
     ]
 
     def prune(configs, named_args, **kwargs):
         k_pad = named_args.get("K_PAD", kwargs.get("K_PAD", 1))
-        group = named_args.get("GROUP", kwargs.get("GROUP", 64))
+        block_n = named_args.get("BLOCK_N", kwargs.get("BLOCK_N", 128))
         return [c for c in configs
-                if c.kwargs["BLOCK_N"] >= group
-                and _fits_registers(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_N"], k_pad,
-                                    c.num_warps)] or configs[:1]
+                if _fits_registers(c.kwargs["BLOCK_B"], block_n, k_pad, c.num_warps)
+                ] or configs[:1]
 
     return configs, prune
 
@@ -158,19 +154,21 @@ def _knn_unpack_col(key):
 
 
 @triton.jit
-def _knn_topk_groups_update(top, scores, base, lo, hi, exclude_row_ptr, E,
-                            stride_ee, row_ok,
-                            MASK_COLS: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
-                            E_PAD: tl.constexpr, BLOCK_B: tl.constexpr,
-                            BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
-    """Merge the group maxima of a score tile (bank rows base + [0, BLOCK_N)) into ``top``.
+def _knn_topk_tile_update(top, scores, base, lo, hi, exclude_row_ptr, E, stride_ee, row_ok,
+                          sub_ptrs, slots,
+                          MASK_COLS: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+                          E_PAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                          SUB: tl.constexpr):
+    """Offer one tile (bank rows base + [0, BLOCK_N), a group) to each row's list ``top``.
 
-    ``top`` holds each row's K best group keys so far (and HIGHEST padding). Every group
-    of the tile costs one compare-and-replace of the row's minimum key: no loop whose trip
-    count depends on the data. ``MASK_COLS`` (the split's last tile) drops the columns
-    outside [lo, hi); excluded rows drop to -inf before the group maxima are taken.
+    ``top`` holds each row's K best group keys so far (and HIGHEST padding). A tile costs
+    one compare-and-replace of the row's minimum key: no loop whose trip count depends on
+    the data. When the group enters, its BLOCK_N / SUB subgroup maxima are stored at the
+    slot it takes (``sub_ptrs`` + slot * S), for the merge. ``MASK_COLS`` (the split's last
+    tile) drops the columns outside [lo, hi); excluded rows drop to -inf before the maxima.
     """
-    NUM_GROUPS: tl.constexpr = BLOCK_N // GROUP
+    S: tl.constexpr = BLOCK_N // SUB
+    K_PAD: tl.constexpr = top.shape[1]
     cols = base + tl.arange(0, BLOCK_N)
     if MASK_COLS:
         scores = tl.where(((cols >= lo) & (cols < hi))[None, :], scores, float("-inf"))
@@ -179,18 +177,16 @@ def _knn_topk_groups_update(top, scores, base, lo, hi, exclude_row_ptr, E,
             excluded = tl.load(exclude_row_ptr + e * stride_ee, mask=row_ok & (e < E), other=-1)
             scores = tl.where(cols[None, :] == excluded[:, None], float("-inf"), scores)
     # maxnum: a NaN never wins a max; an all-NaN group packs as -inf.
-    group_max = tl.max(tl.reshape(scores, (BLOCK_B, NUM_GROUPS, GROUP)), axis=2)
-    group_ids = base // GROUP + tl.arange(0, NUM_GROUPS)
-    keys = _knn_pack(group_max, group_ids[None, :])
+    sub_max = tl.max(tl.reshape(scores, (BLOCK_B, S, SUB)), axis=2)  # (BLOCK_B, S)
+    first = tl.zeros((BLOCK_B,), dtype=tl.int32) + base  # a group is named by its first row
+    key = _knn_pack(tl.max(sub_max, axis=1), first)
     worst = tl.min(top, axis=1)
-    for g in tl.static_range(NUM_GROUPS):
-        if NUM_GROUPS == 1:
-            key = tl.reshape(keys, (BLOCK_B,))
-        else:
-            key = tl.max(tl.where(tl.arange(0, NUM_GROUPS)[None, :] == g, keys, _LOWEST), axis=1)
-        replace = (top == worst[:, None]) & (key > worst)[:, None]
-        top = tl.where(replace, key[:, None], top)
-        worst = tl.min(top, axis=1)
+    enter = key > worst
+    slot = tl.min(tl.where(top == worst[:, None], slots[None, :], K_PAD), axis=1)
+    top = tl.where((slots[None, :] == slot[:, None]) & enter[:, None], key[:, None], top)
+    j = tl.arange(0, S)
+    tl.store(sub_ptrs[:, None] + slot[:, None] * S + j[None, :], sub_max,
+             mask=(enter & row_ok)[:, None])
     return top
 
 
@@ -233,18 +229,17 @@ def _knn_topk_tile_scores(q, q_base, tile_ptr, tile_offs, d, row_ok, tile_ok,
 
 @triton.jit
 def _knn_topk_split_kernel(
-    q_ptr, bank_ptr, exclude_ptr, cand_ptr,
+    q_ptr, bank_ptr, exclude_ptr, cand_ptr, sub_ptr,
     B, N, D: tl.constexpr, E, rows_per_split,
     stride_qb, stride_qd, stride_bn, stride_bd, stride_eb, stride_ee,
-    stride_cb, stride_cs,
+    stride_cb, stride_cs, stride_sb, stride_ss,
     K: tl.constexpr, K_PAD: tl.constexpr, HAS_EXCLUDE: tl.constexpr, E_PAD: tl.constexpr,
     CAST_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    GROUP: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SUB: tl.constexpr,
 ):
     tl.static_assert(K_PAD >= K)
     tl.static_assert(BLOCK_N >= 16 and BLOCK_B >= 16 and BLOCK_D >= 16)
-    tl.static_assert(BLOCK_N % GROUP == 0)
+    tl.static_assert(BLOCK_N % SUB == 0)
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -255,6 +250,7 @@ def _knn_topk_split_kernel(
     n = tl.arange(0, BLOCK_N)
     q_base = q_ptr + rows64[:, None] * stride_qb
     exclude_row_ptr = exclude_ptr + rows64 * stride_eb
+    sub_ptrs = sub_ptr + rows64 * stride_sb + pid_s * stride_ss
     # Loop-invariant int32 offsets of a bank tile: each tile adds one scalar base.
     tile_offs = n[:, None] * stride_bn + d[None, :] * stride_bd
 
@@ -280,9 +276,9 @@ def _knn_topk_split_kernel(
         scores = _knn_topk_tile_scores(q, q_base, tile_ptr, tile_offs, d, row_ok, n < BLOCK_N,
                                        stride_qd, stride_bd, D, CAST_FP32, INPUT_PRECISION,
                                        BLOCK_B, BLOCK_N, BLOCK_D, False)
-        top = _knn_topk_groups_update(top, scores, base, start, stop, exclude_row_ptr, E,
-                                      stride_ee, row_ok, False, HAS_EXCLUDE, E_PAD,
-                                      BLOCK_B, BLOCK_N, GROUP)
+        top = _knn_topk_tile_update(top, scores, base, start, stop, exclude_row_ptr, E,
+                                    stride_ee, row_ok, sub_ptrs, slots, False, HAS_EXCLUDE,
+                                    E_PAD, BLOCK_B, BLOCK_N, SUB)
 
     # Phase 3: the partial last tile (the bank's end), rows and columns masked.
     if full_stop < stop:
@@ -291,9 +287,9 @@ def _knn_topk_split_kernel(
         scores = _knn_topk_tile_scores(q, q_base, tile_ptr, tile_offs, d, row_ok, tile_ok,
                                        stride_qd, stride_bd, D, CAST_FP32, INPUT_PRECISION,
                                        BLOCK_B, BLOCK_N, BLOCK_D, True)
-        top = _knn_topk_groups_update(top, scores, full_stop, full_stop, stop,
-                                      exclude_row_ptr, E, stride_ee, row_ok, True,
-                                      HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, GROUP)
+        top = _knn_topk_tile_update(top, scores, full_stop, full_stop, stop,
+                                    exclude_row_ptr, E, stride_ee, row_ok, sub_ptrs, slots,
+                                    True, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB)
 
     # Phase 4: this split's K group keys per row, unsorted.
     out = cand_ptr + rows64[:, None] * stride_cb + pid_s * stride_cs + slots[None, :]
@@ -302,13 +298,13 @@ def _knn_topk_split_kernel(
 
 @triton.jit
 def _knn_topk_merge_kernel(
-    cand_ptr, q_ptr, bank_ptr, online_ptr, exclude_ptr,
+    cand_ptr, sub_ptr, q_ptr, bank_ptr, online_ptr, exclude_ptr,
     idx_ptr, val_ptr, pos_ptr,
     B, N, D, E, num_candidates, inv_temperature, threshold_value,
-    stride_cb, stride_qb, stride_qd, stride_bn, stride_bd, stride_ob, stride_od,
+    stride_cb, stride_sb, stride_qb, stride_qd, stride_bn, stride_bd, stride_ob, stride_od,
     stride_eb, stride_ee, stride_ib, stride_vb, stride_pb,
-    K: tl.constexpr, K_PAD: tl.constexpr, C_PAD: tl.constexpr, GROUP: tl.constexpr,
-    HAS_EXCLUDE: tl.constexpr, E_PAD: tl.constexpr,
+    K: tl.constexpr, K_PAD: tl.constexpr, C_PAD: tl.constexpr, S: tl.constexpr,
+    SUB: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     WITH_POSITIVENESS: tl.constexpr, THRESHOLD: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -318,29 +314,45 @@ def _knn_topk_merge_kernel(
     rows64 = rows.to(tl.int64)
     c = tl.arange(0, C_PAD)
     slots = tl.arange(0, K_PAD)
-    g = tl.arange(0, GROUP)
+    j = tl.arange(0, S)
+    r_offs = tl.arange(0, SUB)
     d_offs = tl.arange(0, BLOCK_D)
-    q_row_ptr = q_ptr + rows64[:, None, None] * stride_qb
     cands = tl.load(cand_ptr + rows64[:, None] * stride_cb + c[None, :],
                     mask=row_ok[:, None] & (c[None, :] < num_candidates), other=_LOWEST)
 
-    # Phase 1: refine the K best groups: exact fp32 scores of their K*G rows, as keys.
-    elements = tl.full((BLOCK_B, K_PAD, GROUP), _LOWEST, dtype=tl.int64)
+    # Phase 1: the K best groups; their S subgroup maxima become subgroup keys (a
+    # subgroup is named by its first row, so key order is subgroup order).
+    sub_keys = tl.full((BLOCK_B, K_PAD, S), _LOWEST, dtype=tl.int64)
     for t in range(0, K):
         win = tl.max(cands, axis=1)
-        cands = tl.where(cands == win[:, None], _LOWEST, cands)
-        group = _knn_unpack_col(win)
-        live = row_ok & (group < _EMPTY_COL)  # an empty slot names no group
-        row = tl.where(live, group, 0)[:, None] * GROUP + g[None, :]  # (BLOCK_B, G)
+        at = tl.min(tl.where(cands == win[:, None], c[None, :], C_PAD), axis=1)
+        cands = tl.where(c[None, :] == at[:, None], _LOWEST, cands)
+        first = _knn_unpack_col(win)
+        live = row_ok & (first < _EMPTY_COL)  # an empty slot names no group
+        sub_max = tl.load(sub_ptr + rows64[:, None] * stride_sb + at[:, None] * S + j[None, :],
+                          mask=live[:, None], other=float("-inf"))
+        keys = tl.where(live[:, None], _knn_pack(sub_max, first[:, None] + j[None, :] * SUB),
+                        _LOWEST)
+        sub_keys = tl.where(slots[None, :, None] == t, keys[:, None, :], sub_keys)
+    sub_keys = tl.reshape(sub_keys, (BLOCK_B, K_PAD * S))
+
+    # Phase 2: refine the K best subgroups: exact fp32 scores of their K*SUB rows, as keys.
+    elements = tl.full((BLOCK_B, K_PAD, SUB), _LOWEST, dtype=tl.int64)
+    for t in range(0, K):
+        win = tl.max(sub_keys, axis=1)
+        sub_keys = tl.where(sub_keys == win[:, None], _LOWEST, sub_keys)
+        first = _knn_unpack_col(win)
+        live = row_ok & (first < _EMPTY_COL)
+        row = tl.where(live, first, 0)[:, None] + r_offs[None, :]  # (BLOCK_B, SUB)
         row_live = live[:, None] & (row < N)
-        score = tl.zeros((BLOCK_B, GROUP), dtype=tl.float32)
+        score = tl.zeros((BLOCK_B, SUB), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + d_offs
             d_ok = (d < D)[None, None, :]
             r = tl.load(bank_ptr + row.to(tl.int64)[:, :, None] * stride_bn
                         + d[None, None, :] * stride_bd,
                         mask=row_live[:, :, None] & d_ok, other=0.0).to(tl.float32)
-            qd = tl.load(q_row_ptr + d[None, None, :] * stride_qd,
+            qd = tl.load(q_ptr + rows64[:, None, None] * stride_qb + d[None, None, :] * stride_qd,
                          mask=row_ok[:, None, None] & d_ok, other=0.0).to(tl.float32)
             score += tl.sum(qd * r, axis=2)
         if HAS_EXCLUDE:
@@ -350,13 +362,13 @@ def _knn_topk_merge_kernel(
                 score = tl.where(row == excluded[:, None], float("-inf"), score)
         keys = tl.where(row_live, _knn_pack(score, row), _LOWEST)
         elements = tl.where(slots[None, :, None] == t, keys[:, None, :], elements)
-    elements = tl.reshape(elements, (BLOCK_B, K_PAD * GROUP))
+    elements = tl.reshape(elements, (BLOCK_B, K_PAD * SUB))
 
     attention = tl.full((BLOCK_B, K_PAD), float("-inf"), dtype=tl.float32)
     chosen = tl.full((BLOCK_B, K_PAD), -1, dtype=tl.int64)
     filled = tl.full((BLOCK_B,), -1, dtype=tl.int64)
     for t in range(0, K):
-        # Phase 2: the t-th best element (keys are unique, so one element matches).
+        # Phase 3: the t-th best element (keys are unique, so one element matches).
         win = tl.max(elements, axis=1)
         elements = tl.where(elements == win[:, None], _LOWEST, elements)
         col = _knn_unpack_col(win)
@@ -376,7 +388,7 @@ def _knn_topk_merge_kernel(
         col = tl.minimum(tl.maximum(col, 0), N - 1)  # guards the gather, never changes a winner
         tl.store(idx_ptr + rows64 * stride_ib + t, col, mask=row_ok)
 
-        # Phase 3: the winning row once more: its value, and its attention.
+        # Phase 4: the winning row once more: its value, and its attention.
         value = tl.zeros((BLOCK_B,), dtype=tl.float32)
         on_dot = tl.zeros((BLOCK_B,), dtype=tl.float32)
         sq_norm = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -401,7 +413,7 @@ def _knn_topk_merge_kernel(
             a = on_dot / tl.maximum(tl.sqrt(sq_norm), _EPS) * inv_temperature
             attention = tl.where(slots[None, :] == t, a[:, None], attention)
 
-    # Phase 4: positiveness = softmax over the K neighbours (+ threshold, not renormalised).
+    # Phase 5: positiveness = softmax over the K neighbours (+ threshold, not renormalised).
     if WITH_POSITIVENESS:
         live = slots[None, :] < K
         shifted = attention - tl.max(attention, axis=1)[:, None]
@@ -423,7 +435,7 @@ def _tuned_split_kernel():
         configs, prune = split_configs()
         _split_tuned = triton.autotune(
             # INPUT_PRECISION too: an "ieee" fp32 dot has other winning tiles than "tf32".
-            configs, key=["B", "N", "D", "K_PAD", "GROUP", "INPUT_PRECISION"],
+            configs, key=["B", "N", "D", "K_PAD", "BLOCK_N", "SUB", "INPUT_PRECISION"],
             prune_configs_by={"early_config_prune": prune} if prune else None,
         )(_knn_topk_split_kernel)
     return _split_tuned
@@ -438,15 +450,23 @@ def num_splits_for(num_queries: int, num_rows: int, k: int) -> int:
     return max(1, splits)
 
 
-def group_size_for(num_queries: int, num_rows: int, dim: int, k: int) -> int:
-    """G: rows per group, a divisor of every BLOCK_N.
+class SearchPlan(NamedTuple):
+    """Group and subgroup rows of a search: the split's BLOCK_N and SUB."""
 
-    The split pays about 9 * K_PAD / G integer instructions per score; the merge refines
-    B * K * G rows. See bench/RESULTS.md for the modelled choice.
+    group_rows: int
+    sub_rows: int
+
+
+def search_plan(num_queries: int, num_rows: int, dim: int, k: int) -> SearchPlan:
+    """The group (one tile, BLOCK_N rows) and subgroup sizes for a search.
+
+    Larger groups cost the split less per score (one compare-and-replace per tile); smaller
+    subgroups cost the merge less (it refines K * SUB rows per query row). Modelled in
+    bench/RESULTS.md (``bench/model_knn.py``).
     """
-    k_pad = triton.next_power_of_2(k)
-    group = 32 if k_pad <= 32 else 64
-    return min(group, max(_GROUPS[0], _MAX_REFINED // k_pad))
+    if interpreted():
+        return SearchPlan(64, 16)
+    return SearchPlan(128, 16)
 
 
 def _block_d(dim: int, itemsize: int) -> int:
@@ -459,48 +479,52 @@ def knn_topk_split(
     bank: torch.Tensor,
     k: int,
     *,
-    group_size: int,
+    group_rows: int,
+    sub_rows: int,
     exclude: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_b: int | None = None,
-    block_n: int | None = None,
     block_d: int | None = None,
     num_warps: int | None = None,
-) -> torch.Tensor:
-    """Per-split keys of the K best groups of ``group_size`` rows, ``(B, SPLITS, K)``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per split, the K best groups of ``group_rows`` rows and their subgroup maxima.
 
-    ``num_splits``, the block sizes and ``num_warps`` override the heuristic and the
-    autotuned config (tests use them to cover split counts, tile edges and every config).
+    Returns ``(keys, sub_maxima)``: ``(B, SPLITS, K)`` int64 group keys, unsorted, and
+    ``(B, SPLITS, K, group_rows // sub_rows)`` fp32 maxima of each kept group's subgroups
+    (slots that no group entered are left unwritten; their keys say so). ``num_splits``,
+    ``block_b``, ``block_d`` and ``num_warps`` override the heuristic and the autotuned
+    config (tests use them to cover split counts, tile edges and every config).
     """
     num_queries, dim = query.shape
     num_rows = bank.shape[0]
     k_pad = triton.next_power_of_2(k)
     splits = num_splits or num_splits_for(num_queries, num_rows, k)
-    align = max(block_n or _SPLIT_ALIGN, _SPLIT_ALIGN)
+    align = max(group_rows, _SPLIT_ALIGN)
     rows_per_split = triton.cdiv(triton.cdiv(num_rows, splits), align) * align
-    candidates = torch.empty((num_queries, splits, k), dtype=torch.int64, device=query.device)
+    keys = torch.empty((num_queries, splits, k), dtype=torch.int64, device=query.device)
+    sub_maxima = torch.empty((num_queries, splits, k, group_rows // sub_rows),
+                             dtype=torch.float32, device=query.device)
     has_exclude = exclude is not None
-    ex = exclude if has_exclude else candidates  # never read when HAS_EXCLUDE is False
+    ex = exclude if has_exclude else keys  # never read when HAS_EXCLUDE is False
     num_excluded = ex.shape[1] if has_exclude else 0
     cast = interpreted() or query.dtype != bank.dtype or query.dtype == torch.float64
     args = dict(
-        q_ptr=query, bank_ptr=bank, exclude_ptr=ex, cand_ptr=candidates,
+        q_ptr=query, bank_ptr=bank, exclude_ptr=ex, cand_ptr=keys, sub_ptr=sub_maxima,
         B=num_queries, N=num_rows, D=dim, E=num_excluded, rows_per_split=rows_per_split,
         stride_qb=query.stride(0), stride_qd=query.stride(1),
         stride_bn=bank.stride(0), stride_bd=bank.stride(1),
         stride_eb=ex.stride(0), stride_ee=ex.stride(1),
-        stride_cb=candidates.stride(0), stride_cs=candidates.stride(1),
+        stride_cb=keys.stride(0), stride_cs=keys.stride(1),
+        stride_sb=sub_maxima.stride(0), stride_ss=sub_maxima.stride(1),
         K=k, K_PAD=k_pad, HAS_EXCLUDE=has_exclude,
         E_PAD=triton.next_power_of_2(max(1, num_excluded)), CAST_FP32=cast,
         INPUT_PRECISION=input_precision(query.dtype if not cast else torch.float32),
-        BLOCK_D=block_d or _block_d(dim, 4 if cast else bank.element_size()),
-        GROUP=group_size,
+        BLOCK_N=group_rows, BLOCK_D=block_d or _block_d(dim, 4 if cast else bank.element_size()),
+        SUB=sub_rows,
     )
-    if interpreted() or any(o is not None for o in (block_b, block_n, num_warps)):
-        default = split_configs()[0][0].kwargs if interpreted() else {
-            "BLOCK_B": 64, "BLOCK_N": 128}
-        meta = {"BLOCK_B": block_b or default["BLOCK_B"],
-                "BLOCK_N": max(block_n or default["BLOCK_N"], group_size)}
+    if interpreted() or any(o is not None for o in (block_b, num_warps)):
+        default = split_configs()[0][0].kwargs if interpreted() else {"BLOCK_B": 64}
+        meta = {"BLOCK_B": block_b or default["BLOCK_B"]}
         if num_warps is not None:
             meta["num_warps"] = num_warps
         grid = (triton.cdiv(num_queries, meta["BLOCK_B"]), splits)
@@ -510,24 +534,25 @@ def knn_topk_split(
             return (triton.cdiv(num_queries, meta["BLOCK_B"]), splits)
 
         _tuned_split_kernel()[grid](**args)
-    return candidates
+    return keys, sub_maxima
 
 
-def merge_block_b(num_candidates: int, k: int, group_size: int) -> int:
-    """Query rows per merge program: the candidate keys and the K*G refined keys of a
-    row stay in registers."""
-    per_row = max(triton.next_power_of_2(num_candidates),
-                  triton.next_power_of_2(k) * group_size)
+def merge_block_b(num_candidates: int, k: int, subgroups: int, sub_rows: int) -> int:
+    """Query rows per merge program: a row's group keys, subgroup keys and refined element
+    keys stay in registers."""
+    k_pad = triton.next_power_of_2(k)
+    per_row = max(triton.next_power_of_2(num_candidates), k_pad * subgroups, k_pad * sub_rows)
     return max(1, min(16, 4096 // per_row))
 
 
 def knn_topk_merge(
-    candidates: torch.Tensor,
+    keys: torch.Tensor,
+    sub_maxima: torch.Tensor,
     query: torch.Tensor,
     bank: torch.Tensor,
     k: int,
     *,
-    group_size: int,
+    sub_rows: int,
     values_dtype: torch.dtype,
     exclude: torch.Tensor | None = None,
     online: torch.Tensor | None = None,
@@ -535,18 +560,19 @@ def knn_topk_merge(
     threshold: bool = False,
     positiveness_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Sorted winners of the split's group keys: ``(indices, values, positiveness)``.
+    """Sorted winners of the split's groups: ``(indices, values, positiveness)``.
 
     ``online`` (unit-norm rows, ``(B, D)``) turns on the positiveness output; otherwise the
-    third result is None. ``exclude`` and ``group_size`` must be the split's.
+    third result is None. ``exclude`` and ``sub_rows`` must be the split's.
     """
     num_queries, dim = query.shape
     num_rows = bank.shape[0]
     k_pad = triton.next_power_of_2(k)
-    num_candidates = candidates.shape[1] * candidates.shape[2]
+    num_candidates = keys.shape[1] * keys.shape[2]
+    subgroups = sub_maxima.shape[3]
     c_pad = triton.next_power_of_2(num_candidates)
-    block_b = merge_block_b(num_candidates, k, group_size)
-    block_d = min(128, triton.next_power_of_2(dim), max(16, 8192 // (block_b * group_size)))
+    block_b = merge_block_b(num_candidates, k, subgroups, sub_rows)
+    block_d = min(128, triton.next_power_of_2(dim), max(16, 4096 // (block_b * sub_rows)))
     indices = torch.empty((num_queries, k), dtype=torch.int64, device=query.device)
     values = torch.empty((num_queries, k), dtype=values_dtype, device=query.device)
     with_pos = online is not None
@@ -561,17 +587,17 @@ def knn_topk_merge(
     num_excluded = ex.shape[1] if has_exclude else 0
     grid = (triton.cdiv(num_queries, block_b),)
     _knn_topk_merge_kernel[grid](
-        cand_ptr=candidates, q_ptr=query, bank_ptr=bank, online_ptr=on, exclude_ptr=ex,
-        idx_ptr=indices, val_ptr=values, pos_ptr=pos,
+        cand_ptr=keys, sub_ptr=sub_maxima, q_ptr=query, bank_ptr=bank, online_ptr=on,
+        exclude_ptr=ex, idx_ptr=indices, val_ptr=values, pos_ptr=pos,
         B=num_queries, N=num_rows, D=dim, E=num_excluded, num_candidates=num_candidates,
         inv_temperature=1.0 / temperature, threshold_value=1.0 / k,
-        stride_cb=candidates.stride(0), stride_qb=query.stride(0), stride_qd=query.stride(1),
+        stride_cb=keys.stride(0), stride_sb=sub_maxima.stride(0),
+        stride_qb=query.stride(0), stride_qd=query.stride(1),
         stride_bn=bank.stride(0), stride_bd=bank.stride(1),
         stride_ob=on.stride(0), stride_od=on.stride(1),
         stride_eb=ex.stride(0), stride_ee=ex.stride(1),
         stride_ib=indices.stride(0), stride_vb=values.stride(0), stride_pb=pos.stride(0),
-        K=k, K_PAD=k_pad, C_PAD=c_pad, GROUP=group_size, HAS_EXCLUDE=has_exclude,
-        E_PAD=triton.next_power_of_2(max(1, num_excluded)),
+        K=k, K_PAD=k_pad, C_PAD=c_pad, S=subgroups, SUB=sub_rows, HAS_EXCLUDE=has_exclude,
         WITH_POSITIVENESS=with_pos, THRESHOLD=bool(threshold),
         BLOCK_B=block_b, BLOCK_D=block_d,
     )
@@ -597,13 +623,14 @@ def knn_topk_search(
     as given. The storage dtype of the bank is the search precision.
     """
     num_queries, dim = query.shape
-    group_size = group_size_for(num_queries, bank.shape[0], dim, k)
+    plan = search_plan(num_queries, bank.shape[0], dim, k)
     search_query = query
     if bank.dtype in (torch.bfloat16, torch.float16) and query.dtype != bank.dtype:
         search_query = query.to(bank.dtype)
-    candidates = knn_topk_split(search_query, bank, k, group_size=group_size, exclude=exclude)
+    keys, sub_maxima = knn_topk_split(search_query, bank, k, group_rows=plan.group_rows,
+                                      sub_rows=plan.sub_rows, exclude=exclude)
     return knn_topk_merge(
-        candidates, query, bank, k, group_size=group_size, values_dtype=values_dtype,
+        keys, sub_maxima, query, bank, k, sub_rows=plan.sub_rows, values_dtype=values_dtype,
         exclude=exclude, online=online, temperature=temperature, threshold=threshold,
         positiveness_dtype=positiveness_dtype,
     )
