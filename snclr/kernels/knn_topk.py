@@ -168,7 +168,7 @@ def _knn_topk_tile_update(top, scores, base, lo, hi, exclude_row_ptr, E, stride_
     tile) drops the columns outside [lo, hi); excluded rows drop to -inf before the maxima.
     """
     S: tl.constexpr = BLOCK_N // SUB
-    K_PAD: tl.constexpr = top.shape[1]
+    K_PAD: tl.constexpr = top.shape[1] * top.shape[2]
     cols = base + tl.arange(0, BLOCK_N)
     if MASK_COLS:
         scores = tl.where(((cols >= lo) & (cols < hi))[None, :], scores, float("-inf"))
@@ -180,14 +180,31 @@ def _knn_topk_tile_update(top, scores, base, lo, hi, exclude_row_ptr, E, stride_
     sub_max = tl.max(tl.reshape(scores, (BLOCK_B, S, SUB)), axis=2)  # (BLOCK_B, S)
     first = tl.zeros((BLOCK_B,), dtype=tl.int32) + base  # a group is named by its first row
     key = _knn_pack(tl.max(sub_max, axis=1), first)
-    worst = tl.min(top, axis=1)
+    # The list is (BLOCK_B, K_PAD // 4, 4): see _knn_topk_spread_list.
+    worst = tl.min(tl.min(top, axis=2), axis=1)
     enter = key > worst
-    slot = tl.min(tl.where(top == worst[:, None], slots[None, :], K_PAD), axis=1)
-    top = tl.where((slots[None, :] == slot[:, None]) & enter[:, None], key[:, None], top)
+    slot = tl.min(tl.min(tl.where(top == worst[:, None, None], slots, K_PAD), axis=2), axis=1)
+    top = tl.where((slots == slot[:, None, None]) & enter[:, None, None], key[:, None, None], top)
     j = tl.arange(0, S)
     tl.store(sub_ptrs[:, None] + slot[:, None] * S + j[None, :], sub_max,
              mask=(enter & row_ok)[:, None])
     return top
+
+
+@triton.jit
+def _knn_topk_spread_list(BLOCK_B: tl.constexpr, K_PAD: tl.constexpr):
+    """A (BLOCK_B, K_PAD // 4, 4) zero tensor whose layout spreads each row's K_PAD list
+    slots over the four threads that share that row of an MMA accumulator.
+
+    Without it each of the four threads keeps the row's whole list (four times the
+    integer work per tile). The layout comes from the accumulator of a zero dot, reduced
+    so that the last axis is the accumulator's column bits held by those threads' lanes
+    (wgmma: column 2*l + r within each 8-column core, l the lane in the quad).
+    """
+    R: tl.constexpr = K_PAD // 4
+    acc = tl.dot(tl.zeros((BLOCK_B, 16), dtype=tl.float16), tl.zeros((16, 8 * R), dtype=tl.float16))
+    acc = tl.max(tl.reshape(acc, (BLOCK_B, R, 4, 2)), axis=3)
+    return acc
 
 
 @triton.jit
@@ -237,7 +254,7 @@ def _knn_topk_split_kernel(
     CAST_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SUB: tl.constexpr,
 ):
-    tl.static_assert(K_PAD >= K)
+    tl.static_assert(K_PAD >= K and K_PAD >= 8)
     tl.static_assert(BLOCK_N >= 16 and BLOCK_B >= 16 and BLOCK_D >= 16)
     tl.static_assert(BLOCK_N % SUB == 0)
     pid_b = tl.program_id(0)
@@ -245,7 +262,6 @@ def _knn_topk_split_kernel(
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
-    slots = tl.arange(0, K_PAD)
     d = tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
     q_base = q_ptr + rows64[:, None] * stride_qb
@@ -263,8 +279,10 @@ def _knn_topk_split_kernel(
             q = q.to(tl.float32)
     # Empty slots: the keys of -inf at columns 2**31 + slot (distinct, below every key).
     # Padding slots >= K hold HIGHEST so they are never a row's minimum.
-    empty = ((_NEG_INF_KEY32 + 1) << 32) - (_EMPTY_COL + 1) - slots[None, :].to(tl.int64)
-    top = tl.broadcast_to(tl.where(slots[None, :] < K, empty, _HIGHEST), (BLOCK_B, K_PAD))
+    spread = _knn_topk_spread_list(BLOCK_B, K_PAD)
+    slots = tl.arange(0, K_PAD // 4)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    empty = ((_NEG_INF_KEY32 + 1) << 32) - (_EMPTY_COL + 1) - slots.to(tl.int64)
+    top = tl.where((slots < K) & (spread == 0.0), empty, _HIGHEST)
 
     # Phase 2: the split's full tiles, unmasked (splits start on a BLOCK_N boundary).
     start = pid_s * rows_per_split
@@ -292,8 +310,8 @@ def _knn_topk_split_kernel(
                                     True, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB)
 
     # Phase 4: this split's K group keys per row, unsorted.
-    out = cand_ptr + rows64[:, None] * stride_cb + pid_s * stride_cs + slots[None, :]
-    tl.store(out, top, mask=row_ok[:, None] & (slots[None, :] < K))
+    out = cand_ptr + rows64[:, None, None] * stride_cb + pid_s * stride_cs + slots
+    tl.store(out, top, mask=row_ok[:, None, None] & (slots < K))
 
 
 @triton.jit
@@ -516,7 +534,7 @@ def knn_topk_split(
         stride_eb=ex.stride(0), stride_ee=ex.stride(1),
         stride_cb=keys.stride(0), stride_cs=keys.stride(1),
         stride_sb=sub_maxima.stride(0), stride_ss=sub_maxima.stride(1),
-        K=k, K_PAD=k_pad, HAS_EXCLUDE=has_exclude,
+        K=k, K_PAD=max(8, k_pad), HAS_EXCLUDE=has_exclude,
         E_PAD=triton.next_power_of_2(max(1, num_excluded)), CAST_FP32=cast,
         INPUT_PRECISION=input_precision(query.dtype if not cast else torch.float32),
         BLOCK_N=group_rows, BLOCK_D=block_d or _block_d(dim, 4 if cast else bank.element_size()),
