@@ -182,12 +182,11 @@ def _knn_topk_tile_update(top, scores, base, lo, hi, exclude_row_ptr, E, stride_
     key = _knn_pack(tl.max(sub_max, axis=1), first)
     # The list is (BLOCK_B, K_PAD // 4, 4): see _knn_topk_spread_list.
     worst = tl.min(tl.min(top, axis=2), axis=1)
-    enter = key > worst
+    enter = (key > worst) & row_ok
     slot = tl.min(tl.min(tl.where(top == worst[:, None, None], slots, K_PAD), axis=2), axis=1)
     top = tl.where((slots == slot[:, None, None]) & enter[:, None, None], key[:, None, None], top)
     j = tl.arange(0, S)
-    tl.store(sub_ptrs[:, None] + slot[:, None] * S + j[None, :], sub_max,
-             mask=(enter & row_ok)[:, None])
+    tl.store(sub_ptrs[:, None] + slot[:, None] * S + j[None, :], sub_max, mask=enter[:, None])
     return top
 
 
@@ -289,14 +288,23 @@ def _knn_topk_split_kernel(
     stop = tl.minimum(start + rows_per_split, N)
     full_stop = start + tl.maximum(stop - start, 0) // BLOCK_N * BLOCK_N
     start64 = start.to(tl.int64)  # tile offsets can pass 2**31 elements
+    # Each trip issues the next tile's dot before it selects from the previous tile's
+    # scores, so the tensor cores and the selection of one CTA overlap.
+    previous = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for base in range(start, full_stop, BLOCK_N):
         tile_ptr = bank_ptr + (start64 + (base - start)) * stride_bn
         scores = _knn_topk_tile_scores(q, q_base, tile_ptr, tile_offs, d, row_ok, n < BLOCK_N,
                                        stride_qd, stride_bd, D, CAST_FP32, INPUT_PRECISION,
                                        BLOCK_B, BLOCK_N, BLOCK_D, False)
-        top = _knn_topk_tile_update(top, scores, base, start, stop, exclude_row_ptr, E,
-                                    stride_ee, row_ok, sub_ptrs, slots, False, HAS_EXCLUDE,
-                                    E_PAD, BLOCK_B, BLOCK_N, SUB)
+        top = _knn_topk_tile_update(top, previous, base - BLOCK_N, start, stop,
+                                    exclude_row_ptr, E, stride_ee, row_ok & (base > start),
+                                    sub_ptrs, slots, False, HAS_EXCLUDE, E_PAD, BLOCK_B,
+                                    BLOCK_N, SUB)
+        previous = scores
+    if full_stop > start:
+        top = _knn_topk_tile_update(top, previous, full_stop - BLOCK_N, start, stop,
+                                    exclude_row_ptr, E, stride_ee, row_ok, sub_ptrs, slots,
+                                    False, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB)
 
     # Phase 3: the partial last tile (the bank's end), rows and columns masked.
     if full_stop < stop:
