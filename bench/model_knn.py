@@ -7,8 +7,8 @@ Every kernel of the search counts, at the launcher's own choices:
             config of ``split_configs()`` that its prune keeps (the autotuner's candidates);
             the fastest modelled config stands for the autotuner's pick. The tile loop has no
             nested loop, so nothing is charged as insertion rounds.
-    merge   ``merge_block_b`` and the block widths of ``knn_topk_merge``; each of its
-            top-level loops (K rounds each: group selection, subgroup refine, winners) is
+    merge   ``merge_blocks`` (rows per program, gather width); each of its top-level
+            loops (K rounds of selection, three times; the D loops of two gathers) is
             simulated per trip by ``gpu_model.run_sm`` with its nested loops inserted as often
             as they run (D / BLOCK_D), CTAs spread over the SMs, and floored by the HBM bytes
             it must read: K * SUB refined rows and K winners per query row, as bf16.
@@ -44,8 +44,7 @@ BF16 = 2
 
 def _split_rows(B, N, K, group_rows):
     splits = kk.num_splits_for(B, N, K)
-    align = max(group_rows, kk._SPLIT_ALIGN)
-    return splits, triton.cdiv(triton.cdiv(N, splits), align) * align
+    return splits, kk._rows_per_split(N, splits, group_rows)
 
 
 def compile_split(D, K, plan, block_b, warps, stages):
@@ -95,11 +94,11 @@ def merge_time(B, D, K, plan, splits):
     k_pad = triton.next_power_of_2(K)
     subgroups = plan.group_rows // plan.sub_rows
     num_candidates = splits * K
-    block_b = kk.merge_block_b(num_candidates, K, subgroups, plan.sub_rows)
-    block_d = min(128, triton.next_power_of_2(D), max(16, 4096 // (block_b * plan.sub_rows)))
+    block_b, block_d, block_dw = kk.merge_blocks(num_candidates, K, subgroups, plan.sub_rows, D)
     consts = dict(K=K, K_PAD=k_pad, C_PAD=triton.next_power_of_2(num_candidates), S=subgroups,
                   SUB=plan.sub_rows, HAS_EXCLUDE=False, WITH_POSITIVENESS=True,
-                  THRESHOLD=False, BLOCK_B=block_b, BLOCK_D=block_d)
+                  THRESHOLD=False, BLOCK_B=block_b, BLOCK_D=block_d,
+                  BLOCK_DW=block_dw)
     ptrs = dict(cand_ptr="i64", sub_ptr="fp32", q_ptr="bf16", bank_ptr="bf16",
                 online_ptr="bf16", exclude_ptr="i64", idx_ptr="i64", val_ptr="bf16",
                 pos_ptr="fp32")
@@ -109,36 +108,31 @@ def merge_time(B, D, K, plan, splits):
     instrs, labels = sm.disassemble(ck.asm["cubin"])
     spans = sm.find_loops(instrs, labels)
     top = [s for s in spans if not any(o != s and o[0] <= s[0] and s[1] <= o[1] for o in spans)]
-    d_trips = triton.cdiv(D, block_d)
+    # the refine's gather comes first in the code, then the winners' (maybe in copies)
+    gather_trips = [triton.cdiv(D, block_d), triton.cdiv(D, block_dw)]
     res = gm.resource_usage(ck.asm["cubin"])
     occ = gm.occupancy(res["regs"], ck.metadata.shared, res["static_shared"], 4)
     ctas = triton.cdiv(B, block_b)
     per_sm = math.ceil(ctas / gm.SMS)
     k = max(1, min(occ["ctas_per_sm"], per_sm))
     clk = 2 * gm.l2_latency_clk()
-    loops = []
+    loops, gathers = [], 0
     for lo, hi in top:
-        inner = [s for s in spans if s != (lo, hi) and lo <= s[0] and s[1] <= hi]
-        body = []
-        for a, op, t in instrs:
-            if not lo <= a <= hi:
-                continue
-            # the D loops run d_trips times per round; a loop holding no load (the fill's
-            # search, taken only when a row runs out of eligible rows) is not charged
-            repeat = 1
-            for s in inner:
-                if s[0] <= a <= s[1]:
-                    has_load = any(s[0] <= b <= s[1] and o.startswith("LDG") for b, o, _ in instrs)
-                    repeat = d_trips if has_load else 0
-            body += [(a, op, t)] * repeat
-        if not body:
-            continue
+        body = [(a, op, t) for a, op, t in instrs if lo <= a <= hi]
+        nested = any(s != (lo, hi) and lo <= s[0] and s[1] <= hi for s in spans)
+        if any(op.startswith("LDG") for _, op, _ in body):
+            trips = gather_trips[min(gathers, 1)]  # BLOCK_D (or BLOCK_DW) columns per trip
+            gathers += 1
+        elif nested:
+            continue  # the fill, taken only when a row runs short of eligible rows
+        else:
+            trips = K  # a selection: K rounds of max
         per_trip = gm.run_sm(lambda j, i: body, k, 4, 4096 * gm.TENSOR_SUSTAINED, trips=6)[0]
-        loops.append(per_trip)
-        clk += math.ceil(per_sm / k) * K * per_trip
+        loops.append((trips, round(per_trip)))
+        clk += math.ceil(per_sm / k) * trips * per_trip
     hbm = B * K * (plan.sub_rows + 1) * D * BF16 + B * num_candidates * (8 + 4 * subgroups)
     t = max(clk / gm.CLOCK_HZ, hbm / gm.HBM_BW)
-    return t, dict(block_b=block_b, ctas=ctas, ctas_per_sm=k, clk_per_round=loops,
+    return t, dict(block_b=block_b, ctas=ctas, ctas_per_sm=k, loops=loops,
                    hbm_mb=hbm / 1e6)
 
 

@@ -253,7 +253,7 @@ def _knn_topk_split_kernel(
     CAST_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SUB: tl.constexpr,
 ):
-    tl.static_assert(K_PAD >= K and K_PAD >= 8)
+    tl.static_assert(K_PAD >= K and K_PAD >= 8 and K_PAD <= BLOCK_N)
     tl.static_assert(BLOCK_N >= 16 and BLOCK_B >= 16 and BLOCK_D >= 16)
     tl.static_assert(BLOCK_N % SUB == 0)
     pid_b = tl.program_id(0)
@@ -317,23 +317,39 @@ def _knn_topk_split_kernel(
                                     exclude_row_ptr, E, stride_ee, row_ok, sub_ptrs, slots,
                                     True, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB)
 
-    # Phase 4: this split's K group keys per row, unsorted.
+    # Phase 4: this split's K group keys per row, unsorted; each names its group's first
+    # row plus its slot (the key less the slot), where its subgroup maxima lie.
     out = cand_ptr + rows64[:, None, None] * stride_cb + pid_s * stride_cs + slots
-    tl.store(out, top, mask=row_ok[:, None, None] & (slots < K))
+    tl.store(out, top - slots.to(tl.int64), mask=row_ok[:, None, None] & (slots < K))
+
+
+@triton.jit
+def _knn_topk_select(keys, K: tl.constexpr, K_PAD: tl.constexpr):
+    """The K largest of each row's unique int64 ``keys``, descending, as a (BLOCK_B, K_PAD)
+    tensor (LOWEST past K). Keys are unique per row, so ``==`` removes exactly one."""
+    slots = tl.arange(0, K_PAD)
+    best = tl.full((keys.shape[0], K_PAD), _LOWEST, dtype=tl.int64)
+    for t in range(0, K):
+        win = tl.max(keys, axis=1)
+        keys = tl.where(keys == win[:, None], _LOWEST, keys)
+        best = tl.where(slots[None, :] == t, win[:, None], best)
+    return best
 
 
 @triton.jit
 def _knn_topk_merge_kernel(
     cand_ptr, sub_ptr, q_ptr, bank_ptr, online_ptr, exclude_ptr,
     idx_ptr, val_ptr, pos_ptr,
-    B, N, D, E, num_candidates, inv_temperature, threshold_value,
+    B, N, D, E, num_candidates, rows_per_split, inv_temperature, threshold_value,
     stride_cb, stride_sb, stride_qb, stride_qd, stride_bn, stride_bd, stride_ob, stride_od,
     stride_eb, stride_ee, stride_ib, stride_vb, stride_pb,
     K: tl.constexpr, K_PAD: tl.constexpr, C_PAD: tl.constexpr, S: tl.constexpr,
     SUB: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     WITH_POSITIVENESS: tl.constexpr, THRESHOLD: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DW: tl.constexpr,
 ):
+    # Each phase selects first and then gathers what it selected in one batch, so a query
+    # row waits for three gathers, not for 3K dependent ones.
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -343,112 +359,104 @@ def _knn_topk_merge_kernel(
     j = tl.arange(0, S)
     r_offs = tl.arange(0, SUB)
     d_offs = tl.arange(0, BLOCK_D)
+    dw_offs = tl.arange(0, BLOCK_DW)
+    live_slot = row_ok[:, None] & (slots[None, :] < K)
     cands = tl.load(cand_ptr + rows64[:, None] * stride_cb + c[None, :],
                     mask=row_ok[:, None] & (c[None, :] < num_candidates), other=_LOWEST)
 
-    # Phase 1: the K best groups; their S subgroup maxima become subgroup keys (a
-    # subgroup is named by its first row, so key order is subgroup order).
-    sub_keys = tl.full((BLOCK_B, K_PAD, S), _LOWEST, dtype=tl.int64)
-    for t in range(0, K):
-        win = tl.max(cands, axis=1)
-        at = tl.min(tl.where(cands == win[:, None], c[None, :], C_PAD), axis=1)
-        cands = tl.where(c[None, :] == at[:, None], _LOWEST, cands)
-        first = _knn_unpack_col(win)
-        live = row_ok & (first < _EMPTY_COL)  # an empty slot names no group
-        sub_max = tl.load(sub_ptr + rows64[:, None] * stride_sb + at[:, None] * S + j[None, :],
-                          mask=live[:, None], other=float("-inf"))
-        keys = tl.where(live[:, None], _knn_pack(sub_max, first[:, None] + j[None, :] * SUB),
-                        _LOWEST)
-        sub_keys = tl.where(slots[None, :, None] == t, keys[:, None, :], sub_keys)
-    sub_keys = tl.reshape(sub_keys, (BLOCK_B, K_PAD * S))
+    # Phase 1: the K best groups; their S subgroup maxima become subgroup keys (a group
+    # and a subgroup are named by their first row, so key order is row order).
+    groups = _knn_topk_select(cands, K, K_PAD)
+    named = _knn_unpack_col(groups)
+    live = live_slot & (named < _EMPTY_COL)  # an empty slot names no group
+    # The split names a group by its first row plus the list slot it ended in (< BLOCK_N):
+    # key order is row order, and the slot and split locate its subgroup maxima.
+    slot = named % (S * SUB)
+    first = named - slot
+    at = (first // rows_per_split) * K + slot
+    sub_max = tl.load(sub_ptr + rows64[:, None, None] * stride_sb + at[:, :, None] * S
+                      + j[None, None, :], mask=live[:, :, None], other=float("-inf"))
+    sub_keys = tl.where(live[:, :, None],
+                        _knn_pack(sub_max, first[:, :, None] + j[None, None, :] * SUB), _LOWEST)
 
-    # Phase 2: refine the K best subgroups: exact fp32 scores of their K*SUB rows, as keys.
-    elements = tl.full((BLOCK_B, K_PAD, SUB), _LOWEST, dtype=tl.int64)
-    for t in range(0, K):
-        win = tl.max(sub_keys, axis=1)
-        sub_keys = tl.where(sub_keys == win[:, None], _LOWEST, sub_keys)
-        first = _knn_unpack_col(win)
-        live = row_ok & (first < _EMPTY_COL)
-        row = tl.where(live, first, 0)[:, None] + r_offs[None, :]  # (BLOCK_B, SUB)
-        row_live = live[:, None] & (row < N)
-        score = tl.zeros((BLOCK_B, SUB), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + d_offs
-            d_ok = (d < D)[None, None, :]
-            r = tl.load(bank_ptr + row.to(tl.int64)[:, :, None] * stride_bn
-                        + d[None, None, :] * stride_bd,
-                        mask=row_live[:, :, None] & d_ok, other=0.0).to(tl.float32)
-            qd = tl.load(q_ptr + rows64[:, None, None] * stride_qb + d[None, None, :] * stride_qd,
-                         mask=row_ok[:, None, None] & d_ok, other=0.0).to(tl.float32)
-            score += tl.sum(qd * r, axis=2)
-        if HAS_EXCLUDE:
-            for e in range(0, E):
-                excluded = tl.load(exclude_ptr + rows64 * stride_eb + e * stride_ee,
-                                   mask=row_ok, other=-1)
-                score = tl.where(row == excluded[:, None], float("-inf"), score)
-        keys = tl.where(row_live, _knn_pack(score, row), _LOWEST)
-        elements = tl.where(slots[None, :, None] == t, keys[:, None, :], elements)
-    elements = tl.reshape(elements, (BLOCK_B, K_PAD * SUB))
+    # Phase 2: the K best subgroups, refined: exact fp32 scores of their K*SUB rows.
+    subgroups = _knn_topk_select(tl.reshape(sub_keys, (BLOCK_B, K_PAD * S)), K, K_PAD)
+    first = _knn_unpack_col(subgroups)
+    live = live_slot & (first < _EMPTY_COL)
+    row = tl.where(live, first, 0)[:, :, None] + r_offs[None, None, :]  # (BLOCK_B, K_PAD, SUB)
+    row_live = live[:, :, None] & (row < N)
+    row_ptr = bank_ptr + row.to(tl.int64)[:, :, :, None] * stride_bn
+    q_row_ptr = q_ptr + rows64[:, None, None, None] * stride_qb
+    score = tl.zeros((BLOCK_B, K_PAD, SUB), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = (d0 + d_offs)[None, None, None, :]
+        r = tl.load(row_ptr + d * stride_bd, mask=row_live[:, :, :, None] & (d < D),
+                    other=0.0).to(tl.float32)
+        qd = tl.load(q_row_ptr + d * stride_qd, mask=row_ok[:, None, None, None] & (d < D),
+                     other=0.0).to(tl.float32)
+        score += tl.sum(qd * r, axis=3)
+    if HAS_EXCLUDE:
+        for e in range(0, E):
+            excluded = tl.load(exclude_ptr + rows64 * stride_eb + e * stride_ee, mask=row_ok,
+                               other=-1)
+            score = tl.where(row == excluded[:, None, None], float("-inf"), score)
+    elements = tl.where(row_live, _knn_pack(score, row), _LOWEST)
 
-    attention = tl.full((BLOCK_B, K_PAD), float("-inf"), dtype=tl.float32)
-    chosen = tl.full((BLOCK_B, K_PAD), -1, dtype=tl.int64)
-    filled = tl.full((BLOCK_B,), -1, dtype=tl.int64)
-    for t in range(0, K):
-        # Phase 3: the t-th best element (keys are unique, so one element matches).
-        win = tl.max(elements, axis=1)
-        elements = tl.where(elements == win[:, None], _LOWEST, elements)
-        col = _knn_unpack_col(win)
-        eligible = ((win >> 32) != _NEG_INF_KEY32) & (win != _LOWEST)
-        chosen = tl.where((slots[None, :] == t) & eligible[:, None], col[:, None], chosen)
-        # Fewer than K eligible rows (NaN scores, exclusions): as the reference's stable
-        # sort does, the empty slots take the smallest rows that are not eligible winners
-        # (every eligible row is one by then). They lie below 2K, so within the bank.
-        if tl.max((~eligible & row_ok).to(tl.int32), axis=0) > 0:
+    # Phase 3: the K winners. NaN scores, excluded rows and -inf rank below every eligible
+    # row, so the eligible winners fill the first slots.
+    winners = _knn_topk_select(tl.reshape(elements, (BLOCK_B, K_PAD * SUB)), K, K_PAD)
+    col = _knn_unpack_col(winners)
+    eligible = live_slot & ((winners >> 32) != _NEG_INF_KEY32) & (winners != _LOWEST)
+    # Fewer than K eligible rows: as the reference's stable sort does, the empty slots take
+    # the smallest rows that are not eligible winners (every eligible row is one by then).
+    if tl.max(tl.max((live_slot & ~eligible).to(tl.int32), axis=1), axis=0) > 0:
+        taken_cols = tl.where(eligible, col, -1)
+        filled = tl.full((BLOCK_B,), -1, dtype=tl.int64)
+        for t in range(0, K):
+            empty_t = tl.max(((slots[None, :] == t) & live_slot & ~eligible).to(tl.int32),
+                             axis=1) > 0
             fill = filled + 1
-            taken = (tl.max((chosen == fill[:, None]).to(tl.int32), axis=1) > 0) & ~eligible
-            while tl.max(taken.to(tl.int32), axis=0) > 0:
-                fill = tl.where(taken, fill + 1, fill)
-                taken = (tl.max((chosen == fill[:, None]).to(tl.int32), axis=1) > 0) & ~eligible
-            filled = tl.where(eligible, filled, fill)
-            col = tl.where(eligible, col, fill)
-        col = tl.minimum(tl.maximum(col, 0), N - 1)  # guards the gather, never changes a winner
-        tl.store(idx_ptr + rows64 * stride_ib + t, col, mask=row_ok)
+            taken = tl.max((taken_cols == fill[:, None]).to(tl.int32), axis=1) > 0
+            while tl.max((taken & empty_t).to(tl.int32), axis=0) > 0:
+                fill = tl.where(taken & empty_t, fill + 1, fill)
+                taken = tl.max((taken_cols == fill[:, None]).to(tl.int32), axis=1) > 0
+            filled = tl.where(empty_t, fill, filled)
+            col = tl.where((slots[None, :] == t) & empty_t[:, None], fill[:, None], col)
+    col = tl.minimum(tl.maximum(col, 0), N - 1)  # guards the gather, never changes a winner
+    tl.store(idx_ptr + rows64[:, None] * stride_ib + slots[None, :], col, mask=live_slot)
 
-        # Phase 4: the winning row once more: its value, and its attention.
-        value = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        on_dot = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        sq_norm = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + d_offs
-            m = row_ok[:, None] & (d[None, :] < D)
-            r = tl.load(bank_ptr + col[:, None] * stride_bn + d[None, :] * stride_bd, mask=m,
-                        other=0.0).to(tl.float32)
-            qd = tl.load(q_ptr + rows64[:, None] * stride_qb + d[None, :] * stride_qd, mask=m,
-                         other=0.0).to(tl.float32)
-            value += tl.sum(qd * r, axis=1)
-            if WITH_POSITIVENESS:
-                o = tl.load(online_ptr + rows64[:, None] * stride_ob + d[None, :] * stride_od,
-                            mask=m, other=0.0).to(tl.float32)
-                on_dot += tl.sum(o * r, axis=1)
-                sq_norm += tl.sum(r * r, axis=1)
-        # NaN scores and excluded rows rank as -inf; report them as -inf.
-        value = tl.where(eligible, value, float("-inf"))
-        tl.store(val_ptr + rows64 * stride_vb + t, value, mask=row_ok)
+    # Phase 4: the K winning rows in one gather: their values, and their attention.
+    win_ptr = bank_ptr + col[:, :, None] * stride_bn
+    value = tl.zeros((BLOCK_B, K_PAD), dtype=tl.float32)
+    on_dot = tl.zeros((BLOCK_B, K_PAD), dtype=tl.float32)
+    sq_norm = tl.zeros((BLOCK_B, K_PAD), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_DW):
+        d = (d0 + dw_offs)[None, None, :]
+        r = tl.load(win_ptr + d * stride_bd, mask=live_slot[:, :, None] & (d < D),
+                    other=0.0).to(tl.float32)
+        qd = tl.load(q_ptr + rows64[:, None, None] * stride_qb + d * stride_qd,
+                     mask=row_ok[:, None, None] & (d < D), other=0.0).to(tl.float32)
+        value += tl.sum(qd * r, axis=2)
         if WITH_POSITIVENESS:
-            # F.normalize semantics: divide by max(|row|, eps).
-            a = on_dot / tl.maximum(tl.sqrt(sq_norm), _EPS) * inv_temperature
-            attention = tl.where(slots[None, :] == t, a[:, None], attention)
+            o = tl.load(online_ptr + rows64[:, None, None] * stride_ob + d * stride_od,
+                        mask=row_ok[:, None, None] & (d < D), other=0.0).to(tl.float32)
+            on_dot += tl.sum(o * r, axis=2)
+            sq_norm += tl.sum(r * r, axis=2)
+    # NaN scores and excluded rows rank as -inf; report them as -inf.
+    value = tl.where(eligible, value, float("-inf"))
+    tl.store(val_ptr + rows64[:, None] * stride_vb + slots[None, :], value, mask=live_slot)
 
     # Phase 5: positiveness = softmax over the K neighbours (+ threshold, not renormalised).
     if WITH_POSITIVENESS:
-        live = slots[None, :] < K
+        # F.normalize semantics: divide by max(|row|, eps).
+        attention = on_dot / tl.maximum(tl.sqrt(sq_norm), _EPS) * inv_temperature
+        attention = tl.where(slots[None, :] < K, attention, float("-inf"))
         shifted = attention - tl.max(attention, axis=1)[:, None]
-        p = tl.where(live, tl.exp(shifted), 0.0)
+        p = tl.where(slots[None, :] < K, tl.exp(shifted), 0.0)
         p = p / tl.sum(p, axis=1)[:, None]
         if THRESHOLD:
             p = tl.where(p > threshold_value, p, 0.0)
-        tl.store(pos_ptr + rows64[:, None] * stride_pb + slots[None, :], p,
-                 mask=row_ok[:, None] & live)
+        tl.store(pos_ptr + rows64[:, None] * stride_pb + slots[None, :], p, mask=live_slot)
 
 
 _split_tuned = None
@@ -495,6 +503,12 @@ def search_plan(num_queries: int, num_rows: int, dim: int, k: int) -> SearchPlan
     return SearchPlan(128, 16)
 
 
+def _rows_per_split(num_rows: int, splits: int, group_rows: int) -> int:
+    """A multiple of the group rows (and of _SPLIT_ALIGN): every split starts a group."""
+    align = max(group_rows, _SPLIT_ALIGN)
+    return triton.cdiv(triton.cdiv(num_rows, splits), align) * align
+
+
 def _block_d(dim: int, itemsize: int) -> int:
     width = max(16, triton.next_power_of_2(dim))
     return width if width * itemsize <= _MAX_ONE_PASS_BYTES else _CHUNK_D
@@ -525,8 +539,7 @@ def knn_topk_split(
     num_rows = bank.shape[0]
     k_pad = triton.next_power_of_2(k)
     splits = num_splits or num_splits_for(num_queries, num_rows, k)
-    align = max(group_rows, _SPLIT_ALIGN)
-    rows_per_split = triton.cdiv(triton.cdiv(num_rows, splits), align) * align
+    rows_per_split = _rows_per_split(num_rows, splits, group_rows)
     keys = torch.empty((num_queries, splits, k), dtype=torch.int64, device=query.device)
     sub_maxima = torch.empty((num_queries, splits, k, group_rows // sub_rows),
                              dtype=torch.float32, device=query.device)
@@ -563,12 +576,22 @@ def knn_topk_split(
     return keys, sub_maxima
 
 
-def merge_block_b(num_candidates: int, k: int, subgroups: int, sub_rows: int) -> int:
-    """Query rows per merge program: a row's group keys, subgroup keys and refined element
-    keys stay in registers."""
+def merge_blocks(num_candidates: int, k: int, subgroups: int, sub_rows: int,
+                 dim: int) -> tuple[int, int, int]:
+    """``(BLOCK_B, BLOCK_D, BLOCK_DW)`` of the merge.
+
+    Few query rows per program, so that many programs share an SM and hide each other's
+    gather latency; a row's group, subgroup and element keys stay in registers. The refine
+    gathers K * SUB rows BLOCK_D columns at a time, the winners' gather K rows BLOCK_DW
+    columns at a time (at most 8192 elements a gather, registers permitting).
+    """
     k_pad = triton.next_power_of_2(k)
     per_row = max(triton.next_power_of_2(num_candidates), k_pad * subgroups, k_pad * sub_rows)
-    return max(1, min(16, 4096 // per_row))
+    block_b = max(1, min(16, 1024 // per_row, 256 // (k_pad * sub_rows)))
+    width = triton.next_power_of_2(dim)
+    block_d = min(width, max(16, 8192 // (block_b * k_pad * sub_rows)))
+    block_dw = min(width, max(32, 8192 // (block_b * k_pad)))
+    return block_b, block_d, block_dw
 
 
 def knn_topk_merge(
@@ -597,8 +620,7 @@ def knn_topk_merge(
     num_candidates = keys.shape[1] * keys.shape[2]
     subgroups = sub_maxima.shape[3]
     c_pad = triton.next_power_of_2(num_candidates)
-    block_b = merge_block_b(num_candidates, k, subgroups, sub_rows)
-    block_d = min(128, triton.next_power_of_2(dim), max(16, 4096 // (block_b * sub_rows)))
+    block_b, block_d, block_dw = merge_blocks(num_candidates, k, subgroups, sub_rows, dim)
     indices = torch.empty((num_queries, k), dtype=torch.int64, device=query.device)
     values = torch.empty((num_queries, k), dtype=values_dtype, device=query.device)
     with_pos = online is not None
@@ -616,6 +638,7 @@ def knn_topk_merge(
         cand_ptr=keys, sub_ptr=sub_maxima, q_ptr=query, bank_ptr=bank, online_ptr=on,
         exclude_ptr=ex, idx_ptr=indices, val_ptr=values, pos_ptr=pos,
         B=num_queries, N=num_rows, D=dim, E=num_excluded, num_candidates=num_candidates,
+        rows_per_split=_rows_per_split(num_rows, keys.shape[1], subgroups * sub_rows),
         inv_temperature=1.0 / temperature, threshold_value=1.0 / k,
         stride_cb=keys.stride(0), stride_sb=sub_maxima.stride(0),
         stride_qb=query.stride(0), stride_qd=query.stride(1),
@@ -625,7 +648,7 @@ def knn_topk_merge(
         stride_ib=indices.stride(0), stride_vb=values.stride(0), stride_pb=pos.stride(0),
         K=k, K_PAD=k_pad, C_PAD=c_pad, S=subgroups, SUB=sub_rows, HAS_EXCLUDE=has_exclude,
         WITH_POSITIVENESS=with_pos, THRESHOLD=bool(threshold),
-        BLOCK_B=block_b, BLOCK_D=block_d,
+        BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_DW=block_dw,
     )
     return indices, values, positiveness
 
