@@ -93,25 +93,25 @@ def merge_time(B, D, K, plan, splits):
     """Seconds of the merge: its K-round loops simulated per trip, CTAs over the SMs."""
     k_pad = triton.next_power_of_2(K)
     subgroups = plan.group_rows // plan.sub_rows
-    num_candidates = splits * K
-    block_b, block_d, block_dw = kk.merge_blocks(num_candidates, K, subgroups, plan.sub_rows, D)
-    consts = dict(K=K, K_PAD=k_pad, C_PAD=triton.next_power_of_2(num_candidates), S=subgroups,
+    block_b, block_d, block_dw, warps = kk.merge_blocks(K, subgroups, plan.sub_rows, D)
+    consts = dict(K=K, K_PAD=k_pad, SPLITS_PAD=triton.next_power_of_2(splits), S=subgroups,
                   SUB=plan.sub_rows, HAS_EXCLUDE=False, WITH_POSITIVENESS=True,
                   THRESHOLD=False, BLOCK_B=block_b, BLOCK_D=block_d,
-                  BLOCK_DW=block_dw)
+                  BLOCK_DW=block_dw, GATHER_STAGES=3)
     ptrs = dict(cand_ptr="i64", sub_ptr="fp32", q_ptr="bf16", bank_ptr="bf16",
                 online_ptr="bf16", exclude_ptr="i64", idx_ptr="i64", val_ptr="bf16",
                 pos_ptr="fp32")
-    ck = sm.compile_for_sm90(kk._knn_topk_merge_kernel, consts, ptrs, num_warps=4,
+    ck = sm.compile_for_sm90(kk._knn_topk_merge_kernel, consts, ptrs, num_warps=warps,
                              num_stages=2, unit_strides=("stride_qd", "stride_bd", "stride_od",
                                                          "stride_ee"))
     instrs, labels = sm.disassemble(ck.asm["cubin"])
     spans = sm.find_loops(instrs, labels)
     top = [s for s in spans if not any(o != s and o[0] <= s[0] and s[1] <= o[1] for o in spans)]
-    # the refine's gather comes first in the code, then the winners' (maybe in copies)
-    gather_trips = [triton.cdiv(D, block_d), triton.cdiv(D, block_dw)]
+    # Loops with loads, in code order: the walk over the splits' lists (K rounds), the
+    # refine's gather (D / BLOCK_D trips), the winners' gather (D / BLOCK_DW trips).
+    load_trips = [K, triton.cdiv(D, block_d), triton.cdiv(D, block_dw)]
     res = gm.resource_usage(ck.asm["cubin"])
-    occ = gm.occupancy(res["regs"], ck.metadata.shared, res["static_shared"], 4)
+    occ = gm.occupancy(res["regs"], ck.metadata.shared, res["static_shared"], warps)
     ctas = triton.cdiv(B, block_b)
     per_sm = math.ceil(ctas / gm.SMS)
     k = max(1, min(occ["ctas_per_sm"], per_sm))
@@ -121,16 +121,17 @@ def merge_time(B, D, K, plan, splits):
         body = [(a, op, t) for a, op, t in instrs if lo <= a <= hi]
         nested = any(s != (lo, hi) and lo <= s[0] and s[1] <= hi for s in spans)
         if any(op.startswith("LDG") for _, op, _ in body):
-            trips = gather_trips[min(gathers, 1)]  # BLOCK_D (or BLOCK_DW) columns per trip
+            trips = load_trips[min(gathers, 2)]
             gathers += 1
         elif nested:
             continue  # the fill, taken only when a row runs short of eligible rows
         else:
             trips = K  # a selection: K rounds of max
-        per_trip = gm.run_sm(lambda j, i: body, k, 4, 4096 * gm.TENSOR_SUSTAINED, trips=6)[0]
+        per_trip = gm.run_sm(lambda j, i: body, k, warps, 4096 * gm.TENSOR_SUSTAINED,
+                             trips=6)[0]
         loops.append((trips, round(per_trip)))
         clk += math.ceil(per_sm / k) * trips * per_trip
-    hbm = B * K * (plan.sub_rows + 1) * D * BF16 + B * num_candidates * (8 + 4 * subgroups)
+    hbm = B * K * (plan.sub_rows + 1) * D * BF16 + B * K * (8 + 4 * subgroups)
     t = max(clk / gm.CLOCK_HZ, hbm / gm.HBM_BW)
     return t, dict(block_b=block_b, ctas=ctas, ctas_per_sm=k, loops=loops,
                    hbm_mb=hbm / 1e6)

@@ -317,10 +317,15 @@ def _knn_topk_split_kernel(
                                     exclude_row_ptr, E, stride_ee, row_ok, sub_ptrs, slots,
                                     True, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB)
 
-    # Phase 4: this split's K group keys per row, unsorted; each names its group's first
-    # row plus its slot (the key less the slot), where its subgroup maxima lie.
-    out = cand_ptr + rows64[:, None, None] * stride_cb + pid_s * stride_cs + slots
-    tl.store(out, top - slots.to(tl.int64), mask=row_ok[:, None, None] & (slots < K))
+    # Phase 4: this split's K group keys per row, sorted (the merge walks the splits' lists
+    # from their heads). Each names its group's first row plus its list slot (the key less
+    # the slot: order is kept, as slot < BLOCK_N), which locates its subgroup maxima.
+    named = tl.where(slots < K, top - slots.to(tl.int64), _LOWEST)
+    out = cand_ptr + rows64 * stride_cb + pid_s * stride_cs
+    for t in range(0, K):
+        win = tl.max(tl.max(named, axis=2), axis=1)
+        named = tl.where(named == win[:, None, None], _LOWEST, named)
+        tl.store(out + t, win, mask=row_ok)
 
 
 @triton.jit
@@ -340,13 +345,14 @@ def _knn_topk_select(keys, K: tl.constexpr, K_PAD: tl.constexpr):
 def _knn_topk_merge_kernel(
     cand_ptr, sub_ptr, q_ptr, bank_ptr, online_ptr, exclude_ptr,
     idx_ptr, val_ptr, pos_ptr,
-    B, N, D, E, num_candidates, rows_per_split, inv_temperature, threshold_value,
-    stride_cb, stride_sb, stride_qb, stride_qd, stride_bn, stride_bd, stride_ob, stride_od,
+    B, N, D, E, num_splits, rows_per_split, inv_temperature, threshold_value,
+    stride_cb, stride_cs, stride_sb, stride_qb, stride_qd, stride_bn, stride_bd, stride_ob, stride_od,
     stride_eb, stride_ee, stride_ib, stride_vb, stride_pb,
-    K: tl.constexpr, K_PAD: tl.constexpr, C_PAD: tl.constexpr, S: tl.constexpr,
+    K: tl.constexpr, K_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, S: tl.constexpr,
     SUB: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     WITH_POSITIVENESS: tl.constexpr, THRESHOLD: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DW: tl.constexpr,
+    GATHER_STAGES: tl.constexpr,
 ):
     # Each phase selects first and then gathers what it selected in one batch, so a query
     # row waits for three gathers, not for 3K dependent ones.
@@ -354,19 +360,30 @@ def _knn_topk_merge_kernel(
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
-    c = tl.arange(0, C_PAD)
+    sp = tl.arange(0, SPLITS_PAD)
     slots = tl.arange(0, K_PAD)
     j = tl.arange(0, S)
     r_offs = tl.arange(0, SUB)
     d_offs = tl.arange(0, BLOCK_D)
     dw_offs = tl.arange(0, BLOCK_DW)
     live_slot = row_ok[:, None] & (slots[None, :] < K)
-    cands = tl.load(cand_ptr + rows64[:, None] * stride_cb + c[None, :],
-                    mask=row_ok[:, None] & (c[None, :] < num_candidates), other=_LOWEST)
-
-    # Phase 1: the K best groups; their S subgroup maxima become subgroup keys (a group
-    # and a subgroup are named by their first row, so key order is row order).
-    groups = _knn_topk_select(cands, K, K_PAD)
+    # Phase 1: the K best groups, walking the splits' sorted lists from their heads (one
+    # load per round, of the winning split's next key); their S subgroup maxima become
+    # subgroup keys (a group and a subgroup are named by their first row, so key order is
+    # row order).
+    split_ok = row_ok[:, None] & (sp[None, :] < num_splits)
+    list_ptr = cand_ptr + rows64[:, None] * stride_cb + sp[None, :] * stride_cs
+    heads = tl.load(list_ptr, mask=split_ok, other=_LOWEST)
+    walked = tl.zeros((BLOCK_B, SPLITS_PAD), dtype=tl.int32)
+    groups = tl.full((BLOCK_B, K_PAD), _LOWEST, dtype=tl.int64)
+    for t in range(0, K):
+        win = tl.max(heads, axis=1)
+        is_win = heads == win[:, None]  # keys are unique: one split per row
+        walked += is_win.to(tl.int32)
+        following = tl.load(list_ptr + walked, mask=is_win & split_ok & (walked < K),
+                            other=_LOWEST)
+        heads = tl.where(is_win, following, heads)
+        groups = tl.where(slots[None, :] == t, win[:, None], groups)
     named = _knn_unpack_col(groups)
     live = live_slot & (named < _EMPTY_COL)  # an empty slot names no group
     # The split names a group by its first row plus the list slot it ended in (< BLOCK_N):
@@ -387,14 +404,17 @@ def _knn_topk_merge_kernel(
     row_live = live[:, :, None] & (row < N)
     row_ptr = bank_ptr + row.to(tl.int64)[:, :, :, None] * stride_bn
     q_row_ptr = q_ptr + rows64[:, None, None, None] * stride_qb
-    score = tl.zeros((BLOCK_B, K_PAD, SUB), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    # Products accumulate element-wise and are summed once after the loop: a sum per
+    # trip would cost a cross-lane reduction per trip.
+    products = tl.zeros((BLOCK_B, K_PAD, SUB, BLOCK_D), dtype=tl.float32)
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=GATHER_STAGES):
         d = (d0 + d_offs)[None, None, None, :]
         r = tl.load(row_ptr + d * stride_bd, mask=row_live[:, :, :, None] & (d < D),
                     other=0.0).to(tl.float32)
         qd = tl.load(q_row_ptr + d * stride_qd, mask=row_ok[:, None, None, None] & (d < D),
                      other=0.0).to(tl.float32)
-        score += tl.sum(qd * r, axis=3)
+        products += qd * r
+    score = tl.sum(products, axis=3)
     if HAS_EXCLUDE:
         for e in range(0, E):
             excluded = tl.load(exclude_ptr + rows64 * stride_eb + e * stride_ee, mask=row_ok,
@@ -427,21 +447,24 @@ def _knn_topk_merge_kernel(
 
     # Phase 4: the K winning rows in one gather: their values, and their attention.
     win_ptr = bank_ptr + col[:, :, None] * stride_bn
-    value = tl.zeros((BLOCK_B, K_PAD), dtype=tl.float32)
-    on_dot = tl.zeros((BLOCK_B, K_PAD), dtype=tl.float32)
-    sq_norm = tl.zeros((BLOCK_B, K_PAD), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_DW):
+    value = tl.zeros((BLOCK_B, K_PAD, BLOCK_DW), dtype=tl.float32)
+    on_dot = tl.zeros((BLOCK_B, K_PAD, BLOCK_DW), dtype=tl.float32)
+    sq_norm = tl.zeros((BLOCK_B, K_PAD, BLOCK_DW), dtype=tl.float32)
+    for d0 in tl.range(0, D, BLOCK_DW, num_stages=GATHER_STAGES):
         d = (d0 + dw_offs)[None, None, :]
         r = tl.load(win_ptr + d * stride_bd, mask=live_slot[:, :, None] & (d < D),
                     other=0.0).to(tl.float32)
         qd = tl.load(q_ptr + rows64[:, None, None] * stride_qb + d * stride_qd,
                      mask=row_ok[:, None, None] & (d < D), other=0.0).to(tl.float32)
-        value += tl.sum(qd * r, axis=2)
+        value += qd * r
         if WITH_POSITIVENESS:
             o = tl.load(online_ptr + rows64[:, None, None] * stride_ob + d * stride_od,
                         mask=row_ok[:, None, None] & (d < D), other=0.0).to(tl.float32)
-            on_dot += tl.sum(o * r, axis=2)
-            sq_norm += tl.sum(r * r, axis=2)
+            on_dot += o * r
+            sq_norm += r * r
+    value = tl.sum(value, axis=2)
+    on_dot = tl.sum(on_dot, axis=2)
+    sq_norm = tl.sum(sq_norm, axis=2)
     # NaN scores and excluded rows rank as -inf; report them as -inf.
     value = tl.where(eligible, value, float("-inf"))
     tl.store(val_ptr + rows64[:, None] * stride_vb + slots[None, :], value, mask=live_slot)
@@ -576,22 +599,26 @@ def knn_topk_split(
     return keys, sub_maxima
 
 
-def merge_blocks(num_candidates: int, k: int, subgroups: int, sub_rows: int,
-                 dim: int) -> tuple[int, int, int]:
-    """``(BLOCK_B, BLOCK_D, BLOCK_DW)`` of the merge.
+class MergeBlocks(NamedTuple):
+    """Launch shape of the merge: query rows and warps per program, gather widths."""
 
-    Few query rows per program, so that many programs share an SM and hide each other's
-    gather latency; a row's group, subgroup and element keys stay in registers. The refine
-    gathers K * SUB rows BLOCK_D columns at a time, the winners' gather K rows BLOCK_DW
-    columns at a time (at most 8192 elements a gather, registers permitting).
-    """
+    block_b: int
+    block_d: int
+    block_dw: int
+    num_warps: int
+
+
+def merge_blocks(k: int, subgroups: int, sub_rows: int, dim: int) -> MergeBlocks:
+    """One query row per single-warp program: every reduction stays inside a warp (no
+    barriers), and many programs share an SM to hide each other's latency. The refine
+    gathers the K * SUB rows BLOCK_D columns at a time, the winners' gather K rows BLOCK_DW
+    columns at a time: 2048 and 1024 elements a gather, so that the element-wise
+    accumulators fit in registers (64 and 3 x 32 a thread)."""
     k_pad = triton.next_power_of_2(k)
-    per_row = max(triton.next_power_of_2(num_candidates), k_pad * subgroups, k_pad * sub_rows)
-    block_b = max(1, min(16, 1024 // per_row, 256 // (k_pad * sub_rows)))
     width = triton.next_power_of_2(dim)
-    block_d = min(width, max(16, 8192 // (block_b * k_pad * sub_rows)))
-    block_dw = min(width, max(32, 8192 // (block_b * k_pad)))
-    return block_b, block_d, block_dw
+    block_d = min(width, max(8, 2048 // (k_pad * sub_rows)))
+    block_dw = min(width, max(8, 1024 // k_pad))
+    return MergeBlocks(1, block_d, block_dw, 1)
 
 
 def knn_topk_merge(
@@ -617,10 +644,9 @@ def knn_topk_merge(
     num_queries, dim = query.shape
     num_rows = bank.shape[0]
     k_pad = triton.next_power_of_2(k)
-    num_candidates = keys.shape[1] * keys.shape[2]
+    num_splits = keys.shape[1]
     subgroups = sub_maxima.shape[3]
-    c_pad = triton.next_power_of_2(num_candidates)
-    block_b, block_d, block_dw = merge_blocks(num_candidates, k, subgroups, sub_rows, dim)
+    blocks = merge_blocks(k, subgroups, sub_rows, dim)
     indices = torch.empty((num_queries, k), dtype=torch.int64, device=query.device)
     values = torch.empty((num_queries, k), dtype=values_dtype, device=query.device)
     with_pos = online is not None
@@ -633,22 +659,23 @@ def knn_topk_merge(
     has_exclude = exclude is not None
     ex = exclude if has_exclude else indices  # never read when HAS_EXCLUDE is False
     num_excluded = ex.shape[1] if has_exclude else 0
-    grid = (triton.cdiv(num_queries, block_b),)
+    grid = (triton.cdiv(num_queries, blocks.block_b),)
     _knn_topk_merge_kernel[grid](
         cand_ptr=keys, sub_ptr=sub_maxima, q_ptr=query, bank_ptr=bank, online_ptr=on,
         exclude_ptr=ex, idx_ptr=indices, val_ptr=values, pos_ptr=pos,
-        B=num_queries, N=num_rows, D=dim, E=num_excluded, num_candidates=num_candidates,
-        rows_per_split=_rows_per_split(num_rows, keys.shape[1], subgroups * sub_rows),
+        B=num_queries, N=num_rows, D=dim, E=num_excluded, num_splits=num_splits,
+        rows_per_split=_rows_per_split(num_rows, num_splits, subgroups * sub_rows),
         inv_temperature=1.0 / temperature, threshold_value=1.0 / k,
-        stride_cb=keys.stride(0), stride_sb=sub_maxima.stride(0),
+        stride_cb=keys.stride(0), stride_cs=keys.stride(1), stride_sb=sub_maxima.stride(0),
         stride_qb=query.stride(0), stride_qd=query.stride(1),
         stride_bn=bank.stride(0), stride_bd=bank.stride(1),
         stride_ob=on.stride(0), stride_od=on.stride(1),
         stride_eb=ex.stride(0), stride_ee=ex.stride(1),
         stride_ib=indices.stride(0), stride_vb=values.stride(0), stride_pb=pos.stride(0),
-        K=k, K_PAD=k_pad, C_PAD=c_pad, S=subgroups, SUB=sub_rows, HAS_EXCLUDE=has_exclude,
+        K=k, K_PAD=k_pad, SPLITS_PAD=triton.next_power_of_2(num_splits), S=subgroups, SUB=sub_rows, HAS_EXCLUDE=has_exclude,
         WITH_POSITIVENESS=with_pos, THRESHOLD=bool(threshold),
-        BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_DW=block_dw,
+        BLOCK_B=blocks.block_b, BLOCK_D=blocks.block_d, BLOCK_DW=blocks.block_dw,
+        GATHER_STAGES=1 if interpreted() else 3, num_warps=blocks.num_warps,
     )
     return indices, values, positiveness
 
