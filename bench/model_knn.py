@@ -93,7 +93,7 @@ def merge_time(B, D, K, plan, splits):
     """Seconds of the merge: its K-round loops simulated per trip, CTAs over the SMs."""
     k_pad = triton.next_power_of_2(K)
     subgroups = plan.group_rows // plan.sub_rows
-    block_b, block_d, block_dw, warps = kk.merge_blocks(K, subgroups, plan.sub_rows, D)
+    block_b, block_d, block_dw, warps = kk.merge_blocks(B, K, subgroups, plan.sub_rows, D)
     consts = dict(K=K, K_PAD=k_pad, SPLITS_PAD=triton.next_power_of_2(splits), S=subgroups,
                   SUB=plan.sub_rows, HAS_EXCLUDE=False, WITH_POSITIVENESS=True,
                   THRESHOLD=False, BLOCK_B=block_b, BLOCK_D=block_d,

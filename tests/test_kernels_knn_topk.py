@@ -218,6 +218,115 @@ def test_top_k_all_in_one_tile():
         assert_topk_consistent(query, bank, 16, values, indices)
 
 
+# Both plans of search_plan: (group rows, subgroup rows).
+PLANS = [(64, 8), (64, 16), (128, 16)]
+
+
+@pytest.mark.parametrize("group_rows,sub_rows", PLANS, ids=["G64-S8", "G64-S16", "G128-S16"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_ties_across_group_and_subgroup_boundaries(group_rows, sub_rows, num_splits):
+    # Exact integer scores; every bank row appears twice, one copy on each side of a group
+    # or subgroup boundary, so equal maxima of neighbouring groups decide the cut.
+    query = torch.randint(-2, 3, (9, 16)).float()
+    base = torch.randint(-2, 3, (90, 16)).float()
+    bank = torch.zeros(420, 16)
+    sides = torch.arange(90) * 4 + 2  # rows 2, 6, 10, ...: near every multiple of 8
+    bank[sides] = base
+    bank[sides + 1] = base  # the copy: same score, next row, often the next subgroup
+    bank[::7] = base[:60]  # more ties, spread over groups and splits
+    for k in (1, 5, 16):
+        ref_values, ref_indices = reference.knn_topk(query, bank, k)
+        values, indices = _split_and_merge(query, bank, k, group_rows=group_rows,
+                                           sub_rows=sub_rows, num_splits=num_splits)
+        assert torch.equal(indices, ref_indices), k
+        assert torch.equal(values, ref_values)
+
+
+@pytest.mark.parametrize("group_rows,sub_rows", PLANS, ids=["G64-S8", "G64-S16", "G128-S16"])
+def test_ties_at_the_cut_between_groups(group_rows, sub_rows):
+    # Every group's maximum is the same value (1), at a different place in each group, and
+    # K is smaller than the number of groups: the K-th group maximum (tau) is tied across
+    # all groups, and only the smallest indices may win.
+    query = torch.ones(3, 8)
+    bank = -torch.rand(640, 8)  # scores < 0
+    for g in range(0, 640, group_rows):
+        bank[g + (g * 7) % group_rows] = 1.0 / 8
+    k = 4
+    ref_values, ref_indices = reference.knn_topk(query, bank, k)
+    values, indices = _split_and_merge(query, bank, k, group_rows=group_rows, sub_rows=sub_rows,
+                                       num_splits=2)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(values, ref_values, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("k", [8, 16])
+def test_top_k_all_in_one_subgroup(k):
+    # The K best rows of a query fill one subgroup (8 or 16 rows) of one group: the merge
+    # must refine that one subgroup for all K.
+    query = F.normalize(torch.randn(5, 32), dim=1)
+    bank = torch.randn(700, 32) * 0.01
+    bank[336:336 + k] = query[:1] * torch.linspace(2, 1, k)[:, None]
+    values, indices = _split_and_merge(query, bank, k, group_rows=64, sub_rows=k, num_splits=2)
+    assert torch.equal(indices[0], torch.arange(336, 336 + k))
+    assert_topk_consistent(query, bank, k, values, indices)
+
+
+@pytest.mark.parametrize("rows", [1, 37, 64, 65, 191])
+def test_banks_shorter_than_or_not_a_multiple_of_a_group(rows):
+    # N < G, N == G, and a last group cut short by the bank's end.
+    query, bank = torch.randn(7, 16), torch.randn(rows, 16)
+    k = min(rows, 6)
+    for group_rows, sub_rows in PLANS:
+        values, indices = _split_and_merge(query, bank, k, group_rows=group_rows,
+                                           sub_rows=sub_rows)
+        assert_topk_consistent(query, bank, k, values, indices)
+
+
+def test_exclusions_at_the_cut_with_subgroups():
+    # Excluding each query's K-th best row and a row tied with it, with 8-row subgroups
+    # and groups of 128: the next rows move up, in order.
+    query = torch.randint(-2, 3, (6, 32)).float()
+    bank = torch.randint(-2, 3, (900, 32)).float()
+    _, order = reference.knn_topk(query, bank, 12)
+    exclude = torch.cat([order[:, 5:7], torch.full((6, 1), -1)], dim=1)
+    ref_values, ref_indices = reference.knn_topk(query, bank, 6, exclude=exclude)
+    values, indices = _split_and_merge(query, bank, 6, group_rows=128, sub_rows=8,
+                                       exclude=exclude, num_splits=3)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(values, ref_values, atol=ATOL, rtol=RTOL)
+
+
+# (query dtype, bank dtype): the bank's dtype is the search precision (the interpreter
+# casts 16-bit tiles to fp32 before the dot, so the 16-bit paths run here too).
+MIXED = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+         (torch.float32, torch.float16), (torch.bfloat16, torch.float32)]
+
+
+@pytest.mark.parametrize("query_dtype,bank_dtype", MIXED,
+                         ids=["bf16", "fp16", "fp32-fp16", "bf16-fp32"])
+def test_16_bit_and_mixed_dtypes(query_dtype, bank_dtype):
+    query = torch.randn(9, 64).to(query_dtype)
+    bank = F.normalize(torch.randn(400, 64), dim=1).to(bank_dtype)
+    values, indices = ops.knn_topk(query, bank, 8, backend="triton")
+    out_dtype = torch.promote_types(query_dtype, bank_dtype)
+    assert values.dtype == out_dtype
+    # The returned values are the rows' exact scores (fp32 from the stored inputs) ...
+    rescored = torch.einsum("bd,bkd->bk", query.double(), bank.double()[indices])
+    atol, rtol = TOLERANCES[out_dtype]
+    torch.testing.assert_close(values.double(), rescored, atol=atol, rtol=rtol)
+    # ... and, ranked in the search precision, within its rounding of the reference's.
+    ref_values, _ = reference.knn_topk(query, bank, 8)
+    torch.testing.assert_close(values.float(), ref_values.float(), atol=2e-2, rtol=0)
+    assert all(len(set(row)) == 8 for row in indices.tolist())
+
+
+def test_large_batch_merge_blocks():
+    # Past the small-batch bound the merge runs other blocks (one warp a row on a GPU).
+    query, bank = torch.randn(kernels._SMALL_BATCH + 3, 16), torch.randn(150, 16)
+    values, indices = ops.knn_topk(query, bank, 4, backend="triton")
+    assert_topk_consistent(query, bank, 4, values, indices)
+
+
 def test_fp32_queries_against_a_bf16_bank():
     # The search runs in the bank's precision; values and positiveness come out in fp32
     # from the fp32 key and online rows, recomputed from the gathered bf16 rows.
@@ -376,19 +485,20 @@ def test_low_precision_and_large_bank_on_gpu(shape, dtype, atol, rtol):
 
 @requires_cuda
 @pytest.mark.parametrize("k", [1, 16, 64])
-def test_every_split_config_compiles_and_runs(k):
+@pytest.mark.parametrize("group_rows,sub_rows", [(64, 8), (128, 16)])
+def test_every_split_config_compiles_and_runs(k, group_rows, sub_rows):
     configs, _ = kernels.split_configs()
     query = torch.randn(129, 128, device="cuda")
     bank = torch.randn(1000, 128, device="cuda")
     ref_values, _ = reference.knn_topk(query, bank, k)
     for config in configs:
         meta = config.kwargs
-        candidates = kernels.knn_topk_split(
-            query, bank, k, num_splits=3, block_b=meta["BLOCK_B"], block_n=meta["BLOCK_N"],
-            num_warps=config.num_warps,
+        keys, sub_maxima = kernels.knn_topk_split(
+            query, bank, k, group_rows=group_rows, sub_rows=sub_rows, num_splits=3,
+            block_b=meta["BLOCK_B"], num_warps=config.num_warps,
         )
         _, values, _ = kernels.knn_topk_merge(
-            candidates, query, bank, k, values_dtype=torch.float32
+            keys, sub_maxima, query, bank, k, sub_rows=sub_rows, values_dtype=torch.float32
         )
         torch.testing.assert_close(values, ref_values, atol=2e-2, rtol=2e-2, msg=str(config))
 
@@ -397,23 +507,30 @@ def test_every_split_config_compiles_and_runs(k):
 _SM90_BODY = r'''
 from snclr.kernels import knn_topk as kk
 
-split = dict(exclude_ptr="*i64", cand_ptr="*i64")
-# (K, dtype, D, BLOCK_D, exclude, cast, precision): one-pass and D-chunked widths.
-for k, dtype, dim, block_d, exclude, cast, precision in [
-        (1, "bf16", 256, 256, False, False, "tf32"),
-        (16, "bf16", 96, 128, True, False, "tf32"),
-        (8, "fp32", 128, 128, True, False, "ieee"),
-        (5, "fp64", 320, 64, True, True, "tf32")]:
+split = dict(exclude_ptr="*i64", cand_ptr="*i64", sub_ptr="*fp32")
+# (K, dtype, D, BLOCK_D, exclude, cast, precision, BLOCK_N, SUB): one-pass and D-chunked
+# widths, both plans of search_plan.
+for k, dtype, dim, block_d, exclude, cast, precision, block_n, sub in [
+        (1, "bf16", 256, 256, False, False, "tf32", 128, 16),
+        (16, "bf16", 96, 128, True, False, "tf32", 64, 8),
+        (64, "bf16", 256, 256, False, False, "tf32", 128, 16),
+        (8, "fp32", 128, 128, True, False, "ieee", 64, 16),
+        (5, "fp64", 320, 64, True, True, "tf32", 128, 8)]:
     build(kk._knn_topk_split_kernel, dict(split, q_ptr="*" + dtype, bank_ptr="*" + dtype),
-          dict(K=k, K_PAD=triton.next_power_of_2(k), HAS_EXCLUDE=exclude, E_PAD=4, D=dim,
-               CAST_FP32=cast, INPUT_PRECISION=precision, BLOCK_B=64, BLOCK_N=64,
-               BLOCK_D=block_d))
-merge = dict(cand_ptr="*i64", q_ptr="*bf16", bank_ptr="*bf16", idx_ptr="*i64",
-             val_ptr="*bf16", inv_temperature="fp32", threshold_value="fp32")
-for k, positiveness, threshold in [(1, False, False), (16, True, True)]:
+          dict(K=k, K_PAD=max(8, triton.next_power_of_2(k)), HAS_EXCLUDE=exclude, E_PAD=4,
+               D=dim, CAST_FP32=cast, INPUT_PRECISION=precision, BLOCK_B=64, BLOCK_N=block_n,
+               BLOCK_D=block_d, SUB=sub))
+merge = dict(cand_ptr="*i64", sub_ptr="*fp32", q_ptr="*bf16", bank_ptr="*bf16",
+             idx_ptr="*i64", val_ptr="*bf16", inv_temperature="fp32", threshold_value="fp32")
+for k, positiveness, threshold, exclude, batch, sub in [
+        (1, False, False, False, 4096, 16), (16, True, True, True, 64, 8),
+        (64, True, False, False, 4096, 16), (30, True, False, True, 128, 8)]:
+    blocks = kk.merge_blocks(batch, k, 128 // sub, sub, 256)
     build(kk._knn_topk_merge_kernel, merge,
-          dict(K=k, K_PAD=k, C_PAD=2048, WITH_POSITIVENESS=positiveness, THRESHOLD=threshold,
-               BLOCK_B=2, BLOCK_D=128))
+          dict(K=k, K_PAD=triton.next_power_of_2(k), SPLITS_PAD=64, S=128 // sub, SUB=sub,
+               HAS_EXCLUDE=exclude, WITH_POSITIVENESS=positiveness, THRESHOLD=threshold,
+               BLOCK_B=blocks.block_b, BLOCK_D=blocks.block_d, BLOCK_DW=blocks.block_dw,
+               GATHER_STAGES=3), num_warps=blocks.num_warps)
 print("compiled")
 '''
 
@@ -428,14 +545,18 @@ _SM90_CONFIGS_BODY = r'''
 from snclr.kernels import knn_topk as kk
 
 configs, prune = kk.split_configs()
-types = dict(q_ptr="*bf16", bank_ptr="*bf16", exclude_ptr="*i64", cand_ptr="*i64")
+types = dict(q_ptr="*bf16", bank_ptr="*bf16", exclude_ptr="*i64", cand_ptr="*i64",
+             sub_ptr="*fp32")
 for k in (1, 64):
-    for c in prune(configs, dict(K_PAD=k)):
-        kernel = build(kk._knn_topk_split_kernel, types,
-                       dict(K=k, K_PAD=k, HAS_EXCLUDE=False, E_PAD=1, D=256, CAST_FP32=False,
-                            INPUT_PRECISION="tf32", BLOCK_D=256, **c.kwargs),
-                       num_warps=c.num_warps, num_stages=c.num_stages)
-        assert local_memory_ops(kernel) == 0, (k, c)
+    for block_n, sub in ((64, 8), (128, 16)):
+        k_pad = max(8, k)
+        for c in prune(configs, dict(K_PAD=k_pad, BLOCK_N=block_n)):
+            kernel = build(kk._knn_topk_split_kernel, types,
+                           dict(K=k, K_PAD=k_pad, HAS_EXCLUDE=False, E_PAD=1, D=256,
+                                CAST_FP32=False, INPUT_PRECISION="tf32", BLOCK_D=256,
+                                BLOCK_N=block_n, SUB=sub, **c.kwargs),
+                           num_warps=c.num_warps, num_stages=c.num_stages)
+            assert local_memory_ops(kernel) == 0, (k, block_n, c)
 print("compiled")
 '''
 

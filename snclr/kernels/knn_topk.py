@@ -94,8 +94,10 @@ _CHUNK_D = 64
 _REGISTER_BUDGET = 128
 # F.normalize's eps, for the positiveness of the winners.
 _EPS = tl.constexpr(NORM_EPS)
-# Cap on SPLITS * K_PAD so the merge holds all candidates of a query row in registers.
+# Cap on SPLITS * K_PAD: the group keys and subgroup maxima the split writes per query row.
 _MAX_CANDIDATES = 2048
+# Batches up to this many query rows are latency-bound (see search_plan, merge_blocks).
+_SMALL_BATCH = 512
 
 
 def split_configs() -> tuple[list[triton.Config], callable]:
@@ -517,12 +519,16 @@ class SearchPlan(NamedTuple):
 def search_plan(num_queries: int, num_rows: int, dim: int, k: int) -> SearchPlan:
     """The group (one tile, BLOCK_N rows) and subgroup sizes for a search.
 
-    Larger groups cost the split less per score (one compare-and-replace per tile); smaller
-    subgroups cost the merge less (it refines K * SUB rows per query row). Modelled in
+    Larger groups cost the split less per score (one compare-and-replace per tile);
+    smaller subgroups cost the merge less (it refines K * SUB rows per query row). Small
+    batches (at most _SMALL_BATCH rows) are latency-bound: shorter tiles let two split
+    programs share an SM, and 8-row subgroups halve the merge's refine. Modelled in
     bench/RESULTS.md (``bench/model_knn.py``).
     """
     if interpreted():
         return SearchPlan(64, 16)
+    if num_queries <= _SMALL_BATCH:
+        return SearchPlan(64, 8)
     return SearchPlan(128, 16)
 
 
@@ -608,17 +614,21 @@ class MergeBlocks(NamedTuple):
     num_warps: int
 
 
-def merge_blocks(k: int, subgroups: int, sub_rows: int, dim: int) -> MergeBlocks:
-    """One query row per single-warp program: every reduction stays inside a warp (no
-    barriers), and many programs share an SM to hide each other's latency. The refine
-    gathers the K * SUB rows BLOCK_D columns at a time, the winners' gather K rows BLOCK_DW
-    columns at a time: 2048 and 1024 elements a gather, so that the element-wise
-    accumulators fit in registers (64 and 3 x 32 a thread)."""
+def merge_blocks(num_queries: int, k: int, subgroups: int, sub_rows: int,
+                 dim: int) -> MergeBlocks:
+    """One query row per program. A large batch takes single-warp programs: every
+    reduction stays inside a warp (no barriers) and many programs share an SM to hide each
+    other's latency. A small batch (at most _SMALL_BATCH rows, one or two per SM) takes four
+    warps a row, for four times the gather bandwidth. The refine gathers the K * SUB rows
+    BLOCK_D columns at a time, the winners' gather K rows BLOCK_DW columns at a time: 2048
+    and 1024 elements per warp and gather, so that the element-wise accumulators fit in
+    registers (64 and 3 x 32 a thread)."""
+    num_warps = 4 if num_queries <= _SMALL_BATCH else 1
     k_pad = triton.next_power_of_2(k)
     width = triton.next_power_of_2(dim)
-    block_d = min(width, max(8, 2048 // (k_pad * sub_rows)))
-    block_dw = min(width, max(8, 1024 // k_pad))
-    return MergeBlocks(1, block_d, block_dw, 1)
+    block_d = min(width, max(8, 2048 * num_warps // (k_pad * sub_rows)))
+    block_dw = min(width, max(8, 1024 * num_warps // k_pad))
+    return MergeBlocks(1, block_d, block_dw, num_warps)
 
 
 def knn_topk_merge(
@@ -646,7 +656,7 @@ def knn_topk_merge(
     k_pad = triton.next_power_of_2(k)
     num_splits = keys.shape[1]
     subgroups = sub_maxima.shape[3]
-    blocks = merge_blocks(k, subgroups, sub_rows, dim)
+    blocks = merge_blocks(num_queries, k, subgroups, sub_rows, dim)
     indices = torch.empty((num_queries, k), dtype=torch.int64, device=query.device)
     values = torch.empty((num_queries, k), dtype=values_dtype, device=query.device)
     with_pos = online is not None
