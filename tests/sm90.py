@@ -38,15 +38,26 @@ def build(fn, dtypes, constexprs, num_warps=4, num_stages=3):
                           target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
-def local_memory_ops(kernel):
-    # Spills show as local loads and stores (LDL / STL) in the SASS.
+def local_memory_ops(kernel, *, loops_only=False):
+    # Spills show as local loads and stores (LDL / STL) in the SASS. With loops_only, only
+    # those inside a loop count (from a label to the branch back to it): a spill in the
+    # prologue or epilogue costs a few instructions once.
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
         sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True,
                               check=True).stdout
-    return len(re.findall(r"\b(LDL|STL)\b", sass))
+    lines = sass.splitlines()
+    local = [i for i, line in enumerate(lines) if re.search(r"\b(LDL|STL)\b", line)]
+    if not loops_only:
+        return len(local)
+    labels = {m.group(1): i for i, line in enumerate(lines)
+              if (m := re.match(r"\s*(\.L_x_\d+):", line))}
+    spans = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line))
+             and labels.get(m.group(1), i + 1) < i]
+    return sum(1 for i in local if any(lo <= i <= hi for lo, hi in spans))
 '''
 
 

@@ -8,53 +8,63 @@ Formula (DESIGN section 2, steps 1-2)::
     positiveness  = softmax_t(<on_b, n(bank[indices[b, t]])> / tau)   (on_b unit-norm)
                     optionally * [w > 1/K], not renormalised
 
-Algorithm (two kernels; bank rows are cut into aligned groups of G = GROUP rows)::
+Algorithm (two kernels). The bank is cut into groups of G = BLOCK_N rows (one tile) and
+subgroups of SUB rows (S = G / SUB per group), aligned to the bank's start::
 
     split kernel, grid (cdiv(B, BLOCK_B), SPLITS), query blocks vary fastest so the
     programs sharing a bank chunk run together and the bank is read from HBM ~once:
         Q = the (BLOCK_B, D) query block, loaded once         # D <= 256 (16-bit), else chunked
         top = K empty slots per row                           # (BLOCK_B, K_PAD) int64 keys
-        for each full BLOCK_N tile of this split (pipelined: no data-dependent loop inside):
+        for each full tile of this split (software-pipelined: no data-dependent loop;
+                the next tile's dot is issued before the previous tile's selection):
             s    = Q @ bank_tile^T                            # fp32 accumulation
-            gmax = max over each group of G columns of s      # NaN and excluded rows ignored
-            for each of the BLOCK_N / G groups (unrolled):    # a fixed cost per group
-                key = pack(gmax, group); if key > min(top): replace the row's minimum
+            smax = max over each subgroup of s                # NaN and excluded rows ignored
+            key  = pack(max(smax), first row of the group)
+            if key > min(top): replace the row's minimum,     # a fixed cost per tile
+                store smax at that slot                       # B x SPLITS x K x S floats
         the split's last, partial tile: the same, with masked loads and columns
-        candidates[b, split, :] = top                         # K group keys per split
-    merge kernel, grid (cdiv(B, BLOCK_B),):
-        K rounds of tl.max over the SPLITS*K group keys -> the K best groups
-        recompute the G scores of each in fp32 from the bank rows (K*G per row)
-        K rounds of tl.max over those K*G element keys -> sorted winners
+        keys[b, split, :] = top, sorted                       # K group keys per split
+    merge kernel, grid (B,), one query row per program:
+        walk the splits' sorted lists from their heads, K rounds -> the K best groups
+        their K*S subgroup maxima, K rounds of tl.max       -> the K best subgroups
+        one gather of their K*SUB rows: exact fp32 scores; K rounds -> sorted winners
         slots left empty (fewer than K eligible rows) take the smallest other rows
-        gather each winning row once: attention = <on, row>/|row|; softmax over K (+ threshold)
+        one gather of the K winning rows: values, attention = <on, row>/|row|;
+        softmax over K (+ threshold)
 
-Why the K best groups hold every winner. Order elements by (score desc, index asc), NaN
-and excluded rows ineligible, and groups by (max desc, group asc), a group's max taken
-over its eligible elements. Let w be one of the K winners and g its group, with max
-m_g >= s_w. If g were not among the K best groups, K other groups would rank above it;
-the best element e of each (its max, at its smallest index) has s_e >= m_g >= s_w, and
-where s_e == s_w the group ranks above g only by a smaller group index, so e has a
-smaller index than w: these K distinct elements rank above w, and w is no winner. Ties at
-the cut (tau, the K-th group max) are thus resolved by the group index, exactly as the
-stable sort resolves them by the row index. A group whose rows are all ineligible has
-max -inf and never outranks one holding a winner; whatever it holds is ineligible and the
-merge fills empty slots by the contract. The groups are ranked with the split's scores
-(the search precision: tensor-core bf16 or tf32); the winners and their order among the
-K*G refined rows with the merge's fp32 scores.
+Why the K best subgroups of the K best groups hold every winner. Order elements by (score
+desc, index asc), NaN and excluded rows ineligible, and any partition of the bank into
+contiguous pieces by (max desc, first row asc), a piece's max taken over its eligible
+elements. Let w be one of the K winners and p its piece, with max m_p >= s_w. If p were
+not among the K best pieces, K other pieces would rank above it; the best element e of
+each (its max, at its smallest index) has s_e >= m_p >= s_w, and where s_e == s_w that
+piece ranks above p only by starting earlier, so e has a smaller index than w: K distinct
+elements would rank above w, and w would be no winner. So the K best subgroups hold every
+winner. Each of them lies in one of the K best groups: were its group g not among them, K
+groups would rank above g, and the best subgroup of each (holding its max, the first such)
+would rank above it by the same argument. Ties at the cut (tau, the K-th group or subgroup
+max) are thus resolved by position, exactly as the stable sort resolves them by the row
+index. A piece whose rows are all ineligible has max -inf and never outranks one holding
+a winner; whatever it holds is ineligible, and the merge fills empty slots by the
+contract. Groups and subgroups are ranked with the split's scores (the search precision:
+tensor-core bf16 or tf32); the winners and their order among the K*SUB refined rows with
+the merge's fp32 scores.
 
 Packed key: the fp32 score maps monotonically to a signed int32 ``h`` (sign-magnitude to
 two's complement; NaN -> the key of -inf) and ``key = (h + 1) * 2**32 - c - 1`` for a
-column (row or group index) c, so int64 order is score order and, within equal scores, the
-smaller index is larger. Keys are unique per row, so ``==`` against a maximum picks
-exactly one element. An empty slot holds the key of -inf at a column past 2**31.
+column (a row; a group's first row plus its list slot) c, so int64 order is score order
+and, within equal scores, the smaller column is larger. Keys are unique per row, so ``==``
+against a maximum picks exactly one element. An empty slot holds the key of -inf at a
+column past 2**31.
 
-Cost: flops 2*B*N*D (split) + 2*B*K*G*D (merge). Bytes: bank read cdiv(B, BLOCK_B) times
-from L2 but ~once from HBM, query B*D per split, written B*SPLITS*K*8 group keys; the merge
-reads B*K*G bank rows (the refine) and B*K rows (positiveness) and writes B*K*(8 + 4 [+ 4]).
-Extra memory O(B*K*SPLITS), never B x N. Per score the split pays one fp32 max (the group
-max) and, per group, one compare-and-replace over the K_PAD slots: about 9*K_PAD/G integer
-instructions per score, so G trades split bookkeeping against the merge's K*G refine
-(``group_size_for``).
+Cost: flops 2*B*N*D (split) + 2*B*K*(SUB+1)*D (merge). Bytes: the bank read cdiv(B,
+BLOCK_B) times from L2 but ~once from HBM, the query B*D per split; written B*SPLITS*K*(8 +
+4*S); the merge reads B*K*SUB bank rows (the refine) and B*K rows (the winners) and writes
+B*K*(8 + 4 [+ 4]). Extra memory O(B*SPLITS*K*S), never B x N. Per score the split pays
+the subgroup max (one fp32 max) and, per tile, one compare-and-replace over each row's K
+slots, spread over the four threads that hold the row: G trades split bookkeeping
+against the size of the groups, SUB the merge's refine against the subgroup maxima
+(``search_plan``).
 
 Interpreter limits respected: bf16/fp16 tiles are cast to fp32 before ``tl.dot`` (bf16 dot
 is wrong there); no ``tl.sort``/``tl.topk`` (element-wise slow there), only ``tl.max``
@@ -90,8 +100,8 @@ _SPLIT_ALIGN = 256
 # block loaded once and one dot per tile; wider ones in _CHUNK_D slices.
 _MAX_ONE_PASS_BYTES = 512
 _CHUNK_D = 64
-# 32-bit registers per thread for the score tile and the running list (sm_90: 255 in all).
-_REGISTER_BUDGET = 128
+# 32-bit registers per thread for the score tiles and the running list (sm_90: 255 in all).
+_REGISTER_BUDGET = 160
 # F.normalize's eps, for the positiveness of the winners.
 _EPS = tl.constexpr(NORM_EPS)
 # Cap on SPLITS * K_PAD: the group keys and subgroup maxima the split writes per query row.
@@ -101,12 +111,13 @@ _SMALL_BATCH = 512
 
 
 def split_configs() -> tuple[list[triton.Config], callable]:
-    """Autotune list for the split kernel and its prune predicate (key: B, N, D, K_PAD, G).
+    """Autotune list for the split kernel and its prune predicate (key: B, N, D, K_PAD,
+    BLOCK_N, SUB).
 
-    BLOCK_D is not tuned: it is the padded width D (one dot per tile, the query block
-    loaded once) while a row of it fits in _MAX_ONE_PASS_BYTES, else _CHUNK_D. The tile
-    loop holds no data-dependent loop, so Triton software-pipelines its loads: three
-    stages of (BLOCK_N, D) 16-bit tiles fit shared memory for every config.
+    BLOCK_N (the group) and SUB come from ``search_plan``; BLOCK_D is not tuned: it is the
+    padded width D (one dot per tile, the query block loaded once) while a row of it fits
+    in _MAX_ONE_PASS_BYTES, else _CHUNK_D. The tile loop holds no data-dependent loop, so
+    Triton software-pipelines its loads; the prune keeps the stages that fit shared memory.
     """
     if interpreted():
         return [triton.Config({"BLOCK_B": 32})], None
@@ -118,25 +129,36 @@ def split_configs() -> tuple[list[triton.Config], callable]:
     ]
 
     def prune(configs, named_args, **kwargs):
-        k_pad = named_args.get("K_PAD", kwargs.get("K_PAD", 1))
-        block_n = named_args.get("BLOCK_N", kwargs.get("BLOCK_N", 128))
+        def arg(name, default):
+            return named_args.get(name, kwargs.get(name, default))
+
+        k_pad, block_n = arg("K_PAD", 8), arg("BLOCK_N", 128)
+        row_bytes = arg("BLOCK_D", 256) * (4 if arg("CAST_FP32", False) else 2)
         return [c for c in configs
                 if _fits_registers(c.kwargs["BLOCK_B"], block_n, k_pad, c.num_warps)
+                and _fits_shared(c.kwargs["BLOCK_B"], block_n, row_bytes, c.num_stages)
                 ] or configs[:1]
 
     return configs, prune
 
 
-def _fits_registers(block_b: int, block_n: int, k_pad: int, num_warps: int) -> bool:
-    """Configs that compile for sm_90 without local memory (tests/sm90.py checks them).
+def _fits_shared(block_b: int, block_n: int, row_bytes: int, stages: int) -> bool:
+    """The query block and ``stages`` bank tiles fit one CTA's shared memory on sm_90."""
+    return (block_b + stages * block_n) * row_bytes + 2048 <= 227 * 1024
 
-    Per thread: the fp32 score tile and the (BLOCK_B, K_PAD) int64 list.
+
+def _fits_registers(block_b: int, block_n: int, k_pad: int, num_warps: int) -> bool:
+    """Configs whose loops compile for sm_90 without local memory (tests/sm90.py checks
+    every kept config at K = 1 and 64, in both plans).
+
+    Per thread: two fp32 score tiles (the one being computed, the one being selected
+    from) and a quarter of each of its rows' int64 lists. Measured: up to 160 such
+    registers compile without spills in the loop, and a 64-slot list wants 8 warps.
     """
     threads = 32 * num_warps
-    tile = block_b * block_n // threads
+    tile = 2 * block_b * block_n // threads
     top = 2 * block_b * k_pad // threads
-    budget = _REGISTER_BUDGET if block_b * block_n <= 8192 else _REGISTER_BUDGET - 16
-    return tile + top <= budget
+    return tile + top <= _REGISTER_BUDGET and (k_pad < 64 or num_warps == 8)
 
 
 @triton.jit
