@@ -704,8 +704,8 @@ def knn_topk_merge(
         stride_ob=on.stride(0), stride_od=on.stride(1),
         stride_eb=ex.stride(0), stride_ee=ex.stride(1),
         stride_ib=indices.stride(0), stride_vb=values.stride(0), stride_pb=pos.stride(0),
-        K=k, K_PAD=k_pad, SPLITS_PAD=triton.next_power_of_2(num_splits), S=subgroups, SUB=sub_rows, HAS_EXCLUDE=has_exclude,
-        WITH_POSITIVENESS=with_pos, THRESHOLD=bool(threshold),
+        K=k, K_PAD=k_pad, SPLITS_PAD=triton.next_power_of_2(num_splits), S=subgroups,
+        SUB=sub_rows, HAS_EXCLUDE=has_exclude, WITH_POSITIVENESS=with_pos, THRESHOLD=bool(threshold),
         BLOCK_B=blocks.block_b, BLOCK_D=blocks.block_d, BLOCK_DW=blocks.block_dw,
         GATHER_STAGES=1 if interpreted() else 3, num_warps=blocks.num_warps,
     )
