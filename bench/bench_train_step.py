@@ -1,6 +1,6 @@
 """Benchmark: one full training step of ``snclr`` against ``mocov3`` on the same encoder.
 
-A step is what ``snclr.train`` runs: forward of both views, backward, AdamW step, EMA update
+A step is what ``snclr.training.train`` runs: forward of both views, backward, AdamW step, EMA update
 and enqueue, with the queue pre-filled so the neighbour terms are active. Reported per
 method: milliseconds and images/s of the step, and for ``snclr`` the share of the step spent
 in (a) the neighbour search (``ops.knn_topk``), (b) the positiveness of the chosen neighbours

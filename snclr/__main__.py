@@ -2,6 +2,6 @@
 
 import sys
 
-from snclr.cli import main
+from snclr.training.cli import main
 
 sys.exit(main())

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from snclr import checkpoint
-from snclr.checkpoint import RESUME_KEYS, non_finite, read_checkpoint, write_checkpoint
-from snclr.config import ConfigError
+from snclr.training import checkpoint
+from snclr.training.checkpoint import RESUME_KEYS, non_finite, read_checkpoint, write_checkpoint
+from snclr.training.config import ConfigError
 
 COMPLETE = {"config": {}, "model": {"w": torch.ones(2)}, "optimizer": {}, "scaler": {},
             "data_shape": {"in_chans": 1, "img_size": 28}, "epoch": 1, "step": 4, "rng": {}}
@@ -90,7 +90,7 @@ def test_non_finite_names_every_bad_tensor():
 
 
 def test_the_model_takes_its_options_from_the_config_by_field_name():
-    from snclr.config import Config
+    from snclr.training.config import Config
 
     assert checkpoint.model_fields() == (
         "num_neighbors", "queue_size", "temperature", "attention_temperature", "threshold",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snclr.cli import build_parser, config_from_args, main
+from snclr.training.cli import build_parser, config_from_args, main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_FLAGS = [
@@ -121,7 +121,7 @@ def test_corrupt_checkpoint_exits_2_without_traceback(tmp_path):
 
 @pytest.mark.parametrize("name", ["demo", "vit-small", "resnet50"])
 def test_presets_are_valid(name):
-    from snclr.config import preset, validate
+    from snclr.training.config import preset, validate
 
     config = preset(name)
     validate(config)

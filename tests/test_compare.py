@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from snclr import compare, train
-from snclr.checkpoint import read_checkpoint
-from snclr.cli import main
+from snclr.training import compare, train
+from snclr.training.checkpoint import read_checkpoint
+from snclr.training.cli import main
 
 # 48 images, batch 16, one epoch: 3 steps per cell; the probe trains 5 epochs.
 TINY = [

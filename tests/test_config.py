@@ -4,9 +4,18 @@ import dataclasses
 
 import pytest
 
-from snclr.config import (RESUME_FREE, RESUME_RECORDED, Config, ConfigError, apply_overrides,
-                          check_resume_changes, config_changes, load_config_file, resumed_config)
-from snclr.config import validate
+from snclr.training.config import (
+    RESUME_FREE,
+    RESUME_RECORDED,
+    Config,
+    ConfigError,
+    apply_overrides,
+    check_resume_changes,
+    config_changes,
+    load_config_file,
+    resumed_config,
+    validate,
+)
 
 
 @pytest.mark.parametrize(

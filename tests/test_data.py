@@ -9,13 +9,20 @@ import sys
 import numpy as np
 import pytest
 import torch
+from datafiles import cifar_images, write_cifar, write_images
 from PIL import Image
 
-from datafiles import cifar_images, write_cifar, write_images
-from snclr.config import ConfigError
-from snclr.data import (
-    EvalDataset, TwoViewDataset, eval_transform, limit, load_dataset, load_splits, make_loader,
-    stratified_split, two_view_transforms,
+from snclr.training.config import ConfigError
+from snclr.training.data import (
+    EvalDataset,
+    TwoViewDataset,
+    eval_transform,
+    limit,
+    load_dataset,
+    load_splits,
+    make_loader,
+    stratified_split,
+    two_view_transforms,
 )
 
 
@@ -245,13 +252,13 @@ def test_named_data_set_problems_are_one_line_errors(tmp_path, prepare, data, ma
 
 
 def test_data_does_not_import_the_config():
-    """The error class lives below both (snclr.errors): reading data never loads the config."""
-    script = "import sys, snclr.data; print(sorted(m for m in sys.modules if m == 'snclr.config'))"
+    """The error class lives below both (snclr.training.errors): reading data never loads the config."""
+    script = "import sys, snclr.training.data; print(sorted(m for m in sys.modules if m == 'snclr.training.config'))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, check=True)
     assert done.stdout.strip() == "[]"
-    from snclr import config, errors, train
+    from snclr.training import config, errors, train
 
     assert config.ConfigError is errors.ConfigError and ConfigError is errors.ConfigError
     assert train.TrainingDiverged is errors.TrainingDiverged

@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from torchrun import free_port
+
 from snclr import MemoryBank, distributed
-from snclr.errors import ConfigError
 from snclr.functional import soft_neighbor_loss
-from snclr.train import _rank_banks, _restore_rank_bank
+from snclr.training import launch
+from snclr.training.errors import ConfigError
+from snclr.training.train import _rank_banks, _restore_rank_bank
 
 BATCH, K, DIM, WORLD = 8, 3, 16, 2
 
@@ -64,20 +65,20 @@ def test_helpers_are_noops_on_one_process():
 
 def test_device_and_launch_rank_come_from_one_place(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert distributed.resolve_device("auto") == torch.device("cpu")
-    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    assert launch.resolve_device("auto") == torch.device("cpu")
+    assert launch.resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ConfigError, match="device 'cuda' requested but CUDA is not"):
-        distributed.resolve_device("cuda")
+        launch.resolve_device("cuda")
     with pytest.raises(ConfigError, match=r"device must be one of .*got 'gpu'"):
-        distributed.resolve_device("gpu")
+        launch.resolve_device("gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert distributed.resolve_device("auto") == torch.device("cuda", 1)
-    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    assert launch.resolve_device("auto") == torch.device("cuda", 1)
+    assert launch.resolve_device("cpu") == torch.device("cpu")
     monkeypatch.delenv("RANK", raising=False)
-    assert distributed.launch_rank() == 0
+    assert launch.launch_rank() == 0
     monkeypatch.setenv("RANK", "3")
-    assert distributed.launch_rank() == 3 and distributed.rank() == 0  # no process group
+    assert launch.launch_rank() == 3 and distributed.rank() == 0  # no process group
 
 
 def test_gather_and_reduce_across_ranks(ranks):

@@ -5,11 +5,18 @@ from dataclasses import replace
 import pytest
 import torch
 
-from snclr.config import preset
-from snclr.evaluate import (knn_accuracy, linear_probe, linear_probe_augmented, load_backbone,
-                            parameter_checksum, run_knn,
-                            run_linear, weighted_knn_predict)
-from snclr.train import pretrain
+from snclr.training.config import preset
+from snclr.training.evaluate import (
+    knn_accuracy,
+    linear_probe,
+    linear_probe_augmented,
+    load_backbone,
+    parameter_checksum,
+    run_knn,
+    run_linear,
+    weighted_knn_predict,
+)
+from snclr.training.train import pretrain
 
 
 def clusters(num_classes=4, per_class=50, dim=16, spread=0.05, seed=0):
@@ -54,7 +61,7 @@ def test_linear_probe_separates_clusters():
 
 
 def test_linear_probe_uses_the_pretraining_cosine_schedule_without_warmup(monkeypatch):
-    from snclr.optim import cosine_lr
+    from snclr.training.optim import cosine_lr
 
     seen, step = [], torch.optim.SGD.step
 
@@ -113,7 +120,7 @@ def test_augmented_linear_probe_is_seeded_and_leaves_the_backbone_alone(checkpoi
 
 
 def test_augmented_probe_encodes_a_fresh_crop_and_flip_of_every_image_each_epoch():
-    from snclr.data import ImageSet
+    from snclr.training.data import ImageSet
 
     class Recorder(torch.nn.Module):
         def __init__(self):

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from datafiles import write_cifar, write_images
 from torchrun import run_two_ranks
-from snclr.checkpoint import read_checkpoint
-from snclr.cli import main
+
 from snclr.model import SNCLR
+from snclr.training.checkpoint import read_checkpoint
+from snclr.training.cli import main
 
 # 64 Animal-MNIST images, batch 16: 4 steps an epoch, about a second.
 MODEL = ["--queue-size", "32", "--num-neighbors", "2", "--projector-hidden", "32",

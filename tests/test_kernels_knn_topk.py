@@ -10,13 +10,12 @@ where the expected order is forced (duplicated rows, NaN / excluded rows).
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOLERANCES, requires_cuda
+from sm90 import compile_for_sm90
 
 import snclr.ops as ops
 from snclr import reference
 from snclr.kernels import knn_topk as kernels
-
-from conftest import TOLERANCES, requires_cuda
-from sm90 import compile_for_sm90
 
 ATOL, RTOL = TOLERANCES[torch.float32]
 

@@ -6,10 +6,10 @@ On CPU the kernels run under the Triton interpreter (set in conftest.py); sizes 
 
 import pytest
 import torch
-
-import snclr.ops  # noqa: F401  (registers the snclr:: custom ops)
 from conftest import TOLERANCES, requires_cuda
 from sm90 import compile_for_sm90
+
+import snclr.ops  # noqa: F401  (registers the snclr:: custom ops)
 from snclr import reference
 from snclr.kernels import soft_target_ce
 from snclr.ops import soft_target_contrastive_loss

@@ -5,7 +5,7 @@ import json
 import sys
 import types
 
-from snclr.metrics import CSV_COLUMNS, MetricsLog, clean, read_rows
+from snclr.training.metrics import CSV_COLUMNS, MetricsLog, clean, read_rows
 
 
 def _lines(path):

@@ -15,7 +15,7 @@ def test_readme_python_example_runs():
 
 
 def test_what_happens_when_lists_the_exit_statuses_and_the_resume_classes():
-    from snclr.config import RESUME_FREE, RESUME_RECORDED
+    from snclr.training.config import RESUME_FREE, RESUME_RECORDED
 
     text = README.read_text()
     section = text[text.index("## What happens when"):text.index("## Benchmarks")]

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from snclr.config import Config
-from snclr.report import write_report
+from snclr.training.config import Config
+from snclr.training.report import write_report
 
 
 @pytest.mark.parametrize("method, line", [

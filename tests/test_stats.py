@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from snclr.compare_report import CellResult, summarize
-from snclr.stats import mean_std, paired_interval, t_quantile, t_two_sided_mass, verdict
+from snclr.training.compare_report import CellResult, summarize
+from snclr.training.stats import mean_std, paired_interval, t_quantile, t_two_sided_mass, verdict
 
 # Student t quantiles from the standard tables (df, p, t_p).
 T_TABLE = [

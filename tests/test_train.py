@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from torchrun import run_two_ranks
-from snclr.checkpoint import read_checkpoint
-from snclr.config import Config, ConfigError, preset
-from snclr.optim import LARS, cosine_lr, create_optimizer
-from snclr.train import pretrain
 
+from snclr.training.checkpoint import read_checkpoint
+from snclr.training.config import Config, ConfigError, preset
+from snclr.training.optim import LARS, cosine_lr, create_optimizer
+from snclr.training.train import pretrain
 
 # A few steps on 64 images with a tiny model: seconds on a CPU.
 TINY = dict(

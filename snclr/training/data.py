@@ -1,6 +1,6 @@
 """Datasets and two-view augmentations (offline only: nothing is ever downloaded).
 
-``--data`` is a data set name or an image folder (the readers are in :mod:`snclr.datasets`):
+``--data`` is a data set name or an image folder (the readers are in :mod:`snclr.training.datasets`):
 
 - ``animal-mnist`` (built-in): 10,000 28x28 greyscale animal silhouettes in 10 balanced
   classes, read from the ``animal_mnist`` package (``pip install --no-deps
@@ -33,8 +33,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from snclr.datasets import NAMED_DATASETS, read_named, scan_folder
-from snclr.errors import ConfigError
+from snclr.training.datasets import NAMED_DATASETS, read_named, scan_folder
+from snclr.training.errors import ConfigError
 
 __all__ = [
     "BUILTIN_DATASETS", "ImageSet", "TwoViewDataset", "EvalDataset", "AugmentedDataset",

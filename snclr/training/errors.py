@@ -1,6 +1,6 @@
 """The exceptions the program raises on purpose, below every module that raises them.
 
-The command line maps each to an exit status (:mod:`snclr.cli`): :class:`ConfigError` is a
+The command line maps each to an exit status (:mod:`snclr.training.cli`): :class:`ConfigError` is a
 refusal found before the run folder changes (exit 2), :class:`TrainingDiverged` a run that
 stopped on non-finite values (exit 3). Anything else is a bug and keeps its traceback.
 """

@@ -13,16 +13,16 @@ evaluations (kNN k = 20 and 200, the linear probe). The variant's folder is its 
   ``mocov3``) is refused, per variant and as an explicit command-line flag alike.
 - Everything is checked before any cell runs (variants, seeds, every variant's model,
   the folders of existing cells against the settings now); a refusal is one
-  :class:`~snclr.errors.ConfigError` line.
+  :class:`~snclr.training.errors.ConfigError` line.
 - A rerun skips finished cells and reuses their cached evaluation (cached per evaluation
   setting and checkpoint step); an interrupted cell resumes through
-  :func:`snclr.train.pretrain`'s own resume (exact on a CPU); a diverged cell is recorded
+  :func:`snclr.training.train.pretrain`'s own resume (exact on a CPU); a diverged cell is recorded
   as such, left out of the statistics, and not retried until its settings change.
 - Each cell seeds Python's, NumPy's and torch's RNGs from its seed before training and
   again before evaluating, so a cell run alone equals the same cell run in a sequence.
 
 The statistics and the files ``compare.md``, ``compare.csv``, ``cells.csv`` and
-``compare.png`` are :mod:`snclr.compare_report`'s.
+``compare.png`` are :mod:`snclr.training.compare_report`'s.
 """
 
 from __future__ import annotations
@@ -41,15 +41,23 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from snclr.checkpoint import RESUME_KEYS, build_model, config_of, read_checkpoint
-from snclr.compare_report import CellResult, write_comparison
-from snclr.config import (RESUME_FREE, Config, apply_overrides, check_resume_changes,
-                          config_changes, resumed_config, validate)
-from snclr.data import limit, load_splits
-from snclr.errors import ConfigError, TrainingDiverged
-from snclr.evaluate import LINEAR_PROTOCOLS, run_evaluation
 from snclr.model import METHODS, fixed_options
-from snclr.train import pretrain
+from snclr.training import launch
+from snclr.training.checkpoint import RESUME_KEYS, build_model, config_of, read_checkpoint
+from snclr.training.compare_report import CellResult, write_comparison
+from snclr.training.config import (
+    RESUME_FREE,
+    Config,
+    apply_overrides,
+    check_resume_changes,
+    config_changes,
+    resumed_config,
+    validate,
+)
+from snclr.training.data import limit, load_splits
+from snclr.training.errors import ConfigError, TrainingDiverged
+from snclr.training.evaluate import LINEAR_PROTOCOLS, run_evaluation
+from snclr.training.train import pretrain
 
 __all__ = ["KNN_KS", "Comparison", "Evaluation", "Variant", "parse_seeds", "parse_variants",
            "plan_comparison", "run_comparison", "seed_everything"]
@@ -210,7 +218,7 @@ def plan_comparison(base: Config, *, methods: str, seeds: str, output_dir: str,
             whose config or model is invalid, an output folder that is a file, or an
             existing cell trained with other settings (one line).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launch.launch_world_size() > 1:
         raise ConfigError("snclr compare runs in one process (its cells one after another); "
                           "start it without torchrun")
     variants = parse_variants(methods, base, explicit=explicit)
@@ -254,7 +262,7 @@ def _check_evaluation(evaluation: Evaluation) -> None:
 def _existing_cell(comparison: Comparison, config: Config) -> dict | None:
     """The saved epoch and step of a cell's checkpoint, after checking its settings.
 
-    The check is the one :func:`snclr.train.pretrain` makes on resume, made for every cell
+    The check is the one :func:`snclr.training.train.pretrain` makes on resume, made for every cell
     before any runs; an image size of 0 (native) counts as the one the cell resolved.
     """
     path = Path(config.output_dir) / "checkpoint.pt"
@@ -309,7 +317,7 @@ def run_comparison(comparison: Comparison, *, progress: bool = True) -> list[Cel
     """Run every unfinished cell, evaluate every unevaluated one, write the table files.
 
     Returns:
-        One :class:`~snclr.compare_report.CellResult` per cell, in variant-then-seed order.
+        One :class:`~snclr.training.compare_report.CellResult` per cell, in variant-then-seed order.
 
     Raises:
         ConfigError: a refusal found while running (e.g. unreadable data, one line).

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from snclr.metrics import read_rows
 from snclr.model import fixed_options, num_neighbors_used
+from snclr.training.metrics import read_rows
 
 __all__ = ["read_metrics", "write_report"]
 

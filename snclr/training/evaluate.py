@@ -22,12 +22,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from snclr import distributed
-from snclr.checkpoint import build_model, config_of, load_model_state, non_finite, read_checkpoint
-from snclr.data import (AugmentedDataset, EvalDataset, ImageSet, eval_transform, limit,
-                        linear_train_transform, load_splits, make_loader)
-from snclr.errors import ConfigError
-from snclr.optim import cosine_lr
+from snclr.training import launch
+from snclr.training.checkpoint import (
+    build_model,
+    config_of,
+    load_model_state,
+    non_finite,
+    read_checkpoint,
+)
+from snclr.training.data import (
+    AugmentedDataset,
+    EvalDataset,
+    ImageSet,
+    eval_transform,
+    limit,
+    linear_train_transform,
+    load_splits,
+    make_loader,
+)
+from snclr.training.errors import ConfigError
+from snclr.training.optim import cosine_lr
 
 __all__ = ["LINEAR_PROTOCOLS", "extract_features", "knn_accuracy", "linear_probe",
            "linear_probe_augmented", "load_backbone", "parameter_checksum", "run_evaluation",
@@ -179,7 +193,7 @@ def linear_probe_augmented(encoder: nn.Module, train_set: ImageSet, test_feature
     """MoCo v3's linear evaluation: the head trains on augmented images of a frozen backbone.
 
     Every epoch each training image is random-resized-cropped and flipped under its own seed
-    ``(seed, epoch, index)`` (:func:`snclr.data.linear_train_transform`), encoded by the
+    ``(seed, epoch, index)`` (:func:`snclr.training.data.linear_train_transform`), encoded by the
     backbone in eval mode without gradient, standardised with ``standardize`` (the mean and
     std of the unaugmented train features) and fed to the head; the order of each epoch is
     drawn from a generator seeded with ``seed``. Same head, optimiser and schedule as
@@ -320,7 +334,7 @@ def run_knn(checkpoint: str, data: str, *, random_init: bool = False,
     ``limit_samples`` > 0 evaluates on fixed class-balanced subsets of both splits (tests).
     """
     e = _encode(checkpoint, data, random_init=random_init, num_workers=num_workers,
-                device=distributed.resolve_device(device), limit_samples=limit_samples)
+                device=launch.resolve_device(device), limit_samples=limit_samples)
     result = knn_accuracy(e.train_features, e.train_labels, e.test_features, e.test_labels,
                           ks=ks, num_classes=e.train.num_classes)
     return {"top1": result[f"top1_k{ks[0]}"], **result}
@@ -342,7 +356,7 @@ def run_linear(checkpoint: str, data: str, *, epochs: int = 100, lr: float = 0.1
     """
     _check_linear(epochs, lr, protocol)
     e = _encode(checkpoint, data, random_init=random_init, num_workers=num_workers,
-                device=distributed.resolve_device(device), limit_samples=limit_samples)
+                device=launch.resolve_device(device), limit_samples=limit_samples)
     return _probe(e, protocol=protocol, epochs=epochs, lr=lr, seed=seed,
                   num_workers=num_workers, progress=progress)
 
@@ -359,7 +373,7 @@ def run_evaluation(checkpoint: str, data: str, *, ks: tuple[int, ...] = (20, 200
     """
     _check_linear(linear_epochs, linear_lr, protocol)
     e = _encode(checkpoint, data, random_init=False, num_workers=num_workers,
-                device=distributed.resolve_device(device), limit_samples=limit_samples)
+                device=launch.resolve_device(device), limit_samples=limit_samples)
     result = knn_accuracy(e.train_features, e.train_labels, e.test_features, e.test_labels,
                           ks=ks, num_classes=e.train.num_classes)
     probe = _probe(e, protocol=protocol, epochs=linear_epochs, lr=linear_lr, seed=seed,

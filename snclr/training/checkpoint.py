@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from snclr.config import Config
-from snclr.errors import ConfigError
 from snclr.model import SNCLR, create_model
+from snclr.training.config import Config
+from snclr.training.errors import ConfigError
 
 __all__ = ["EVAL_KEYS", "RESUME_KEYS", "build_model", "get_rng_state", "model_fields",
            "non_finite", "read_checkpoint", "set_rng_state", "write_checkpoint"]

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from snclr.errors import ConfigError
+from snclr.training.errors import ConfigError
 
 __all__ = ["NAMED_DATASETS", "ArraySplits", "FolderScan", "read_named", "scan_folder"]
 

@@ -12,7 +12,7 @@ resumed run reproduces an uninterrupted one (bit for bit on a CPU).
 
 Faults: everything a run needs (config, data files, checkpoint, run folder) is checked before
 the run folder changes. A resumed run continues from its saved config (changes are classed in
-:mod:`snclr.config`). A non-finite loss at a log step or in an epoch's mean, or non-finite
+:mod:`snclr.training.config`). A non-finite loss at a log step or in an epoch's mean, or non-finite
 weights when a checkpoint is due, stop every rank with :class:`TrainingDiverged`; the last
 good checkpoint stays.
 """
@@ -34,19 +34,34 @@ from tqdm import tqdm
 
 from snclr import distributed
 from snclr.bank import MemoryBank
-from snclr.checkpoint import (RESUME_KEYS, build_model, config_of, get_rng_state, load_model_state,
-                              non_finite, read_checkpoint, set_rng_state, write_checkpoint)
-from snclr.config import (Config, check_resume_changes, config_changes, resumed_config,
-                          validate)
-from snclr.data import TwoViewDataset, limit, load_splits, make_loader, two_view_transforms
 from snclr.encoders import fit_img_size
-from snclr.errors import ConfigError, TrainingDiverged
-from snclr.evaluate import extract_features, knn_accuracy
-from snclr.metrics import MetricsLog, clean
-from snclr.model import SNCLR, cosine_momentum
 from snclr.kernels._common import interpreted as triton_interpreted
-from snclr.optim import cosine_lr, create_optimizer
-from snclr.report import write_report
+from snclr.model import SNCLR, cosine_momentum
+from snclr.training import launch
+from snclr.training.checkpoint import (
+    RESUME_KEYS,
+    build_model,
+    config_of,
+    get_rng_state,
+    load_model_state,
+    non_finite,
+    read_checkpoint,
+    set_rng_state,
+    write_checkpoint,
+)
+from snclr.training.config import (
+    Config,
+    check_resume_changes,
+    config_changes,
+    resumed_config,
+    validate,
+)
+from snclr.training.data import TwoViewDataset, limit, load_splits, make_loader, two_view_transforms
+from snclr.training.errors import ConfigError, TrainingDiverged
+from snclr.training.evaluate import extract_features, knn_accuracy
+from snclr.training.metrics import MetricsLog, clean
+from snclr.training.optim import cosine_lr, create_optimizer
+from snclr.training.report import write_report
 
 __all__ = ["Plan", "TrainingDiverged", "pretrain", "train_one_epoch"]
 
@@ -90,7 +105,7 @@ class State:
 def _set_threads(device: torch.device) -> None:
     # Without OMP_NUM_THREADS, share the cores among the ranks on this machine.
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        local = distributed.local_world_size()
+        local = launch.local_world_size()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
@@ -236,7 +251,7 @@ def pretrain(config: Config, *, resume: bool = False, given: Iterable[str] | Non
     Resumes automatically when ``DIR/checkpoint.pt`` exists, from the config saved in it:
     the fields named in ``given`` take their values from ``config`` (None: every field, the
     Python API passes a whole config), and a change outside the free classes of
-    :mod:`snclr.config` needs ``allow_config_change``. Nothing in the run folder is written
+    :mod:`snclr.training.config` needs ``allow_config_change``. Nothing in the run folder is written
     before the config, data, checkpoint and folder have been checked.
 
     Raises:
@@ -244,7 +259,7 @@ def pretrain(config: Config, *, resume: bool = False, given: Iterable[str] | Non
             (the run folder is left as it was).
         TrainingDiverged: a non-finite loss or weights (the last good checkpoint is kept).
     """
-    started_group = distributed.init_from_env()
+    started_group = launch.init_from_env()
     try:
         return _pretrain(config, resume=resume, given=given,
                          allow_config_change=allow_config_change)
@@ -338,7 +353,7 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
     elif resume:
         raise ConfigError(f"--resume given but {ckpt_path} does not exist")
     validate(config)
-    device = distributed.resolve_device(config.device)
+    device = launch.resolve_device(config.device)
     _set_threads(device)
     splits = load_splits(config.data)
     train_set = limit(splits["train"], config.limit_samples)

@@ -2,7 +2,7 @@
 
 Subcommands: ``pretrain``, ``knn``, ``linear``, ``demo`` (pretrain the demo preset, then
 kNN of the trained and of a random encoder, side by side) and ``compare`` (methods x seeds,
-one table with error bars; :mod:`snclr.compare`).
+one table with error bars; :mod:`snclr.training.compare`).
 
 Exit status: 0 done; 2 bad configuration, data, checkpoint or run folder (one line on stderr,
 found before the run folder changes); 3 training diverged (one line; the last good checkpoint
@@ -17,10 +17,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from snclr import distributed
-from snclr.config import PRESETS, Config, apply_overrides, load_config_file, preset
-from snclr.errors import ConfigError, TrainingDiverged
 from snclr.model import METHODS
+from snclr.training import launch
+from snclr.training.config import PRESETS, Config, apply_overrides, load_config_file, preset
+from snclr.training.errors import ConfigError, TrainingDiverged
 
 __all__ = ["build_parser", "config_from_args", "given_fields", "main"]
 
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--data", help="dataset name or folder (default: the one the checkpoint "
                                       "trained on)")
         e.add_argument("--json", action="store_true", help="print one JSON object")
-        e.add_argument("--device", default="auto", choices=distributed.DEVICES)
+        e.add_argument("--device", default="auto", choices=launch.DEVICES)
         e.add_argument("--num-workers", type=int, default=0)
         e.add_argument("--random-init", action="store_true",
                        help="evaluate the same architecture untrained")
@@ -164,7 +164,7 @@ def _print_result(result: dict, *, as_json: bool, label: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from snclr import evaluate, train
+    from snclr.training import evaluate, train
 
     if args.command == "pretrain":
         config = config_from_args(args)
@@ -174,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
         except TrainingDiverged as err:
             return _stopped(args.command, err)
         # The process group is gone by now: ask which rank torchrun started.
-        if distributed.launch_rank() == 0:
+        if launch.launch_rank() == 0:
             knn = last.get("knn_top1")
             print(f"finished {last.get('epoch', 0)} epochs; run folder {config.output_dir}" +
                   (f"; kNN top-1 {knn:.4f}" if knn is not None else ""))
@@ -214,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from snclr import compare
+    from snclr.training import compare
 
     evaluation = compare.Evaluation(protocol=args.linear_protocol,
                                     linear_epochs=args.linear_epochs, linear_lr=args.linear_lr)
@@ -236,13 +236,13 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _stopped(command: str, err: Exception) -> int:
     # Every rank stops at the same step; one line is enough.
-    if distributed.launch_rank() == 0:
+    if launch.launch_rank() == 0:
         print(f"snclr {command}: stopped: {err}", file=sys.stderr)
     return 3
 
 
 def _checkpoint_data(checkpoint: str) -> str:
-    from snclr.checkpoint import read_checkpoint
+    from snclr.training.checkpoint import read_checkpoint
 
     return read_checkpoint(checkpoint)["config"]["data"]
 

@@ -22,9 +22,9 @@ from typing import Iterable
 
 import yaml
 
-from snclr.distributed import DEVICES
-from snclr.errors import ConfigError
 from snclr.functional import ATTENTION_TEMPERATURE, TEMPERATURE
+from snclr.training.errors import ConfigError
+from snclr.training.launch import DEVICES
 
 __all__ = ["PRESETS", "RESUME_FREE", "RESUME_RECORDED", "Config", "ConfigError", "apply_overrides",
            "check_resume_changes", "config_changes", "load_config_file", "preset", "resumed_config"]
@@ -40,7 +40,7 @@ class Config:
 
     # data
     data: str = "animal-mnist"
-    img_size: int = 0  # 0: the data's native size (measured; snclr.data.native_img_size)
+    img_size: int = 0  # 0: the data's native size (measured; snclr.training.data.native_img_size)
     augmentation: str = "auto"  # auto | byol | greyscale
     crop_scale_min: float = 0.4
     num_workers: int = 2
