@@ -17,8 +17,8 @@ from snclr import distributed, ops
 from snclr.ops._checks import check_features, check_positive
 from snclr.reference import thresholded
 
-__all__ = ["ATTENTIONS", "ATTENTION_TEMPERATURE", "TEMPERATURE", "neighbor_weights",
-           "soft_neighbor_loss"]
+__all__ = ["ATTENTIONS", "ATTENTION_OPTIONS", "ATTENTION_TEMPERATURE", "TEMPERATURE",
+           "neighbor_weights", "soft_neighbor_loss", "thresholded_weights"]
 
 # The defaults of DESIGN section 2, stated here only (the model and the config take them from
 # here): the logit temperature T of MoCo v3 and SNCLR, and tau_a of the positiveness softmax
@@ -26,10 +26,18 @@ __all__ = ["ATTENTIONS", "ATTENTION_TEMPERATURE", "TEMPERATURE", "neighbor_weigh
 TEMPERATURE = 0.2
 ATTENTION_TEMPERATURE = 1.0
 
-# cosine: softmax of <n(y), n(nbr)> / tau_a (SNCLR default); uniform: 1/K; nearest: the
-# nearest neighbour alone replaces the key as the positive (NNCLR); learned: weights come
-# from a module (``snclr.heads.LearnedAttention``) and are passed in.
-ATTENTIONS = ("cosine", "uniform", "nearest", "learned")
+# Which options each attention reads, stated once (the program's method table derives what a
+# comparison may vary from it). cosine: softmax of <n(y), n(nbr)> / tau_a (SNCLR default);
+# learned: weights from a module (``snclr.heads.LearnedAttention``), passed in; uniform: 1/K;
+# nearest: the nearest neighbour alone replaces the key as the positive (NNCLR). Constant
+# weights have no threshold to apply and no gradient to detach.
+ATTENTION_OPTIONS: dict[str, tuple[str, ...]] = {
+    "cosine": ("attention_temperature", "threshold", "detach_positiveness"),
+    "learned": ("threshold", "detach_positiveness"),
+    "uniform": (),
+    "nearest": (),
+}
+ATTENTIONS = tuple(ATTENTION_OPTIONS)
 
 
 def neighbor_weights(
@@ -37,40 +45,43 @@ def neighbor_weights(
     neighbors: Tensor,
     *,
     attention: str = "cosine",
-    temperature: float = ATTENTION_TEMPERATURE,
-    threshold: bool = False,
+    attention_temperature: float = ATTENTION_TEMPERATURE,
 ) -> Tensor:
-    """Positiveness weights ``w`` of the K neighbours of each sample.
+    """Positiveness weights ``w`` of the K neighbours of each sample, before the threshold.
 
     Args:
         y: ``(B, D)`` online projections.
         neighbors: ``(B, K, D)`` neighbour rows, raw or normalised.
         attention: ``"cosine"``, ``"uniform"`` or ``"nearest"``.
-        temperature: tau_a of the cosine softmax (the model's ``attention_temperature``).
-        threshold: zero the weights ``<= 1/K`` (not renormalised).
+        attention_temperature: tau_a of the cosine softmax.
 
     Returns:
         ``(B, K)`` weights; for ``cosine`` differentiable w.r.t. ``y``.
     """
     num_neighbors = neighbors.shape[1]
     if attention == "cosine":
+        check_positive("attention_temperature", attention_temperature)
         scores = torch.einsum(
             "bd,bkd->bk", F.normalize(y, dim=-1), F.normalize(neighbors.to(y.dtype), dim=-1)
         )
-        weights = torch.softmax(scores / temperature, dim=-1)
-    elif attention == "uniform":
-        weights = y.new_full((y.shape[0], num_neighbors), 1.0 / num_neighbors)
-    elif attention == "nearest":
-        weights = F.one_hot(
+        return torch.softmax(scores / attention_temperature, dim=-1)
+    if attention == "uniform":
+        return y.new_full((y.shape[0], num_neighbors), 1.0 / num_neighbors)
+    if attention == "nearest":
+        return F.one_hot(
             torch.zeros(y.shape[0], dtype=torch.long, device=y.device), num_neighbors
         ).to(y.dtype)
-    else:
-        raise ValueError(
-            f"attention must be one of {ATTENTIONS[:3]} here ('learned' weights are "
-            f"passed as weights=), got {attention!r}"
-        )
-    if threshold and attention == "cosine":
-        weights = thresholded(weights)
+    raise ValueError(
+        f"attention must be one of {ATTENTIONS[:3]} here ('learned' weights are "
+        f"passed as weights=), got {attention!r}"
+    )
+
+
+def thresholded_weights(weights: Tensor, *, attention: str, threshold: bool) -> Tensor:
+    """The weights the loss uses: ``w * [w > 1/K]`` when ``threshold`` is on and the
+    attention reads it (the rule itself is :func:`snclr.reference.thresholded`)."""
+    if threshold and "threshold" in ATTENTION_OPTIONS[attention]:
+        return thresholded(weights)
     return weights
 
 
@@ -139,11 +150,12 @@ def soft_neighbor_loss(
         key: ``(B, D)`` momentum keys of the other view.
         neighbors: ``(B, K, D)`` the keys' neighbours from the queue, raw or normalised.
         temperature: logit temperature T.
-        threshold: zero positiveness weights ``<= 1/K`` (cosine attention).
+        threshold: zero positiveness weights ``<= 1/K`` (cosine and learned attention;
+            applied to given ``weights`` too, so pass them unthresholded).
         detach_positiveness: stop the gradient from the loss into ``y`` through ``w``.
         attention: ``"cosine"``, ``"uniform"``, ``"nearest"`` (NNCLR) or ``"learned"``.
         attention_temperature: tau_a of the cosine positiveness softmax.
-        weights: ``(B, K)`` precomputed positiveness (used as is; required for learned).
+        weights: ``(B, K)`` precomputed positiveness (required for learned).
         backend: forwarded to :func:`snclr.ops.soft_target_contrastive_loss`.
 
     Returns:
@@ -159,17 +171,14 @@ def soft_neighbor_loss(
     """
     _check_loss_inputs(z, y, key, neighbors, weights, attention)
     check_positive("temperature", temperature)
+    check_positive("attention_temperature", attention_temperature)
     batch, num_neighbors, dim = neighbors.shape
     if num_neighbors == 0:
         weights = z.new_zeros(batch, 0)
     elif weights is None:
-        weights = neighbor_weights(
-            y,
-            neighbors,
-            attention=attention,
-            temperature=attention_temperature,
-            threshold=threshold,
-        )
+        weights = neighbor_weights(y, neighbors, attention=attention,
+                                   attention_temperature=attention_temperature)
+    weights = thresholded_weights(weights, attention=attention, threshold=threshold)
     if detach_positiveness:
         weights = weights.detach()
     # NNCLR: the nearest neighbour replaces the key as the positive.

@@ -19,10 +19,9 @@ from snclr import functional
 from snclr.bank import MemoryBank
 from snclr.encoders import create_encoder, projector_depth
 from snclr.heads import LearnedAttention, predictor, projector
-from snclr.reference import thresholded
 
-__all__ = ["METHODS", "SNCLR", "SNCLROutput", "cosine_momentum", "create_model", "fixed_options",
-           "num_neighbors_used", "register_method"]
+__all__ = ["METHODS", "SNCLR", "SNCLROutput", "cosine_momentum", "create_model",
+           "register_method"]
 
 # Method name -> the model options it fixes. Every method runs on the same pipeline, so a
 # comparison changes only these.
@@ -41,53 +40,6 @@ register_method("snclr-uniform", attention="uniform")
 register_method("snclr-learned", attention="learned")
 register_method("nnclr", attention="nearest", num_neighbors=1)
 register_method("mocov3", num_neighbors=0)
-
-# Options an attention never reads: positiveness weights that are constant (uniform, nearest)
-# or come from the learned head ignore tau_a; constant weights have no threshold or gradient.
-_UNREAD_BY_ATTENTION = {
-    "cosine": (),
-    "learned": ("attention_temperature",),
-    "uniform": ("attention_temperature", "threshold", "detach_positiveness"),
-    "nearest": ("attention_temperature", "threshold", "detach_positiveness"),
-}
-
-
-def fixed_options(method: str) -> dict[str, str]:
-    """The SNCLR options a method sets itself or never reads: ``{option: why}``.
-
-    A comparison that varied one of these for the method would vary nothing.
-
-    Example:
-        >>> fixed_options("mocov3")["num_neighbors"]
-        'mocov3 fixes num_neighbors=0'
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    options = METHODS[method]
-    fixed = {name: f"{method} fixes {name}={value}" for name, value in options.items()
-             if name != "attention"}
-    if options.get("num_neighbors", 1) == 0:
-        unread = ("attention_temperature", "threshold", "detach_positiveness")
-        reason = f"{method} has no neighbours (K=0)"
-    else:
-        attention = options.get("attention", "cosine")
-        unread = _UNREAD_BY_ATTENTION[attention]
-        reason = f"{method}'s {attention} attention does not use it"
-    return {**fixed, **{name: reason for name in unread}}
-
-
-def num_neighbors_used(method: str, num_neighbors: int) -> int:
-    """K as a method runs it: its own when it fixes K (``mocov3`` 0, ``nnclr`` 1), else
-    ``num_neighbors``.
-
-    Example:
-        >>> num_neighbors_used("mocov3", 5), num_neighbors_used("nnclr", 5)
-        (0, 1)
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    return METHODS[method].get("num_neighbors", num_neighbors)
-
 
 def cosine_momentum(progress: float, *, base: float = 0.99, final: float = 1.0) -> float:
     """EMA momentum rising from ``base`` to ``final`` on a half cosine; progress in [0, 1]."""
@@ -236,6 +188,7 @@ class SNCLR(nn.Module):
         return SNCLROutput(loss=loss_12 + loss_21, keys=k2, **stats)
 
     def _direction(self, z: Tensor, y: Tensor, key: Tensor, k: int) -> tuple[Tensor, dict]:
+        # Given weights are already thresholded; uniform and nearest have none to threshold.
         options = dict(temperature=self.temperature, detach_positiveness=self.detach_positiveness,
                        attention=self.attention, backend=self.backend)
         if k == 0:
@@ -245,21 +198,15 @@ class SNCLR(nn.Module):
             return functional.soft_neighbor_loss(z, y, key, neighbors, **options), {}
         # The queue's storage dtype sets the precision of the search only: the winners'
         # values and their positiveness are computed in fp32 from key and y as they are.
-        found = self.bank.search(
-            key,
-            y.float(),
-            k,
-            attention_temperature=self.attention_temperature,
-            threshold=self.threshold,
-            backend=self.backend,
-        )
+        found = self.bank.search(key, y.float(), k,
+                                 attention_temperature=self.attention_temperature,
+                                 backend=self.backend)
         weights = None
-        if self.attention == "cosine":
-            weights = found.positiveness
-        elif self.attention == "learned":
-            weights = self.attention_head(y, found.neighbors)
-            if self.threshold:
-                weights = thresholded(weights)
+        if self.attention in ("cosine", "learned"):
+            weights = (found.positiveness if self.attention == "cosine"
+                       else self.attention_head(y, found.neighbors))
+            weights = functional.thresholded_weights(weights, attention=self.attention,
+                                                     threshold=self.threshold)
         loss = functional.soft_neighbor_loss(z, y, key, found.neighbors, weights=weights, **options)
         return loss, self._statistics(found, weights)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from snclr.functional import neighbor_weights, soft_neighbor_loss
+from snclr.functional import neighbor_weights, soft_neighbor_loss, thresholded_weights
 
 T = 0.2
 # (b, K, D): one realistic, several odd.
@@ -104,9 +104,11 @@ def test_given_weights_are_used_as_is():
 
 def test_threshold_removes_the_weights_not_above_one_over_k():
     y, nbr = torch.randn(50, 16), torch.randn(50, 4, 16)
-    plain = neighbor_weights(y, nbr, temperature=0.2)
-    cut = neighbor_weights(y, nbr, temperature=0.2, threshold=True)
+    plain = neighbor_weights(y, nbr, attention_temperature=0.2)
+    cut = thresholded_weights(plain, attention="cosine", threshold=True)
     assert torch.equal(cut, plain * (plain > 0.25))
+    assert torch.equal(thresholded_weights(cut, attention="learned", threshold=True), cut)
+    assert thresholded_weights(plain, attention="uniform", threshold=True) is plain
     assert (cut == 0).any() and (cut > 0).all(1).logical_not().any()
 
 

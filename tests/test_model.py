@@ -173,7 +173,8 @@ def test_bf16_queue_with_fp32_features(backend, device):
 
 
 def test_fixed_options_name_what_each_method_sets_or_never_reads():
-    from snclr.model import METHODS, fixed_options
+    from snclr.model import METHODS
+    from snclr.training.methods import fixed_options
 
     assert fixed_options("snclr") == {}
     assert set(fixed_options("mocov3")) == {"num_neighbors", "attention_temperature", "threshold",
@@ -193,7 +194,7 @@ VARIED = {"attention_temperature": (1.0, 0.1), "threshold": (False, True),
 
 @pytest.mark.parametrize("method", ["snclr", "snclr-uniform", "snclr-learned", "nnclr", "mocov3"])
 def test_an_option_a_method_never_reads_changes_nothing_and_one_it_reads_does(method):
-    from snclr.model import fixed_options
+    from snclr.training.methods import fixed_options
 
     def loss_and_grads(**option):
         torch.manual_seed(0)

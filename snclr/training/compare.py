@@ -9,7 +9,7 @@ evaluations (kNN k = 20 and 200, the linear probe). The variant's folder is its 
 
 - Every cell gets the same budget and data: ``data``, ``epochs``, ``batch_size``,
   ``img_size`` and ``limit_samples`` are set for all variants, never per variant; a flag
-  that a method fixes or never reads (:func:`snclr.model.fixed_options`, e.g. K for
+  that a method fixes or never reads (:func:`snclr.training.methods.fixed_options`, e.g. K for
   ``mocov3``) is refused, per variant and as an explicit command-line flag alike.
 - Everything is checked before any cell runs (variants, seeds, every variant's model,
   the folders of existing cells against the settings now); a refusal is one
@@ -41,7 +41,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from snclr.model import METHODS, fixed_options
+from snclr.model import METHODS
 from snclr.training import launch
 from snclr.training.checkpoint import RESUME_KEYS, build_model, config_of, read_checkpoint
 from snclr.training.compare_report import CellResult, write_comparison
@@ -57,6 +57,7 @@ from snclr.training.config import (
 from snclr.training.data import limit, load_splits
 from snclr.training.errors import ConfigError, TrainingDiverged
 from snclr.training.evaluate import LINEAR_PROTOCOLS, run_evaluation
+from snclr.training.methods import fixed_options
 from snclr.training.train import pretrain
 
 __all__ = ["KNN_KS", "Comparison", "Evaluation", "Variant", "parse_seeds", "parse_variants",

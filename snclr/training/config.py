@@ -195,7 +195,8 @@ def validate(config: Config) -> None:
     """Checks that need no data or model; raises :class:`ConfigError` with one line."""
     from snclr.bank import BANK_MODES
     from snclr.encoders import encoder_spec, list_encoders
-    from snclr.model import METHODS, num_neighbors_used
+    from snclr.model import METHODS
+    from snclr.training.methods import num_neighbors_used
 
     if config.encoder not in list_encoders():
         raise ConfigError(f"unknown encoder {config.encoder!r}; choose one of {list_encoders()}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from snclr.model import fixed_options, num_neighbors_used
+from snclr.training.methods import fixed_options, num_neighbors_used
 from snclr.training.metrics import read_rows
 
 __all__ = ["read_metrics", "write_report"]
