@@ -9,7 +9,7 @@ RUN ?= runs/demo
 # animal-mnist's metadata wrongly requires tensorflow, so the data installs with --no-deps.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,dev]'
 	$(PY) -m pip install --quiet --no-deps animal-mnist==0.4
 	touch $@
 
@@ -17,6 +17,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/snclr demo --output-dir $(RUN)
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 bench-cpu: $(VENV)/.installed

@@ -31,7 +31,7 @@ import argparse
 import math
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -1,7 +1,7 @@
 """Benchmark: one full training step of ``snclr`` against ``mocov3`` on the same encoder.
 
-A step is what ``snclr.training.train`` runs: forward of both views, backward, AdamW step, EMA update
-and enqueue, with the queue pre-filled so the neighbour terms are active. Reported per
+A step is what ``snclr.training.train`` runs: forward of both views, backward, AdamW step,
+EMA update and enqueue, with the queue pre-filled so the neighbour terms are active. Reported per
 method: milliseconds and images/s of the step, and for ``snclr`` the share of the step spent
 in (a) the neighbour search (``ops.knn_topk``), (b) the positiveness of the chosen neighbours
 (``ops.soft_neighbors`` minus the search) and (c) the soft-target loss forward + backward
@@ -16,7 +16,7 @@ Run:
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

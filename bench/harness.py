@@ -22,7 +22,7 @@ import resource
 import statistics
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -34,7 +34,7 @@ COLUMNS = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def git_commit() -> str:
     """Short commit of the checkout the benchmark runs from ("unknown" outside git)."""
     try:

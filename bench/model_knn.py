@@ -127,7 +127,7 @@ def merge_time(B, D, K, plan, splits):
             continue  # the fill, taken only when a row runs short of eligible rows
         else:
             trips = K  # a selection: K rounds of max
-        per_trip = gm.run_sm(lambda j, i: body, k, warps, 4096 * gm.TENSOR_SUSTAINED,
+        per_trip = gm.run_sm(lambda j, i, body=body: body, k, warps, 4096 * gm.TENSOR_SUSTAINED,
                              trips=6)[0]
         loops.append((trips, round(per_trip)))
         clk += math.ceil(per_sm / k) * trips * per_trip

@@ -1,11 +1,31 @@
 """snclr: fast soft-neighbour contrastive self-supervised learning (SNCLR).
 
 The model and queue are importable from the top level; the ops live in ``snclr.ops``, the
-loss in ``snclr.functional``.
+loss in ``snclr.functional``. The top-level names load on first use, so ``import snclr.ops``
+loads the ops alone.
 """
 
-from snclr.bank import MemoryBank
-from snclr.model import SNCLR, SNCLROutput, create_model
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from snclr.bank import MemoryBank
+    from snclr.model import SNCLR, SNCLROutput, create_model
 
 __version__ = "0.1.0"
-__all__ = ["MemoryBank", "SNCLR", "SNCLROutput", "create_model", "__version__"]
+__all__ = ["SNCLR", "MemoryBank", "SNCLROutput", "__version__", "create_model"]
+
+_HOMES = {"MemoryBank": "snclr.bank", "SNCLR": "snclr.model", "SNCLROutput": "snclr.model",
+          "create_model": "snclr.model"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'snclr' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

@@ -2,6 +2,6 @@
 
 import sys
 
-from snclr.training.cli import main
+from snclr.training import main
 
 sys.exit(main())

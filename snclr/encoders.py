@@ -8,8 +8,8 @@ every encoder starts from random initialisation, as self-supervised pretraining 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 

@@ -252,8 +252,10 @@ def test_named_data_set_problems_are_one_line_errors(tmp_path, prepare, data, ma
 
 
 def test_data_does_not_import_the_config():
-    """The error class lives below both (snclr.training.errors): reading data never loads the config."""
-    script = "import sys, snclr.training.data; print(sorted(m for m in sys.modules if m == 'snclr.training.config'))"
+    """The error class lives below both (snclr.training.errors): reading data never loads the
+    config."""
+    script = ("import sys, snclr.training.data; "
+              "print(sorted(m for m in sys.modules if m == 'snclr.training.config'))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, check=True)

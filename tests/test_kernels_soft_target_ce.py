@@ -61,7 +61,8 @@ def _assert_matches(queries, candidates, targets, *, candidate_grad=True, tol=No
             assert g is None, name
             continue
         assert g.dtype == w.dtype, name
-        torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("temperature", TEMPERATURES)

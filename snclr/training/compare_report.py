@@ -3,9 +3,9 @@
 
 Per variant: the mean and sample standard deviation of every metric across its seeds, and
 the paired difference to the baseline variant (seed by seed) with its t-interval
-(:mod:`snclr.training.stats`). The verdict is on the primary metric, kNN top-1 at k = 20: "better" or
-"worse" when the 95 % interval excludes 0, "within noise" otherwise. A table of m verdicts
-makes m comparisons; the chance that at least one is wrong when nothing differs is up to
+(:mod:`snclr.training.stats`). The verdict is on the primary metric, kNN top-1 at k = 20:
+"better" or "worse" when the 95 % interval excludes 0, "within noise" otherwise. A table of m
+verdicts makes m comparisons; the chance that at least one is wrong when nothing differs is up to
 ``1 - 0.95^m``, so the Bonferroni verdict (each interval at ``1 - 0.05/m``) is given too.
 Diverged cells are listed and left out of the statistics.
 """

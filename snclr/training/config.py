@@ -16,9 +16,9 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable
 
 import yaml
 
@@ -87,7 +87,7 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict, *, source: str = "config") -> "Config":
+    def from_dict(cls, values: dict, *, source: str = "config") -> Config:
         return apply_overrides(cls(), values, source=source)
 
 

@@ -1,6 +1,7 @@
 """Datasets and two-view augmentations (offline only: nothing is ever downloaded).
 
-``--data`` is a data set name or an image folder (the readers are in :mod:`snclr.training.datasets`):
+``--data`` is a data set name or an image folder (the readers are in
+:mod:`snclr.training.datasets`):
 
 - ``animal-mnist`` (built-in): 10,000 28x28 greyscale animal silhouettes in 10 balanced
   classes, read from the ``animal_mnist`` package (``pip install --no-deps
@@ -77,7 +78,7 @@ class ImageSet:
         with Image.open(self.files[i]) as image:
             return image.convert("RGB")
 
-    def subset(self, rows: np.ndarray) -> "ImageSet":
+    def subset(self, rows: np.ndarray) -> ImageSet:
         rows_t = torch.as_tensor(rows, dtype=torch.long)
         return ImageSet(
             labels=self.labels[rows_t], in_chans=self.in_chans, img_size=self.img_size,

@@ -22,7 +22,8 @@ DEVICES = ("auto", "cpu", "cuda")
 def init_from_env() -> bool:
     """Join torchrun's process group (NCCL with CUDA, else gloo) when ``WORLD_SIZE`` > 1.
 
-    Returns True when this call started the group (the caller then calls :func:`snclr.distributed.destroy`).
+    Returns True when this call started the group (the caller then calls
+    :func:`snclr.distributed.destroy`).
     """
     if launch_world_size() <= 1 or dist.is_initialized():
         return False

@@ -14,8 +14,8 @@ than need be; with n = 3 seeds it is still wide (t = 4.30), and that is the hone
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 __all__ = ["Interval", "mean_std", "paired_interval", "t_quantile", "t_two_sided_mass",
            "verdict"]
