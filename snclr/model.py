@@ -19,6 +19,7 @@ from snclr import functional
 from snclr.bank import MemoryBank
 from snclr.encoders import create_encoder, projector_depth
 from snclr.heads import LearnedAttention, predictor, projector
+from snclr.ops._checks import check_positive
 
 __all__ = ["METHODS", "SNCLR", "SNCLROutput", "cosine_momentum", "create_model",
            "register_method"]
@@ -133,8 +134,8 @@ class SNCLR(nn.Module):
             raise ValueError(f"attention must be one of {functional.ATTENTIONS}, got {attention!r}")
         if queue_size < num_neighbors:
             raise ValueError(f"queue_size={queue_size} must be >= num_neighbors={num_neighbors}")
-        if temperature <= 0 or attention_temperature <= 0:
-            raise ValueError("temperature and attention_temperature must be > 0")
+        check_positive("temperature", temperature)
+        check_positive("attention_temperature", attention_temperature)
         self.num_neighbors, self.temperature = num_neighbors, temperature
         self.attention, self.attention_temperature = attention, attention_temperature
         self.threshold, self.detach_positiveness = threshold, detach_positiveness

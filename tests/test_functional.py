@@ -120,6 +120,7 @@ def test_threshold_removes_the_weights_not_above_one_over_k():
         (dict(attention="learned"), r"needs the weights="),
         (dict(weights=torch.rand(4, 3)), r"weights must have shape \(B=4, K=2\)"),
         (dict(temperature=0), r"temperature must be a finite number > 0"),
+        (dict(attention_temperature=0), r"^attention_temperature must be a finite number > 0"),
         (dict(neighbors=torch.randn(4, 0, 8), attention="nearest"),
          r"needs at least one neighbour"),
         (dict(y=torch.randn(3, 8)), r"y must have B=4 rows"),

@@ -120,7 +120,8 @@ def test_encoder_registry_refuses_duplicates_and_unknown_names():
         (dict(num_neighbors=10, queue_size=5), r"queue_size=5 must be >= num_neighbors=10"),
         (dict(attention="dot"), r"attention must be one of"),
         (dict(num_neighbors=-1), r"num_neighbors must be >= 0"),
-        (dict(temperature=0), r"must be > 0"),
+        (dict(temperature=0), r"^temperature must be a finite number > 0"),
+        (dict(attention_temperature=float("nan")), r"^attention_temperature must be a finite"),
     ],
 )
 def test_bad_configuration(kwargs, match):
