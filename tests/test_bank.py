@@ -132,3 +132,30 @@ def test_restore_rows_overwrites_rows_and_labels_but_not_the_pointers():
     assert (bank.num_filled, int(bank.pointer)) == (4, 4)
     with pytest.raises(ValueError, match=r"must have shapes \(6, 4\) and \(6,\), got \(5, 4\)"):
         bank.restore_rows(rows[:5], labels)
+
+
+def test_sources_are_stored_beside_keys_and_default_to_minus_one():
+    bank = MemoryBank(5, 3)
+    bank.enqueue(torch.randn(3, 3), torch.tensor([0, 1, 2]), sources=torch.tensor([7, 8, 9]))
+    bank.enqueue(torch.randn(3, 3))  # wraps: rows 3, 4, 0
+    assert bank.sources.tolist() == [-1, 8, 9, -1, -1]
+    with pytest.raises(ValueError, match="sources must have shape"):
+        bank.enqueue(torch.randn(2, 3), sources=torch.tensor([1]))
+    with pytest.raises(TypeError, match="sources must be an integer"):
+        bank.enqueue(torch.randn(1, 3), sources=torch.tensor([1.5]))
+
+
+def test_sources_round_trip_through_state_dict_and_old_state_dicts_load_as_unknown():
+    bank = MemoryBank(4, 3)
+    bank.enqueue(torch.randn(4, 3), sources=torch.tensor([3, 1, 4, 1]))
+    restored = MemoryBank(4, 3)
+    restored.load_state_dict(bank.state_dict())
+    assert torch.equal(restored.sources, bank.sources)
+    old = {k: v for k, v in bank.state_dict().items() if k != "sources"}
+    restored.load_state_dict(old)  # strict: the missing key is handled, not ignored
+    assert restored.sources.tolist() == [-1, -1, -1, -1]
+    assert torch.equal(restored.queue, bank.queue)
+    restored.restore_rows(bank.queue, bank.labels, bank.sources)
+    assert torch.equal(restored.sources, bank.sources)
+    restored.restore_rows(bank.queue, bank.labels)
+    assert restored.sources.tolist() == [-1, -1, -1, -1]

@@ -155,7 +155,8 @@ def _rank_banks(bank: MemoryBank) -> dict | None:
     if distributed.world_size() == 1 or bank.mode != "local":
         return None
     return {"queue": distributed.gather_no_grad(bank.queue[None]).cpu(),
-            "labels": distributed.gather_no_grad(bank.labels[None]).cpu()}
+            "labels": distributed.gather_no_grad(bank.labels[None]).cpu(),
+            "sources": distributed.gather_no_grad(bank.sources[None]).cpu()}
 
 
 def _restore_rank_bank(bank: MemoryBank, banks: dict | None, rank: int) -> None:
@@ -163,7 +164,9 @@ def _restore_rank_bank(bank: MemoryBank, banks: dict | None, rank: int) -> None:
     if banks is None:
         return
     source = rank % banks["queue"].shape[0]
-    bank.restore_rows(banks["queue"][source], banks["labels"][source])
+    # Checkpoints written before sources were recorded have none: restore_rows fills -1.
+    sources = banks["sources"][source] if "sources" in banks else None
+    bank.restore_rows(banks["queue"][source], banks["labels"][source], sources)
 
 
 def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: MetricsLog) -> dict:
