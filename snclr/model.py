@@ -214,9 +214,13 @@ class SNCLR(nn.Module):
         torch._foreach_lerp_(self.momentum_parameters(), self.online_parameters(), 1.0 - momentum)
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor, labels: Tensor | None = None) -> None:
-        """Append momentum keys (normally ``output.keys``) to the queue."""
-        self.bank.enqueue(keys, labels)
+    def enqueue(self, keys: Tensor, labels: Tensor | None = None, *,
+                sources: Tensor | None = None) -> None:
+        """Append momentum keys (normally ``output.keys``) to the queue.
+
+        ``sources`` ``(B,)`` int: the dataset index of each key (-1 or None: unknown).
+        """
+        self.bank.enqueue(keys, labels, sources=sources)
 
     def forward(self, x1: Tensor, x2: Tensor) -> SNCLROutput:
         """Symmetric loss ``L(z1, y1, k2) + L(z2, y2, k1)`` on one queue snapshot.

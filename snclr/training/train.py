@@ -177,7 +177,7 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
     bar = tqdm(loader, total=plan.steps_per_epoch, desc=f"epoch {state.epoch + 1}/{config.epochs}",
                disable=not distributed.is_main(), dynamic_ncols=True, leave=False)
     tic, seen = time.perf_counter(), 0
-    for i, (x1, x2, labels) in enumerate(bar):
+    for i, (x1, x2, labels, indices) in enumerate(bar):
         x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         fraction = state.epoch + i / plan.steps_per_epoch
@@ -208,7 +208,7 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
                 sums[2] += out.positiveness_entropy.float()
                 histogram += torch.histc(out.positiveness.float(), bins=HISTOGRAM_BINS,
                                          min=0, max=1)
-        model.enqueue(out.keys, labels)
+        model.enqueue(out.keys, labels, sources=indices.to(device, non_blocking=True))
         state.step += 1
         seen += config.batch_size
         if state.step % config.log_every == 0 or i + 1 == plan.steps_per_epoch:
