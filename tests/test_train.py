@@ -70,6 +70,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path):
         for key in pa:
             assert torch.equal(torch.as_tensor(pa[key]), torch.as_tensor(pb[key])), key
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 8)
+    sources = a["model"]["bank.sources"]  # the keys' dataset indices, resumed bit-exactly
+    filled = int(a["model"]["bank.filled"])
+    assert ((sources[:filled] >= 0) & (sources[:filled] < 64)).all()
 
 
 @pytest.mark.parametrize(
