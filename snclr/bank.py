@@ -147,6 +147,32 @@ class MemoryBank(nn.Module):
         self.filled.fill_(self._filled)
 
     @torch.no_grad()
+    def self_rows(self, indices: Tensor, *, max_rows: int) -> Tensor:
+        """The queue rows holding each sample's own past keys, as a search's ``exclude``.
+
+        One sort of the sources and a ``searchsorted`` per sample: no host sync and no
+        ``B x N`` mask. Rows past ``max_rows`` per sample are dropped, so the result is exact
+        whenever ``max_rows`` is at least :func:`max_self_rows` for the run.
+
+        Shape:
+            ``indices`` ``(B,)`` int64 dataset indices (negative: unknown, matches nothing).
+            Returns ``(B, max_rows)`` int64 rows, padded with -1.
+        """
+        if indices.dim() != 1 or indices.is_floating_point():
+            raise ValueError(f"indices must be a (B,) integer tensor, got shape "
+                             f"{tuple(indices.shape)} and dtype {indices.dtype}")
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        indices = indices.to(self.sources.device, torch.long)
+        sorted_sources, order = torch.sort(self.sources, stable=True)
+        first = torch.searchsorted(sorted_sources, indices)  # (B,)
+        positions = first[:, None] + torch.arange(max_rows, device=indices.device)  # (B, E)
+        inside = positions < self.size
+        positions = positions.clamp(max=self.size - 1)
+        hit = inside & (sorted_sources[positions] == indices[:, None]) & (indices[:, None] >= 0)
+        return torch.where(hit, order[positions], torch.full_like(positions, -1))
+
+    @torch.no_grad()
     def restore_rows(self, rows: Tensor, labels: Tensor, sources: Tensor | None = None) -> None:
         """Overwrite every row and label with saved ones (a rank's queue from a checkpoint).
 
@@ -185,3 +211,15 @@ class MemoryBank(nn.Module):
             f"size={self.size}, dim={self.dim}, mode={self.mode!r}, "
             f"search_unfilled={self.search_unfilled}, dtype={self.queue.dtype}"
         )
+
+
+def max_self_rows(queue_size: int, period: int) -> int:
+    """Most queue rows one image can hold: ``min(n, ceil((n - 1) / P) + 1)``.
+
+    An image is visited once every ``period`` = P enqueued keys at most (P images per rank
+    per epoch in a local queue, the data set size in a global one), so n consecutive keys
+    hold it at most once per visit.
+    """
+    if queue_size < 1 or period < 1:
+        raise ValueError(f"queue_size and period must be >= 1, got {queue_size} and {period}")
+    return min(queue_size, -(-(queue_size - 1) // period) + 1)
