@@ -180,6 +180,7 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
     for i, (x1, x2, labels, indices) in enumerate(bar):
         x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        indices = indices.to(device, non_blocking=True)
         fraction = state.epoch + i / plan.steps_per_epoch
         lr = cosine_lr(fraction, lr=plan.lr, warmup_epochs=config.warmup_epochs,
                        epochs=config.epochs)
@@ -187,7 +188,7 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
             group["lr"] = lr
         with torch.autocast(device.type, dtype=plan.amp_dtype or torch.float32,
                             enabled=plan.amp_dtype is not None):
-            out = state.wrapped(x1, x2)
+            out = state.wrapped(x1, x2, indices)
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(out.loss).backward()
         if config.grad_clip > 0:
@@ -208,7 +209,7 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
                 sums[2] += out.positiveness_entropy.float()
                 histogram += torch.histc(out.positiveness.float(), bins=HISTOGRAM_BINS,
                                          min=0, max=1)
-        model.enqueue(out.keys, labels, sources=indices.to(device, non_blocking=True))
+        model.enqueue(out.keys, labels, sources=indices)
         state.step += 1
         seen += config.batch_size
         if state.step % config.log_every == 0 or i + 1 == plan.steps_per_epoch:
@@ -380,6 +381,9 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
     torch.manual_seed(config.seed)
     model = build_model(config, in_chans=plan.in_chans, img_size=plan.img_size,
                         bank_dtype=plan.bank_dtype)
+    # Keys one queue receives per epoch: each image at most once, which bounds its self rows.
+    model.visit_period = plan.steps_per_epoch * (
+        config.batch_size if config.bank_mode == "global" else plan.local_batch)
     if payload is not None:
         if saved.method != config.method or saved.encoder != config.encoder:
             raise ConfigError(f"{ckpt_path} is a {saved.method}/{saved.encoder} run, not "
