@@ -65,6 +65,9 @@ class MemoryBank(nn.Module):
         self.size, self.dim, self.mode, self.search_unfilled = size, dim, mode, search_unfilled
         self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1).to(dtype))
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
+        # The dataset index each key came from (-1 = unknown): lets a search tell an image's
+        # own past keys from other images' keys.
+        self.register_buffer("sources", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
         # Host mirrors of pointer/filled: slicing by them needs no device sync per step.
@@ -96,10 +99,13 @@ class MemoryBank(nn.Module):
                                   temperature=attention_temperature, **options)
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor, labels: Tensor | None = None) -> None:
+    def enqueue(self, keys: Tensor, labels: Tensor | None = None, *,
+                sources: Tensor | None = None) -> None:
         """Append ``keys`` ``(n, D)`` (normalised here), overwriting the oldest rows.
 
-        In ``global`` mode the keys (and labels) of all ranks are gathered first. If more
+        ``labels`` and ``sources`` (the dataset index of each key, global across ranks) are
+        ``(n,)`` integer tensors stored beside the keys; missing ones record -1. In
+        ``global`` mode the keys, labels and sources of all ranks are gathered first. If more
         than ``size`` keys arrive at once, the newest ``size`` are kept.
         """
         if keys.dim() != 2 or keys.shape[1] != self.dim:
@@ -114,39 +120,87 @@ class MemoryBank(nn.Module):
         elif labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             # Storing 2.7 as class 2 would silently corrupt neighbour purity.
             raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        if sources is None:
+            sources = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
+        elif sources.shape != keys.shape[:1]:
+            raise ValueError(f"sources must have shape ({keys.shape[0]},), "
+                             f"got {tuple(sources.shape)}")
+        elif sources.is_floating_point() or sources.is_complex() or sources.dtype == torch.bool:
+            raise TypeError(f"sources must be an integer tensor, got dtype {sources.dtype}")
         if self.mode == "global":
             keys, labels = distributed.gather_no_grad(keys), distributed.gather_no_grad(labels)
+            sources = distributed.gather_no_grad(sources)
         keys = F.normalize(keys.float(), dim=1)[-self.size :]
         labels = labels[-self.size :]
+        sources = sources[-self.size :]
         count = keys.shape[0]
         first = min(count, self.size - self._pointer)  # rows before the wrap
         self.queue[self._pointer : self._pointer + first] = keys[:first].to(self.queue.dtype)
         self.labels[self._pointer : self._pointer + first] = labels[:first].long()
+        self.sources[self._pointer : self._pointer + first] = sources[:first].long()
         self.queue[: count - first] = keys[first:].to(self.queue.dtype)
         self.labels[: count - first] = labels[first:].long()
+        self.sources[: count - first] = sources[first:].long()
         self._pointer = (self._pointer + count) % self.size
         self._filled = min(self.size, self._filled + count)
         self.pointer.fill_(self._pointer)
         self.filled.fill_(self._filled)
 
     @torch.no_grad()
-    def restore_rows(self, rows: Tensor, labels: Tensor) -> None:
+    def self_rows(self, indices: Tensor, *, max_rows: int) -> Tensor:
+        """The queue rows holding each sample's own past keys, as a search's ``exclude``.
+
+        One sort of the sources and a ``searchsorted`` per sample: no host sync and no
+        ``B x N`` mask. Rows past ``max_rows`` per sample are dropped, so the result is exact
+        whenever ``max_rows`` is at least :func:`max_self_rows` for the run.
+
+        Shape:
+            ``indices`` ``(B,)`` int64 dataset indices (negative: unknown, matches nothing).
+            Returns ``(B, max_rows)`` int64 rows, padded with -1.
+        """
+        if indices.dim() != 1 or indices.is_floating_point():
+            raise ValueError(f"indices must be a (B,) integer tensor, got shape "
+                             f"{tuple(indices.shape)} and dtype {indices.dtype}")
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        indices = indices.to(self.sources.device, torch.long)
+        sorted_sources, order = torch.sort(self.sources, stable=True)
+        first = torch.searchsorted(sorted_sources, indices)  # (B,)
+        positions = first[:, None] + torch.arange(max_rows, device=indices.device)  # (B, E)
+        inside = positions < self.size
+        positions = positions.clamp(max=self.size - 1)
+        hit = inside & (sorted_sources[positions] == indices[:, None]) & (indices[:, None] >= 0)
+        return torch.where(hit, order[positions], torch.full_like(positions, -1))
+
+    @torch.no_grad()
+    def restore_rows(self, rows: Tensor, labels: Tensor, sources: Tensor | None = None) -> None:
         """Overwrite every row and label with saved ones (a rank's queue from a checkpoint).
 
         The write pointer and fill count stay: a resumed rank keeps the ones its state dict
         restored, which are the same on every rank.
 
         Shape:
-            ``rows`` ``(N, D)``, ``labels`` ``(N,)``.
+            ``rows`` ``(N, D)``, ``labels`` ``(N,)``, ``sources`` ``(N,)`` (None, from a
+            checkpoint written before sources were recorded: every source becomes -1).
         """
         if rows.shape != self.queue.shape or labels.shape != self.labels.shape:
             raise ValueError(f"saved rows and labels must have shapes {tuple(self.queue.shape)} "
                              f"and {tuple(self.labels.shape)}, got {tuple(rows.shape)} and "
                              f"{tuple(labels.shape)}")
+        if sources is not None and sources.shape != self.sources.shape:
+            raise ValueError(f"saved sources must have shape {tuple(self.sources.shape)}, "
+                             f"got {tuple(sources.shape)}")
         self.queue.copy_(rows)
         self.labels.copy_(labels)
+        if sources is None:
+            self.sources.fill_(-1)
+        else:
+            self.sources.copy_(sources)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if prefix + "sources" not in state_dict and prefix + "queue" in state_dict:
+            # A checkpoint from before sources were recorded: every key's source is unknown.
+            state_dict[prefix + "sources"] = torch.full_like(self.sources, -1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # One host read at load time keeps the mirrors in step with the restored buffers.
         self._pointer = int(self.pointer)
@@ -157,3 +211,15 @@ class MemoryBank(nn.Module):
             f"size={self.size}, dim={self.dim}, mode={self.mode!r}, "
             f"search_unfilled={self.search_unfilled}, dtype={self.queue.dtype}"
         )
+
+
+def max_self_rows(queue_size: int, period: int) -> int:
+    """Most queue rows one image can hold: ``min(n, ceil((n - 1) / P) + 1)``.
+
+    An image is visited once every ``period`` = P enqueued keys at most (P images per rank
+    per epoch in a local queue, the data set size in a global one), so n consecutive keys
+    hold it at most once per visit.
+    """
+    if queue_size < 1 or period < 1:
+        raise ValueError(f"queue_size and period must be >= 1, got {queue_size} and {period}")
+    return min(queue_size, -(-(queue_size - 1) // period) + 1)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from snclr import functional
-from snclr.bank import MemoryBank
+from snclr.bank import MemoryBank, max_self_rows
 from snclr.encoders import create_encoder, projector_depth
 from snclr.heads import LearnedAttention, predictor, projector
 from snclr.ops._checks import check_positive
@@ -90,8 +90,17 @@ class SNCLR(nn.Module):
         search_unfilled: search the random initial queue rows too (reference code).
         bank_dtype: storage dtype of the queue.
         backend: op backend, ``"auto"``, ``"torch"`` or ``"triton"``.
+        exclude_self_neighbors: when ``forward`` gets the batch's dataset ``indices``, each
+            sample's search skips the queue rows holding its own past keys (default off: the
+            official method searches the raw queue).
+        visit_period: P, the keys enqueued into this queue per epoch (images per rank and
+            epoch; the data set size in a global queue); it bounds the self rows one image
+            can hold (:func:`snclr.bank.max_self_rows`). None: the queue size (no bound
+            beyond N). The training loop sets it.
 
-    Until the queue holds K rows the neighbour terms are left out (the MoCo v3 loss).
+    Until the queue holds K rows the neighbour terms are left out (the MoCo v3 loss); when
+    excluding self rows, until it holds K + E rows, E the self rows the filled queue can
+    hold for one image, so K non-excluded rows always exist.
 
     Example:
         >>> from snclr.encoders import create_encoder
@@ -123,6 +132,8 @@ class SNCLR(nn.Module):
         search_unfilled: bool = False,
         bank_dtype: torch.dtype = torch.float32,
         backend: str = "auto",
+        exclude_self_neighbors: bool = False,
+        visit_period: int | None = None,
     ) -> None:
         super().__init__()
         num_features = num_features or getattr(encoder, "num_features", None)
@@ -140,6 +151,9 @@ class SNCLR(nn.Module):
         self.attention, self.attention_temperature = attention, attention_temperature
         self.threshold, self.detach_positiveness = threshold, detach_positiveness
         self.backend = backend
+        if visit_period is not None and visit_period < 1:
+            raise ValueError(f"visit_period must be >= 1 or None, got {visit_period}")
+        self.exclude_self_neighbors, self.visit_period = exclude_self_neighbors, visit_period
 
         self.encoder = encoder
         if projector_layers is None:
@@ -167,15 +181,27 @@ class SNCLR(nn.Module):
         torch._foreach_lerp_(self.momentum_parameters(), self.online_parameters(), 1.0 - momentum)
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor, labels: Tensor | None = None) -> None:
-        """Append momentum keys (normally ``output.keys``) to the queue."""
-        self.bank.enqueue(keys, labels)
+    def enqueue(self, keys: Tensor, labels: Tensor | None = None, *,
+                sources: Tensor | None = None) -> None:
+        """Append momentum keys (normally ``output.keys``) to the queue.
 
-    def forward(self, x1: Tensor, x2: Tensor) -> SNCLROutput:
+        ``sources`` ``(B,)`` int: the dataset index of each key (-1 or None: unknown).
+        """
+        self.bank.enqueue(keys, labels, sources=sources)
+
+    def self_rows_bound(self, filled: int | None = None) -> int:
+        """E: the most queue rows one image's past keys fill among ``filled`` rows
+        (default: all N), from :attr:`visit_period` (None: every row)."""
+        filled = self.bank.size if filled is None else filled
+        return max_self_rows(max(filled, 1), self.visit_period or self.bank.size)
+
+    def forward(self, x1: Tensor, x2: Tensor, indices: Tensor | None = None) -> SNCLROutput:
         """Symmetric loss ``L(z1, y1, k2) + L(z2, y2, k1)`` on one queue snapshot.
 
         Shape:
             ``x1``, ``x2``: ``(B, C, H, W)`` two views of the same B images.
+            ``indices``: ``(B,)`` int64 dataset indices of the images (used only with
+            ``exclude_self_neighbors``).
         """
         y1, y2 = self.projector(self.encoder(x1)), self.projector(self.encoder(x2))
         z1, z2 = self.predictor(y1), self.predictor(y2)
@@ -183,12 +209,19 @@ class SNCLR(nn.Module):
             k1 = F.normalize(self.momentum_projector(self.momentum_encoder(x1)).float(), dim=1)
             k2 = F.normalize(self.momentum_projector(self.momentum_encoder(x2)).float(), dim=1)
         # Neighbour terms wait until the queue can supply K rows (host-side count, no sync).
-        k = self.num_neighbors if self.bank.num_searchable >= self.num_neighbors else 0
-        loss_12, stats = self._direction(z1, y1, k2, k)
-        loss_21, _ = self._direction(z2, y2, k1, k)
+        exclude, needed = None, self.num_neighbors
+        if self.exclude_self_neighbors and indices is not None and self.num_neighbors:
+            # (B, E) rows with a static E: no host sync, no B x N mask. The warm-up needs
+            # K rows beyond the E an image can hold in the filled queue (host-side count).
+            exclude = self.bank.self_rows(indices, max_rows=self.self_rows_bound())
+            needed += self.self_rows_bound(self.bank.num_filled)
+        k = self.num_neighbors if self.bank.num_searchable >= needed else 0
+        loss_12, stats = self._direction(z1, y1, k2, k, exclude)
+        loss_21, _ = self._direction(z2, y2, k1, k, exclude)
         return SNCLROutput(loss=loss_12 + loss_21, keys=k2, **stats)
 
-    def _direction(self, z: Tensor, y: Tensor, key: Tensor, k: int) -> tuple[Tensor, dict]:
+    def _direction(self, z: Tensor, y: Tensor, key: Tensor, k: int,
+                   exclude: Tensor | None = None) -> tuple[Tensor, dict]:
         # Given weights are already thresholded; uniform and nearest have none to threshold.
         options = dict(temperature=self.temperature, detach_positiveness=self.detach_positiveness,
                        attention=self.attention, backend=self.backend)
@@ -201,7 +234,7 @@ class SNCLR(nn.Module):
         # values and their positiveness are computed in fp32 from key and y as they are.
         found = self.bank.search(key, y.float(), k,
                                  attention_temperature=self.attention_temperature,
-                                 backend=self.backend)
+                                 exclude=exclude, backend=self.backend)
         weights = None
         if self.attention in ("cosine", "learned"):
             weights = (found.positiveness if self.attention == "cosine"
@@ -229,7 +262,7 @@ class SNCLR(nn.Module):
             f"num_neighbors={self.num_neighbors}, temperature={self.temperature}, "
             f"attention={self.attention!r}, attention_temperature={self.attention_temperature}, "
             f"threshold={self.threshold}, detach_positiveness={self.detach_positiveness}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}, exclude_self_neighbors={self.exclude_self_neighbors}"
         )
 
 

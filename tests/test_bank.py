@@ -132,3 +132,61 @@ def test_restore_rows_overwrites_rows_and_labels_but_not_the_pointers():
     assert (bank.num_filled, int(bank.pointer)) == (4, 4)
     with pytest.raises(ValueError, match=r"must have shapes \(6, 4\) and \(6,\), got \(5, 4\)"):
         bank.restore_rows(rows[:5], labels)
+
+
+def test_sources_are_stored_beside_keys_and_default_to_minus_one():
+    bank = MemoryBank(5, 3)
+    bank.enqueue(torch.randn(3, 3), torch.tensor([0, 1, 2]), sources=torch.tensor([7, 8, 9]))
+    bank.enqueue(torch.randn(3, 3))  # wraps: rows 3, 4, 0
+    assert bank.sources.tolist() == [-1, 8, 9, -1, -1]
+    with pytest.raises(ValueError, match="sources must have shape"):
+        bank.enqueue(torch.randn(2, 3), sources=torch.tensor([1]))
+    with pytest.raises(TypeError, match="sources must be an integer"):
+        bank.enqueue(torch.randn(1, 3), sources=torch.tensor([1.5]))
+
+
+def test_sources_round_trip_through_state_dict_and_old_state_dicts_load_as_unknown():
+    bank = MemoryBank(4, 3)
+    bank.enqueue(torch.randn(4, 3), sources=torch.tensor([3, 1, 4, 1]))
+    restored = MemoryBank(4, 3)
+    restored.load_state_dict(bank.state_dict())
+    assert torch.equal(restored.sources, bank.sources)
+    old = {k: v for k, v in bank.state_dict().items() if k != "sources"}
+    restored.load_state_dict(old)  # strict: the missing key is handled, not ignored
+    assert restored.sources.tolist() == [-1, -1, -1, -1]
+    assert torch.equal(restored.queue, bank.queue)
+    restored.restore_rows(bank.queue, bank.labels, bank.sources)
+    assert torch.equal(restored.sources, bank.sources)
+    restored.restore_rows(bank.queue, bank.labels)
+    assert restored.sources.tolist() == [-1, -1, -1, -1]
+
+
+@pytest.mark.parametrize("size, images, batch", [(16, 5, 3), (7, 7, 2), (20, 3, 4), (5, 9, 3)])
+def test_self_rows_equal_a_brute_force_mask_at_the_static_bound(size, images, batch):
+    from snclr.bank import max_self_rows
+    torch.manual_seed(size * images)
+    bank = MemoryBank(size, 4)
+    for _ in range(3):  # epochs of reshuffled images, as a sampler would feed them
+        order = torch.randperm(images)
+        for start in range(0, images, batch):
+            chunk = order[start : start + batch]
+            bank.enqueue(torch.randn(len(chunk), 4), sources=chunk)
+    indices = torch.tensor([0, images - 1, 0, -1])  # a duplicate and an unknown sample
+    bound = max_self_rows(size, images)
+    rows = bank.self_rows(indices, max_rows=bound)
+    assert rows.shape == (4, bound) and rows.dtype == torch.int64
+    mask = bank.sources[None, :] == indices[:, None]  # brute force (B, N)
+    mask &= indices[:, None] >= 0
+    for j in range(4):
+        got = sorted(r for r in rows[j].tolist() if r >= 0)
+        assert got == mask[j].nonzero().flatten().tolist()
+    assert (mask.sum(1) <= bound).all()
+
+
+def test_max_self_rows_bound():
+    from snclr.bank import max_self_rows
+    assert max_self_rows(16384, 8000) == 4
+    assert max_self_rows(8000, 8000) == 2
+    assert max_self_rows(3, 100) == 2  # the end of one epoch and the start of the next
+    assert max_self_rows(1, 100) == 1
+    assert max_self_rows(4, 1) == 4

@@ -94,8 +94,8 @@ def test_the_model_takes_its_options_from_the_config_by_field_name():
 
     assert checkpoint.model_fields() == (
         "num_neighbors", "queue_size", "temperature", "attention_temperature", "threshold",
-        "detach_positiveness", "projector_layers", "projector_hidden", "projector_dim",
-        "predictor_hidden", "bank_mode", "backend")
+        "detach_positiveness", "exclude_self_neighbors", "projector_layers", "projector_hidden",
+        "projector_dim", "predictor_hidden", "bank_mode", "backend")
     config = Config(encoder="small_cnn", num_neighbors=3, queue_size=24, temperature=0.5,
                     attention_temperature=0.3, threshold=True, detach_positiveness=True,
                     projector_layers=3, projector_hidden=16, projector_dim=8,

@@ -83,7 +83,8 @@ def test_image_folder_without_val_is_split_80_20(tmp_path):
     train, test = load_dataset(str(root), split="train"), load_dataset(str(root), split="test")
     assert (len(train), len(test), train.in_chans, train.num_classes) == (8, 2, 3, 2)
     view1, view2 = two_view_transforms("byol", img_size=16, crop_scale_min=0.5, in_chans=3)
-    x1, x2, label = TwoViewDataset(train, view1, view2, seed=0)[0]
+    x1, x2, label, index = TwoViewDataset(train, view1, view2, seed=0)[0]
+    assert index == 0
     assert x1.shape == x2.shape == (3, 16, 16) and label.item() == 0
     x, _ = EvalDataset(test, eval_transform(img_size=16, native_size=224, in_chans=3))[0]
     assert x.shape == (3, 16, 16)
@@ -157,7 +158,8 @@ def test_mixed_size_folder_is_resized_for_evaluation_at_the_native_size(tmp_path
     loader = make_loader(EvalDataset(images, transform), batch_size=8, train=False)
     assert next(iter(loader))[0].shape == (8, 3, 40, 40)  # one batch of mixed sources
     views = two_view_transforms("byol", img_size=40, crop_scale_min=0.4, in_chans=3)
-    x1, x2, _ = TwoViewDataset(images, *views, seed=0)[2]
+    x1, x2, _, index = TwoViewDataset(images, *views, seed=0)[2]
+    assert index == 2
     assert x1.shape == x2.shape == (3, 40, 40)
 
 

@@ -179,7 +179,7 @@ def test_fixed_options_name_what_each_method_sets_or_never_reads():
 
     assert fixed_options("snclr") == {}
     assert set(fixed_options("mocov3")) == {"num_neighbors", "attention_temperature", "threshold",
-                                            "detach_positiveness"}
+                                            "detach_positiveness", "exclude_self_neighbors"}
     assert fixed_options("nnclr")["num_neighbors"] == "nnclr fixes num_neighbors=1"
     assert set(fixed_options("snclr-learned")) == {"attention_temperature"}
     assert set(fixed_options("snclr-uniform")) == {"attention_temperature", "threshold",
@@ -214,3 +214,75 @@ def test_an_option_a_method_never_reads_changes_nothing_and_one_it_reads_does(me
         loss_b, grads_b = loss_and_grads(**{name: b})
         same = torch.equal(loss_a, loss_b) and all(map(torch.equal, grads_a, grads_b))
         assert same == (name in unread), (method, name)
+
+
+def _self_neighbor_run(method, *, exclude, indices, steps=6, seed=0):
+    """Steps on the same images, enqueueing their keys with ``indices`` as sources.
+
+    Duplicates in a batch enqueue an image up to 3 times per 8 keys here: a period of 2
+    keys still bounds its rows (at most 1 per 2 keys).
+    """
+    distinct = len(set(indices.tolist())) == len(indices)
+    torch.manual_seed(seed)
+    model = create_model("small_cnn", method=method, num_neighbors=3, queue_size=32,
+                         backend="torch", exclude_self_neighbors=exclude,
+                         visit_period=len(indices) if distinct else 2, **SMALL)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(len(indices), 1, 28, 28, generator=generator)
+    outs = []
+    for _ in range(steps):
+        with torch.no_grad():
+            out = model(*views(images, generator), indices)
+        model.enqueue(out.keys, sources=indices)
+        outs.append((out, model.bank.sources.clone()))
+    return outs
+
+
+@pytest.mark.parametrize("method", ["snclr", "snclr-uniform", "snclr-learned", "nnclr"])
+@pytest.mark.parametrize("indices", [torch.arange(8), torch.tensor([0, 0, 1, 1, 2, 3, 3, 3])],
+                         ids=["distinct", "duplicates"])
+def test_exclude_self_neighbors_never_returns_the_samples_own_key(method, indices):
+    def self_found(exclude):
+        found = []
+        for out, sources in _self_neighbor_run(method, exclude=exclude, indices=indices):
+            if out.neighbor_indices is not None:
+                found.append((sources[out.neighbor_indices] == indices[:, None]).any().item())
+        return found
+
+    with_self = self_found(False)
+    assert any(with_self)  # the test can see self-neighbours: its own keys are the nearest
+    without = self_found(True)
+    assert len(without) >= 4 and not any(without)  # neighbours found, also once the queue wraps
+
+
+def test_exclude_self_neighbors_waits_for_k_rows_beyond_the_own_ones():
+    # 8 images, queue 32: after one step 8 rows (1 own row each, bound E = 2): K + E = 5 <= 8.
+    model = create_model("small_cnn", num_neighbors=3, queue_size=32, backend="torch",
+                         exclude_self_neighbors=True, visit_period=8, **SMALL)
+    indices = torch.arange(4)
+    model.enqueue(torch.randn(4, 32), sources=indices)  # 4 rows: 4 < K + E = 5
+    out = model(torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28), indices)
+    assert out.neighbor_indices is None
+    model.enqueue(torch.randn(1, 32), sources=torch.tensor([7]))
+    out = model(torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28), indices)
+    assert out.neighbor_indices is not None
+    assert not (model.bank.sources[out.neighbor_indices] == indices[:, None]).any()
+
+
+@pytest.mark.parametrize("method", ["snclr", "nnclr"])
+def test_without_the_option_indices_change_nothing(method):
+    indices = torch.arange(8)
+    plain = _self_neighbor_run(method, exclude=False, indices=indices)
+    torch.manual_seed(0)
+    model = create_model("small_cnn", method=method, num_neighbors=3, queue_size=32,
+                         backend="torch", **SMALL)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(8, 1, 28, 28, generator=generator)
+    for out, _ in plain:
+        with torch.no_grad():
+            old = model(*views(images, generator))
+        model.enqueue(old.keys, sources=indices)
+        assert torch.equal(old.loss, out.loss)
+        assert (old.neighbor_indices is None) == (out.neighbor_indices is None)
+        if old.neighbor_indices is not None:
+            assert torch.equal(old.neighbor_indices, out.neighbor_indices)

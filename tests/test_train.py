@@ -70,6 +70,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path):
         for key in pa:
             assert torch.equal(torch.as_tensor(pa[key]), torch.as_tensor(pb[key])), key
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 8)
+    sources = a["model"]["bank.sources"]  # the keys' dataset indices, resumed bit-exactly
+    filled = int(a["model"]["bank.filled"])
+    assert ((sources[:filled] >= 0) & (sources[:filled] < 64)).all()
 
 
 @pytest.mark.parametrize(
@@ -181,3 +184,41 @@ def test_cosine_lr_warms_up_then_decays_to_zero():
     assert cosine_lr(2.0, lr=1.0, warmup_epochs=2, epochs=10) == 1.0
     assert cosine_lr(6.0, lr=1.0, warmup_epochs=2, epochs=10) == pytest.approx(0.5)
     assert cosine_lr(10.0, lr=1.0, warmup_epochs=2, epochs=10) == pytest.approx(0.0)
+
+
+def test_self_neighbours_are_logged_and_warned_about_and_the_option_removes_them(tmp_path, capsys):
+    # 64 images, batch 16, one rank: 64 images per epoch, a queue of 64 holds one epoch of keys.
+    epochs = {}
+    for exclude in (False, True):
+        config = tiny(tmp_path / str(exclude), queue_size=64, epochs=3, knn_every=0,
+                      exclude_self_neighbors=exclude)
+        pretrain(config)
+        run = Path(config.output_dir)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        epochs[exclude] = [r for r in rows if r["kind"] == "epoch"]
+        report = (run / "report.md").read_text()
+        warning = ("warning: queue_size 64 >= 64 images per rank and epoch: about 100% of the "
+                   "samples have their own past keys in the queue")
+        assert warning in capsys.readouterr().err
+        assert warning in report and "--exclude-self-neighbors removes them" in report
+        assert ("(on in this run: they are excluded)" in report) == exclude
+        assert "self-neighbour fraction" in report and "purity without self" in report
+        header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+        assert {"self_neighbor_fraction", "neighbor_purity_without_self"} <= set(header)
+    last = {exclude: rows[-1] for exclude, rows in epochs.items()}
+    assert last[False]["self_neighbor_fraction"] > 0  # the own keys are found without the option
+    assert last[True]["self_neighbor_fraction"] == 0
+    for row in last.values():
+        assert 0 <= row["neighbor_purity_without_self"] <= 1
+
+
+def test_no_warning_when_the_queue_is_smaller_than_an_epoch(finished_run, capsys):
+    from snclr.training.train import self_neighbor_warning
+
+    config, last = finished_run  # queue 32 < 64 images per epoch
+    assert "warning: queue_size" not in (Path(config.output_dir) / "report.md").read_text()
+    assert 0 <= last["self_neighbor_fraction"] <= 1
+    assert self_neighbor_warning(32, 64) is None
+    assert "about 9% " in self_neighbor_warning(3 * 40000, 40000, world_size=32)
+    assert "about 100% " in self_neighbor_warning(3 * 40000, 40000, world_size=32,
+                                                  bank_mode="global")

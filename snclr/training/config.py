@@ -54,6 +54,7 @@ class Config:
     attention_temperature: float = ATTENTION_TEMPERATURE
     threshold: bool = False
     detach_positiveness: bool = False
+    exclude_self_neighbors: bool = False  # skip each image's own past keys in the search
     projector_layers: int | None = None  # None: the encoder family's (3 for ViT, 2 otherwise)
     projector_hidden: int = 512
     projector_dim: int = 128

@@ -265,10 +265,17 @@ class _SeededViews(Dataset):
 
 
 class TwoViewDataset(_SeededViews):
-    """``(view1, view2, label)`` triples for pretraining."""
+    """``(view1, view2, label, index)`` for pretraining.
+
+    ``index`` is the sample's position in ``images`` (the same on every rank): the model
+    records it as the source of the sample's key in the queue.
+    """
 
     def __init__(self, images: ImageSet, transform1, transform2, *, seed: int) -> None:
         super().__init__(images, transform1, transform2, seed=seed)
+
+    def __getitem__(self, i: int):
+        return (*super().__getitem__(i), i)
 
 
 class AugmentedDataset(_SeededViews):

@@ -36,7 +36,7 @@ def fixed_options(method: str) -> dict[str, str]:
     fixed = {name: f"{method} fixes {name}={value}" for name, value in options.items()
              if name != "attention"}
     if options.get("num_neighbors", 1) == 0:
-        unread = _WEIGHT_OPTIONS
+        unread = (*_WEIGHT_OPTIONS, "exclude_self_neighbors")
         reason = f"{method} has no neighbours (K=0)"
     else:
         attention = options.get("attention", "cosine")

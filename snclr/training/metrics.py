@@ -18,7 +18,8 @@ from pathlib import Path
 __all__ = ["CSV_COLUMNS", "MetricsLog", "clean", "read_rows"]
 
 CSV_COLUMNS = ("kind", "epoch", "step", "loss", "lr", "momentum", "images_per_s", "knn_top1",
-               "neighbor_purity", "positiveness_entropy", "neighbor_similarity")
+               "neighbor_purity", "neighbor_purity_without_self", "self_neighbor_fraction",
+               "positiveness_entropy", "neighbor_similarity")
 CSV_KINDS = ("step", "epoch")  # the other kinds (resume, config_change) are events, JSONL only
 
 

@@ -68,8 +68,12 @@ def _k(config: dict) -> str:
     return f"{k} ({fixed})" if fixed else str(k)
 
 
-def write_report(run_dir: Path, config: dict, *, histogram: list[float], wall_s: float) -> Path:
-    """Write the plots and ``report.md`` into ``run_dir``; return the report path."""
+def write_report(run_dir: Path, config: dict, *, histogram: list[float], wall_s: float,
+                 warnings: list[str] = ()) -> Path:
+    """Write the plots and ``report.md`` into ``run_dir``; return the report path.
+
+    ``warnings``: lines the run printed at start, repeated under the summary.
+    """
     rows = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in rows if r["kind"] == "step"]
     epochs = [r for r in rows if r["kind"] == "epoch"]
@@ -87,8 +91,11 @@ def write_report(run_dir: Path, config: dict, *, histogram: list[float], wall_s:
          "step", "Learning rate per step"),
         ("knn.png", f"kNN top-1 (k={config['knn_k']})",
          [("kNN top-1", *epoch_series("knn_top1"))], "epoch", "kNN accuracy per epoch"),
-        ("purity.png", "neighbour purity", [("purity", *epoch_series("neighbor_purity"))],
-         "epoch", "Neighbour purity per epoch"),
+        ("purity.png", "neighbour purity",
+         [("purity", *epoch_series("neighbor_purity")),
+          ("purity without self-neighbours", *epoch_series("neighbor_purity_without_self")),
+          ("self-neighbour fraction", *epoch_series("self_neighbor_fraction"))],
+         "epoch", "Neighbour purity and self-neighbours per epoch"),
     ]
     for name, title, series, xlabel, section in curves:
         if _plot(run_dir / name, title, series, xlabel):
@@ -107,9 +114,11 @@ def write_report(run_dir: Path, config: dict, *, histogram: list[float], wall_s:
         f"- K = {_k(config)}, queue {config['queue_size']}, T = {config['temperature']}",
         f"- image size: {config['img_size']} px",
         f"- wall time this session: {wall_s:.1f} s",
+        *(f"- **{line}**" for line in warnings),
         "",
-        "| epoch | loss | kNN top-1 | neighbour purity | positiveness entropy |",
-        "|---|---|---|---|---|",
+        "| epoch | loss | kNN top-1 | neighbour purity | purity without self | "
+        "self-neighbour fraction | positiveness entropy |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def fmt(value):
@@ -118,7 +127,8 @@ def write_report(run_dir: Path, config: dict, *, histogram: list[float], wall_s:
     for r in epochs:
         lines.append(
             f"| {r['epoch']} | {fmt(r.get('loss'))} | {fmt(r.get('knn_top1'))} | "
-            f"{fmt(r.get('neighbor_purity'))} | {fmt(r.get('positiveness_entropy'))} |"
+            f"{fmt(r.get('neighbor_purity'))} | {fmt(r.get('neighbor_purity_without_self'))} | "
+            f"{fmt(r.get('self_neighbor_fraction'))} | {fmt(r.get('positiveness_entropy'))} |"
         )
     lines.append("")
     events = [r for r in rows if r["kind"] in ("resume", "config_change")]

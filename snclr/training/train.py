@@ -63,7 +63,7 @@ from snclr.training.metrics import MetricsLog, clean
 from snclr.training.optim import cosine_lr, create_optimizer
 from snclr.training.report import write_report
 
-__all__ = ["Plan", "TrainingDiverged", "pretrain", "train_one_epoch"]
+__all__ = ["Plan", "TrainingDiverged", "pretrain", "self_neighbor_warning", "train_one_epoch"]
 
 HISTOGRAM_BINS = 50  # weights cluster near 1/K (tau_a = 1): fine bins show the spread
 
@@ -155,7 +155,8 @@ def _rank_banks(bank: MemoryBank) -> dict | None:
     if distributed.world_size() == 1 or bank.mode != "local":
         return None
     return {"queue": distributed.gather_no_grad(bank.queue[None]).cpu(),
-            "labels": distributed.gather_no_grad(bank.labels[None]).cpu()}
+            "labels": distributed.gather_no_grad(bank.labels[None]).cpu(),
+            "sources": distributed.gather_no_grad(bank.sources[None]).cpu()}
 
 
 def _restore_rank_bank(bank: MemoryBank, banks: dict | None, rank: int) -> None:
@@ -163,20 +164,51 @@ def _restore_rank_bank(bank: MemoryBank, banks: dict | None, rank: int) -> None:
     if banks is None:
         return
     source = rank % banks["queue"].shape[0]
-    bank.restore_rows(banks["queue"][source], banks["labels"][source])
+    # Checkpoints written before sources were recorded have none: restore_rows fills -1.
+    sources = banks["sources"][source] if "sources" in banks else None
+    bank.restore_rows(banks["queue"][source], banks["labels"][source], sources)
+
+
+def self_neighbor_warning(queue_size: int, period: int, *, world_size: int = 1,
+                          bank_mode: str = "local", excluded: bool = False) -> str | None:
+    """One line when the queue holds at least the images one queue receives per epoch (None
+    otherwise): then images meet their own past keys in the search.
+
+    ``period`` is P, the keys one queue receives per epoch (images per rank and epoch; the
+    data set size in a global queue). The expected share is that of samples with an own past
+    key in a full queue: all of them on one rank or in a global queue; in a local queue
+    over W ranks that reshuffle every epoch, ``1 - (1 - 1/W) ** (N / P)``. ``excluded``:
+    the run has ``exclude_self_neighbors`` on, and the line says so.
+
+    Example:
+        >>> self_neighbor_warning(16384, 8192).split(": ")[1]
+        'queue_size 16384 >= 8192 images per rank and epoch'
+    """
+    if queue_size < period:
+        return None
+    ranks = world_size if bank_mode == "local" else 1
+    share = 1.0 if ranks == 1 else 1 - (1 - 1 / ranks) ** (queue_size / period)
+    return (f"warning: queue_size {queue_size} >= {period} images per rank and epoch: about "
+            f"{share:.0%} of the samples have their own past keys in the queue (expected "
+            f"self-neighbours, {queue_size / period:.1f} epochs of keys); "
+            "--exclude-self-neighbors removes them"
+            + (" (on in this run: they are excluded)" if excluded else ""))
 
 
 def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: MetricsLog) -> dict:
     """One pass over the loader; returns the epoch's statistics (synchronised over ranks)."""
     model, device = state.model, plan.device
-    sums = torch.zeros(5, device=device)  # loss, purity, entropy, similarity, purity-steps
+    # loss, purity, entropy, similarity, purity-steps, self-neighbour fraction, purity without
+    # self-neighbours
+    sums = torch.zeros(7, device=device)
     histogram = torch.zeros(HISTOGRAM_BINS, device=device)
     bar = tqdm(loader, total=plan.steps_per_epoch, desc=f"epoch {state.epoch + 1}/{config.epochs}",
                disable=not distributed.is_main(), dynamic_ncols=True, leave=False)
     tic, seen = time.perf_counter(), 0
-    for i, (x1, x2, labels) in enumerate(bar):
+    for i, (x1, x2, labels, indices) in enumerate(bar):
         x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        indices = indices.to(device, non_blocking=True)
         fraction = state.epoch + i / plan.steps_per_epoch
         lr = cosine_lr(fraction, lr=plan.lr, warmup_epochs=config.warmup_epochs,
                        epochs=config.epochs)
@@ -184,7 +216,7 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
             group["lr"] = lr
         with torch.autocast(device.type, dtype=plan.amp_dtype or torch.float32,
                             enabled=plan.amp_dtype is not None):
-            out = state.wrapped(x1, x2)
+            out = state.wrapped(x1, x2, indices)
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(out.loss).backward()
         if config.grad_clip > 0:
@@ -198,14 +230,20 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
         sums[0] += out.loss.detach().float()
         if out.neighbor_indices is not None:
             # Purity before enqueue: the indices refer to this step's queue snapshot.
-            sums[1] += (model.bank.labels[out.neighbor_indices] == labels[:, None]).float().mean()
+            # A self-neighbour is one of the sample's own past keys: it counts as correct in
+            # purity, which is also reported without them.
+            correct = model.bank.labels[out.neighbor_indices] == labels[:, None]
+            own = model.bank.sources[out.neighbor_indices] == indices[:, None]
+            sums[1] += correct.float().mean()
+            sums[5] += own.float().mean()
+            sums[6] += (correct & ~own).sum() / (~own).sum().clamp(min=1)
             sums[3] += out.neighbor_similarity.float()
             sums[4] += 1
             if out.positiveness is not None:
                 sums[2] += out.positiveness_entropy.float()
                 histogram += torch.histc(out.positiveness.float(), bins=HISTOGRAM_BINS,
                                          min=0, max=1)
-        model.enqueue(out.keys, labels)
+        model.enqueue(out.keys, labels, sources=indices)
         state.step += 1
         seen += config.batch_size
         if state.step % config.log_every == 0 or i + 1 == plan.steps_per_epoch:
@@ -233,6 +271,8 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
         "neighbor_purity": sums[1] / nbr_steps if nbr_steps else None,
         "positiveness_entropy": sums[2] / nbr_steps if nbr_steps and sums[2] else None,
         "neighbor_similarity": sums[3] / nbr_steps if nbr_steps else None,
+        "self_neighbor_fraction": sums[5] / nbr_steps if nbr_steps else None,
+        "neighbor_purity_without_self": sums[6] / nbr_steps if nbr_steps else None,
         "histogram": histogram.tolist(),
     }
 
@@ -377,6 +417,14 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
     torch.manual_seed(config.seed)
     model = build_model(config, in_chans=plan.in_chans, img_size=plan.img_size,
                         bank_dtype=plan.bank_dtype)
+    # Keys one queue receives per epoch: each image at most once, which bounds its self rows.
+    model.visit_period = plan.steps_per_epoch * (
+        config.batch_size if config.bank_mode == "global" else plan.local_batch)
+    warning = None
+    if model.num_neighbors:
+        warning = self_neighbor_warning(config.queue_size, model.visit_period,
+                                        world_size=plan.world_size, bank_mode=config.bank_mode,
+                                        excluded=config.exclude_self_neighbors)
     if payload is not None:
         if saved.method != config.method or saved.encoder != config.encoder:
             raise ConfigError(f"{ckpt_path} is a {saved.method}/{saved.encoder} run, not "
@@ -405,6 +453,8 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
     if main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         print(f"image size {plan.img_size} px ({size_source})", flush=True)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     log = MetricsLog(run_dir, enabled=main, resume_step=state.step)
     if payload is not None or log.dropped_rows or log.torn_lines:
         log.write({"kind": "resume", "epoch": state.epoch, "step": state.step,
@@ -447,7 +497,7 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
         log.close()
     if main:
         write_report(run_dir, config.to_dict(), histogram=histogram,
-                     wall_s=time.perf_counter() - wall)
+                     wall_s=time.perf_counter() - wall, warnings=[warning] if warning else [])
     return clean(last)
 
 
