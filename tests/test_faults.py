@@ -437,3 +437,30 @@ def test_a_resume_after_a_kill_logs_each_step_once(run_copy, capsys):
     report = (run_copy / "report.md").read_text()
     assert report.count("\n| 1 |") == report.count("\n| 2 |") == 1
     assert "- resumed at step 4 (epoch 1): dropped 2 logged rows past it, 1 torn lines" in report
+
+
+# ------------------------------------------------- round two, 1. val/ indexed by train's classes
+
+
+def test_a_val_folder_lacking_a_train_class_keeps_trains_labels(tmp_path, capsys):
+    from snclr.training.data import load_splits
+
+    for c in range(3):
+        write_images(tmp_path / "train" / f"c{c}", [32] * 4, seed=c)
+    for c in (1, 2):
+        write_images(tmp_path / "val" / f"c{c}", [32] * 3, seed=c)
+    splits = load_splits(str(tmp_path))
+    assert sorted(set(splits["test"].labels.tolist())) == [1, 2]
+    assert splits["test"].num_classes == 3
+    assert "warning: val/ lacks 1 of train/'s classes, e.g. 'c0'" in capsys.readouterr().err
+
+
+def test_a_val_class_that_train_lacks_exits_2_before_the_run_folder_exists(tmp_path, capsys):
+    for c in range(2):
+        write_images(tmp_path / "data" / "train" / f"c{c}", [32] * 4, seed=c)
+    write_images(tmp_path / "data" / "val" / "c9", [32] * 3)
+    code, _, err = run(["pretrain", "--data", tmp_path / "data", *TINY,
+                        "--output-dir", tmp_path / "run"], capsys)
+    assert code == 2
+    assert "class folder(s) that train/ lacks, e.g. 'c9'" in one_line(err)
+    assert not (tmp_path / "run").exists()

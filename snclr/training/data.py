@@ -23,6 +23,7 @@ of workers and a resumed run sees exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,11 +119,12 @@ def _array_set(images: Tensor, labels: Tensor, num_classes: int) -> ImageSet:
                     img_size=images.shape[-1], num_classes=num_classes)
 
 
-def _folder_set(path: Path) -> ImageSet:
-    scan = scan_folder(path)
+def _folder_set(path: Path, classes: list[str] | None = None) -> tuple[ImageSet, list[str]]:
+    scan = scan_folder(path, classes)
+    num_classes = len(classes) if classes is not None else len(scan.classes)
     return ImageSet(labels=torch.from_numpy(scan.labels), in_chans=3,
-                    img_size=int(np.median(scan.sides)), num_classes=len(scan.classes),
-                    same_size=False, files=scan.files)
+                    img_size=int(np.median(scan.sides)), num_classes=num_classes,
+                    same_size=False, files=scan.files), scan.classes
 
 
 def _split(full: ImageSet) -> dict[str, ImageSet]:
@@ -153,8 +155,13 @@ def load_splits(name_or_dir: str) -> dict[str, ImageSet]:
         raise ConfigError(f"dataset directory {name_or_dir!r} has no train/ sub-folder of class "
                           "folders")
     if (root_dir / "val").is_dir():
-        return {"train": _folder_set(root_dir / "train"), "test": _folder_set(root_dir / "val")}
-    return _split(_folder_set(root_dir / "train"))
+        train, classes = _folder_set(root_dir / "train")
+        missing = [name for name in classes if not (root_dir / "val" / name).is_dir()]
+        if missing:
+            print(f"warning: val/ lacks {len(missing)} of train/'s classes, e.g. {missing[0]!r}; "
+                  "kNN is measured on the others", file=sys.stderr)
+        return {"train": train, "test": _folder_set(root_dir / "val", classes)[0]}
+    return _split(_folder_set(root_dir / "train")[0])
 
 
 def load_dataset(name_or_dir: str, *, split: str) -> ImageSet:

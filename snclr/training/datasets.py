@@ -236,17 +236,29 @@ def _probe(path: str) -> tuple[int, str | None]:
         return 0, f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:100]}"
 
 
-def scan_folder(path: Path) -> FolderScan:
+def scan_folder(path: Path, classes: list[str] | None = None) -> FolderScan:
     """Class sub-folders of ``path`` (torchvision ``ImageFolder`` rules), every file checked.
 
+    With ``classes`` (train's list), ``path`` is indexed by those classes, so a ``val/``
+    lacking one of them keeps train's labels; its sub-folders must be among them.
+
     Raises:
-        ConfigError: no class folders or images, or any file that cannot be decoded (the
-            count and the first such file, one line).
+        ConfigError: no class folders or images, a class not in ``classes``, or any file
+            that cannot be decoded (the count and the first such file, one line).
     """
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     try:
-        classes, class_to_idx = find_classes(str(path))
+        own, class_to_idx = find_classes(str(path))
+        if classes is not None:
+            unknown = [name for name in own if name not in classes]
+            if unknown:
+                raise ConfigError(
+                    f"{str(path)!r} has {len(unknown)} class folder(s) that train/ lacks, "
+                    f"e.g. {unknown[0]!r}; val/ classes must be train/ classes")
+            class_to_idx = {name: classes.index(name) for name in own}
+        else:
+            classes = own
         samples = make_dataset(str(path), class_to_idx, extensions=IMG_EXTENSIONS)
     except (FileNotFoundError, RuntimeError) as err:
         raise ConfigError(f"cannot read image folder {str(path)!r}: {err}") from None
