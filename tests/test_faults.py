@@ -464,3 +464,22 @@ def test_a_val_class_that_train_lacks_exits_2_before_the_run_folder_exists(tmp_p
     assert code == 2
     assert "class folder(s) that train/ lacks, e.g. 'c9'" in one_line(err)
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------- round two, 2. one process per run folder
+
+
+def test_a_second_process_on_a_locked_run_folder_exits_2_and_changes_nothing(run_copy, capsys):
+    from snclr.training import runlock
+
+    before = snapshot(run_copy)
+    runlock.acquire(run_copy)  # as another process would hold it (a fresh open file)
+    fd = runlock._held.pop(str(run_copy.resolve()))
+    try:
+        code, _, err = run(["pretrain", "--epochs", "2", "--output-dir", run_copy], capsys)
+    finally:
+        import os
+        os.close(fd)
+    assert code == 2
+    assert "another snclr process is using" in one_line(err)
+    assert snapshot(run_copy) == before
