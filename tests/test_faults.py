@@ -483,3 +483,52 @@ def test_a_second_process_on_a_locked_run_folder_exits_2_and_changes_nothing(run
     assert code == 2
     assert "another snclr process is using" in one_line(err)
     assert snapshot(run_copy) == before
+
+
+# ------------------------------- round two, 3, 8 and 11. the folder walk: links, dot-names, FIFOs
+
+
+def test_dot_folders_and_dot_files_are_not_classes_or_images(tmp_path):
+    from snclr.training.datasets import scan_folder
+
+    for c in range(2):
+        write_images(tmp_path / "train" / f"c{c}", [32] * 3, seed=c)
+    write_images(tmp_path / "train" / ".ipynb_checkpoints", [32] * 2)
+    write_images(tmp_path / "train" / "c0" / ".cache", [32] * 2)
+    shutil.copy(tmp_path / "train" / "c0" / "0.png", tmp_path / "train" / "c0" / ".hidden.png")
+    scan = scan_folder(tmp_path / "train")
+    assert scan.classes == ["c0", "c1"]
+    assert [Path(f).name for f in scan.files] == ["0.png", "1.png", "2.png"] * 2
+    assert scan.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_a_fifo_named_png_is_skipped_and_the_scan_ends(tmp_path):
+    import os
+
+    from snclr.training.datasets import scan_folder
+
+    write_images(tmp_path / "train" / "c0", [32] * 3)
+    os.mkfifo(tmp_path / "train" / "c0" / "x.png")
+    scan = scan_folder(tmp_path / "train")  # opening the FIFO would block forever
+    assert sorted(Path(f).name for f in scan.files) == ["0.png", "1.png", "2.png"]
+
+
+def test_a_symlink_loop_neither_multiplies_a_class_nor_leaks_into_the_test_split(tmp_path, capsys):
+    import os
+
+    from snclr.training.data import load_splits
+    from snclr.training.datasets import scan_folder
+
+    for c in range(3):
+        write_images(tmp_path / "train" / f"c{c}", [32] * 12, seed=c)
+    os.symlink(".", tmp_path / "train" / "c0" / "loop")
+    os.symlink("../c0", tmp_path / "train" / "c1" / "other")  # c0's files, reached again
+    os.symlink("0.png", tmp_path / "train" / "c2" / "again.png")
+    scan = scan_folder(tmp_path / "train")
+    assert len(scan.files) == 36
+    assert len({os.path.realpath(f) for f in scan.files}) == 36
+    assert scan.labels.tolist() == [0] * 12 + [1] * 12 + [2] * 12
+    splits = load_splits(str(tmp_path))
+    train = {os.path.realpath(f) for f in splits["train"].files}
+    test = {os.path.realpath(f) for f in splits["test"].files}
+    assert len(train) + len(test) == 36 and not train & test
