@@ -532,3 +532,33 @@ def test_a_symlink_loop_neither_multiplies_a_class_nor_leaks_into_the_test_split
     train = {os.path.realpath(f) for f in splits["train"].files}
     test = {os.path.realpath(f) for f in splits["test"].files}
     assert len(train) + len(test) == 36 and not train & test
+
+
+# ----------------------------------------------- round two, 4. 16-bit and float images scaled
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_white(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from snclr.training.data import load_splits, to_rgb
+
+    ramp = (np.arange(64 * 64, dtype=np.int64).reshape(64, 64) * 65535 // (64 * 64 - 1))
+    folder = tmp_path / "train" / "c0"
+    folder.mkdir(parents=True)
+    Image.fromarray(ramp.astype(np.uint16)).save(folder / "wide.png")
+    write_images(tmp_path / "train" / "c1", [64])
+    splits = load_splits(str(tmp_path))
+    files = list(splits["train"].files) + list(splits["test"].files)
+    with Image.open(next(f for f in files if f.endswith("wide.png"))) as image:
+        assert image.mode.startswith("I")  # what PIL opens a 16-bit PNG as
+        pixels = np.asarray(to_rgb(image))
+    assert pixels.dtype == np.uint8 and pixels.shape == (64, 64, 3)
+    assert pixels.min() == 0 and pixels.max() == 255 and len(np.unique(pixels)) == 256
+    for mode, values, top in [("I;16B", np.array([[0, 65535]], ">u2"), 255),
+                              ("I", np.array([[0, 70000]], np.int32), 255),
+                              ("I", np.array([[0, 200]], np.int32), 200),
+                              ("F", np.array([[0.0, 0.5]], np.float32), 128),
+                              ("F", np.array([[-1.0, np.nan, 3.0]], np.float32), 255)]:
+        image = Image.frombytes(mode, (values.shape[1], 1), values.tobytes())
+        assert np.asarray(to_rgb(image))[0, :, 0].max() == top, mode

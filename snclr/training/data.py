@@ -40,10 +40,40 @@ from snclr.training.errors import ConfigError
 __all__ = [
     "BUILTIN_DATASETS", "ImageSet", "TwoViewDataset", "EvalDataset", "AugmentedDataset",
     "eval_transform", "linear_train_transform", "load_dataset", "load_splits", "make_loader",
-    "stratified_split", "two_view_transforms",
+    "stratified_split", "to_rgb", "two_view_transforms",
 ]
 
 BUILTIN_DATASETS = NAMED_DATASETS
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, wide greyscale modes scaled by their range, not clipped.
+
+    ``convert("RGB")`` clips 16-bit (``I;16*``), 32-bit integer (``I``) and float (``F``)
+    values at 255, which turns most such images white. Here 16-bit values are scaled by
+    255/65535; ``I`` values by the smallest of the 8- and 16-bit ranges that holds them;
+    ``F`` values in 0..1 by 255, in 0..255 as they are. Anything else (negative values,
+    a larger range) is stretched from the image's minimum to its maximum; NaN becomes 0.
+    Every other mode goes through ``convert("RGB")``.
+    """
+    if image.mode not in _WIDE_MODES:
+        return image.convert("RGB")
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16"):
+        scale = 255.0 / 65535.0
+    elif low >= 0 and high <= (1.0 if image.mode == "F" else 255.0):
+        scale = 255.0 if image.mode == "F" else 1.0
+    elif image.mode == "I" and low >= 0 and high <= 65535:
+        scale = 255.0 / 65535.0
+    elif image.mode == "F" and low >= 0 and high <= 255:
+        scale = 1.0
+    else:
+        values = values - low
+        scale = 255.0 / (high - low) if high > low else 0.0
+    grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
 SPLIT_SEED = 0
 TRAIN_FRACTION = 0.8
 
@@ -76,7 +106,7 @@ class ImageSet:
         if self.images is not None:
             return self.images[i]
         with Image.open(self.files[i]) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
 
     def subset(self, rows: np.ndarray) -> "ImageSet":
         rows_t = torch.as_tensor(rows, dtype=torch.long)
