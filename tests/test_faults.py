@@ -387,8 +387,9 @@ def test_knn_and_linear_refuse_a_checkpoint_with_nan_weights(base_run, tmp_path,
         (lambda p: _crafted(p, model=torch.nn.Linear(2, 2)),
          "was refused: it holds objects other than tensors and plain values (torch.nn"),
         (lambda p: p.mkdir(), "is a directory, not a checkpoint file"),
+        (lambda p: p.write_bytes(bytes(range(256)) * 16), "is not a checkpoint file (Unsupported"),
     ],
-    ids=["missing-keys", "objects", "directory"],
+    ids=["missing-keys", "objects", "directory", "random-bytes"],
 )
 def test_a_bad_checkpoint_is_named_for_what_it_is(tmp_path, capsys, make, message):
     run_dir = tmp_path / "run"
@@ -399,6 +400,7 @@ def test_a_bad_checkpoint_is_named_for_what_it_is(tmp_path, capsys, make, messag
                  ["pretrain", *TINY, "--output-dir", run_dir]):
         code, _, err = run(argv, capsys)
         assert code == 2 and message in one_line(err)
+        assert "weights_only" not in err and "Weights only" not in err
         assert snapshot(run_dir) == before
 
 
