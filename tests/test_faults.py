@@ -404,11 +404,17 @@ def test_a_bad_checkpoint_is_named_for_what_it_is(tmp_path, capsys, make, messag
         assert snapshot(run_dir) == before
 
 
-@pytest.mark.parametrize("text, message", [("epochs: true\n", "epochs must be int, got True"),
-                                           ("threshold: 2\n", "threshold must be bool, got 2")])
-def test_config_files_are_read_strictly(tmp_path, capsys, text, message):
-    (tmp_path / "c.yaml").write_text(text)
-    argv = ["pretrain", *TINY, "--config", tmp_path / "c.yaml", "--output-dir", tmp_path / "r"]
+@pytest.mark.parametrize(
+    "name, text, message",
+    [("c.yaml", "epochs: true\n", "epochs must be int, got True"),
+     ("c.yaml", "threshold: 2\n", "threshold must be bool, got 2"),
+     ("c.yaml", "epochs: 1\nlr: 0.01\nepochs: 2\n", "duplicate key 'epochs' (lines 1 and 3)"),
+     ("c.json", '{"epochs": 1, "epochs": 2}', "duplicate key 'epochs'")],
+    ids=["bool-for-int", "int-for-bool", "duplicate-yaml", "duplicate-json"],
+)
+def test_config_files_are_read_strictly(tmp_path, capsys, name, text, message):
+    (tmp_path / name).write_text(text)
+    argv = ["pretrain", *TINY, "--config", tmp_path / name, "--output-dir", tmp_path / "r"]
     code, _, err = run(argv, capsys)
     assert code == 2 and message in one_line(err) and not (tmp_path / "r").exists()
 
