@@ -50,7 +50,7 @@ class _RunsCode:
         (lambda p: None, "does not exist"),
         (lambda p: p.write_bytes(b""), "truncated or corrupt"),
         # Not a zip: the weights-only unpickler fails on it too, but names no refused GLOBAL.
-        (lambda p: p.write_bytes(b"not a checkpoint"), "truncated or corrupt"),
+        (lambda p: p.write_bytes(b"not a checkpoint"), r"is not a checkpoint file \(Unsupported"),
         (lambda p: torch.save({"format": "snclr-checkpoint-v1", "x": _RunsCode()}, p),
          r"was refused: it holds objects other than tensors and plain values \(posix.system\)"),
         (lambda p: torch.save({"format": "snclr-checkpoint-v1", "m": torch.nn.Linear(1, 1)}, p),

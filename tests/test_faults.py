@@ -387,8 +387,9 @@ def test_knn_and_linear_refuse_a_checkpoint_with_nan_weights(base_run, tmp_path,
         (lambda p: _crafted(p, model=torch.nn.Linear(2, 2)),
          "was refused: it holds objects other than tensors and plain values (torch.nn"),
         (lambda p: p.mkdir(), "is a directory, not a checkpoint file"),
+        (lambda p: p.write_bytes(bytes(range(256)) * 16), "is not a checkpoint file (Unsupported"),
     ],
-    ids=["missing-keys", "objects", "directory"],
+    ids=["missing-keys", "objects", "directory", "random-bytes"],
 )
 def test_a_bad_checkpoint_is_named_for_what_it_is(tmp_path, capsys, make, message):
     run_dir = tmp_path / "run"
@@ -399,14 +400,21 @@ def test_a_bad_checkpoint_is_named_for_what_it_is(tmp_path, capsys, make, messag
                  ["pretrain", *TINY, "--output-dir", run_dir]):
         code, _, err = run(argv, capsys)
         assert code == 2 and message in one_line(err)
+        assert "weights_only" not in err and "Weights only" not in err
         assert snapshot(run_dir) == before
 
 
-@pytest.mark.parametrize("text, message", [("epochs: true\n", "epochs must be int, got True"),
-                                           ("threshold: 2\n", "threshold must be bool, got 2")])
-def test_config_files_are_read_strictly(tmp_path, capsys, text, message):
-    (tmp_path / "c.yaml").write_text(text)
-    argv = ["pretrain", *TINY, "--config", tmp_path / "c.yaml", "--output-dir", tmp_path / "r"]
+@pytest.mark.parametrize(
+    "name, text, message",
+    [("c.yaml", "epochs: true\n", "epochs must be int, got True"),
+     ("c.yaml", "threshold: 2\n", "threshold must be bool, got 2"),
+     ("c.yaml", "epochs: 1\nlr: 0.01\nepochs: 2\n", "duplicate key 'epochs' (lines 1 and 3)"),
+     ("c.json", '{"epochs": 1, "epochs": 2}', "duplicate key 'epochs'")],
+    ids=["bool-for-int", "int-for-bool", "duplicate-yaml", "duplicate-json"],
+)
+def test_config_files_are_read_strictly(tmp_path, capsys, name, text, message):
+    (tmp_path / name).write_text(text)
+    argv = ["pretrain", *TINY, "--config", tmp_path / name, "--output-dir", tmp_path / "r"]
     code, _, err = run(argv, capsys)
     assert code == 2 and message in one_line(err) and not (tmp_path / "r").exists()
 
@@ -437,3 +445,128 @@ def test_a_resume_after_a_kill_logs_each_step_once(run_copy, capsys):
     report = (run_copy / "report.md").read_text()
     assert report.count("\n| 1 |") == report.count("\n| 2 |") == 1
     assert "- resumed at step 4 (epoch 1): dropped 2 logged rows past it, 1 torn lines" in report
+
+
+# ------------------------------------------------- round two, 1. val/ indexed by train's classes
+
+
+def test_a_val_folder_lacking_a_train_class_keeps_trains_labels(tmp_path, capsys):
+    from snclr.training.data import load_splits
+
+    for c in range(3):
+        write_images(tmp_path / "train" / f"c{c}", [32] * 4, seed=c)
+    for c in (1, 2):
+        write_images(tmp_path / "val" / f"c{c}", [32] * 3, seed=c)
+    splits = load_splits(str(tmp_path))
+    assert sorted(set(splits["test"].labels.tolist())) == [1, 2]
+    assert splits["test"].num_classes == 3
+    assert "warning: val/ lacks 1 of train/'s classes, e.g. 'c0'" in capsys.readouterr().err
+
+
+def test_a_val_class_that_train_lacks_exits_2_before_the_run_folder_exists(tmp_path, capsys):
+    for c in range(2):
+        write_images(tmp_path / "data" / "train" / f"c{c}", [32] * 4, seed=c)
+    write_images(tmp_path / "data" / "val" / "c9", [32] * 3)
+    code, _, err = run(["pretrain", "--data", tmp_path / "data", *TINY,
+                        "--output-dir", tmp_path / "run"], capsys)
+    assert code == 2
+    assert "class folder(s) that train/ lacks, e.g. 'c9'" in one_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------- round two, 2. one process per run folder
+
+
+def test_a_second_process_on_a_locked_run_folder_exits_2_and_changes_nothing(run_copy, capsys):
+    from snclr.training import runlock
+
+    before = snapshot(run_copy)
+    runlock.acquire(run_copy)  # as another process would hold it (a fresh open file)
+    fd = runlock._held.pop(str(run_copy.resolve()))
+    try:
+        code, _, err = run(["pretrain", "--epochs", "2", "--output-dir", run_copy], capsys)
+    finally:
+        import os
+        os.close(fd)
+    assert code == 2
+    assert "another snclr process is using" in one_line(err)
+    assert snapshot(run_copy) == before
+
+
+# ------------------------------- round two, 3, 8 and 11. the folder walk: links, dot-names, FIFOs
+
+
+def test_dot_folders_and_dot_files_are_not_classes_or_images(tmp_path):
+    from snclr.training.datasets import scan_folder
+
+    for c in range(2):
+        write_images(tmp_path / "train" / f"c{c}", [32] * 3, seed=c)
+    write_images(tmp_path / "train" / ".ipynb_checkpoints", [32] * 2)
+    write_images(tmp_path / "train" / "c0" / ".cache", [32] * 2)
+    shutil.copy(tmp_path / "train" / "c0" / "0.png", tmp_path / "train" / "c0" / ".hidden.png")
+    scan = scan_folder(tmp_path / "train")
+    assert scan.classes == ["c0", "c1"]
+    assert [Path(f).name for f in scan.files] == ["0.png", "1.png", "2.png"] * 2
+    assert scan.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_a_fifo_named_png_is_skipped_and_the_scan_ends(tmp_path):
+    import os
+
+    from snclr.training.datasets import scan_folder
+
+    write_images(tmp_path / "train" / "c0", [32] * 3)
+    os.mkfifo(tmp_path / "train" / "c0" / "x.png")
+    scan = scan_folder(tmp_path / "train")  # opening the FIFO would block forever
+    assert sorted(Path(f).name for f in scan.files) == ["0.png", "1.png", "2.png"]
+
+
+def test_a_symlink_loop_neither_multiplies_a_class_nor_leaks_into_the_test_split(tmp_path, capsys):
+    import os
+
+    from snclr.training.data import load_splits
+    from snclr.training.datasets import scan_folder
+
+    for c in range(3):
+        write_images(tmp_path / "train" / f"c{c}", [32] * 12, seed=c)
+    os.symlink(".", tmp_path / "train" / "c0" / "loop")
+    os.symlink("../c0", tmp_path / "train" / "c1" / "other")  # c0's files, reached again
+    os.symlink("0.png", tmp_path / "train" / "c2" / "again.png")
+    scan = scan_folder(tmp_path / "train")
+    assert len(scan.files) == 36
+    assert len({os.path.realpath(f) for f in scan.files}) == 36
+    assert scan.labels.tolist() == [0] * 12 + [1] * 12 + [2] * 12
+    splits = load_splits(str(tmp_path))
+    train = {os.path.realpath(f) for f in splits["train"].files}
+    test = {os.path.realpath(f) for f in splits["test"].files}
+    assert len(train) + len(test) == 36 and not train & test
+
+
+# ----------------------------------------------- round two, 4. 16-bit and float images scaled
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_white(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from snclr.training.data import load_splits, to_rgb
+
+    ramp = (np.arange(64 * 64, dtype=np.int64).reshape(64, 64) * 65535 // (64 * 64 - 1))
+    folder = tmp_path / "train" / "c0"
+    folder.mkdir(parents=True)
+    Image.fromarray(ramp.astype(np.uint16)).save(folder / "wide.png")
+    write_images(tmp_path / "train" / "c1", [64])
+    splits = load_splits(str(tmp_path))
+    files = list(splits["train"].files) + list(splits["test"].files)
+    with Image.open(next(f for f in files if f.endswith("wide.png"))) as image:
+        assert image.mode.startswith("I")  # what PIL opens a 16-bit PNG as
+        pixels = np.asarray(to_rgb(image))
+    assert pixels.dtype == np.uint8 and pixels.shape == (64, 64, 3)
+    assert pixels.min() == 0 and pixels.max() == 255 and len(np.unique(pixels)) == 256
+    for mode, values, top in [("I;16B", np.array([[0, 65535]], ">u2"), 255),
+                              ("I", np.array([[0, 70000]], np.int32), 255),
+                              ("I", np.array([[0, 200]], np.int32), 200),
+                              ("F", np.array([[0.0, 0.5]], np.float32), 128),
+                              ("F", np.array([[-1.0, np.nan, 3.0]], np.float32), 255)]:
+        image = Image.frombytes(mode, (values.shape[1], 1), values.tobytes())
+        assert np.asarray(to_rgb(image))[0, :, 0].max() == top, mode

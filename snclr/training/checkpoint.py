@@ -139,9 +139,9 @@ def read_checkpoint(path: str | Path, *, keys: tuple[str, ...] = EVAL_KEYS) -> d
                 f"checkpoint {name} was refused: it holds objects other than tensors and plain "
                 f"values ({refused.group(1)}), which could run code when loaded"
             ) from None
-        raise _corrupt(name, err) from None
+        raise _corrupt(name, path, err) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise _corrupt(name, err) from None
+        raise _corrupt(name, path, err) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ConfigError(f"checkpoint {name} is not an snclr checkpoint")
     missing = [key for key in keys if key not in payload]
@@ -160,9 +160,29 @@ def read_checkpoint(path: str | Path, *, keys: tuple[str, ...] = EVAL_KEYS) -> d
     return payload
 
 
-def _corrupt(name: str, err: BaseException) -> ConfigError:
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+def _corrupt(name: str, path: Path, err: BaseException) -> ConfigError:
+    """A file that is not a zip archive (what ``torch.save`` writes) is not a checkpoint
+    file; an empty file, or a zip that does not load, is truncated or corrupt. Either way
+    the reason is torch's own last line, never its ``weights_only`` preamble (which
+    suggests the unsafe ``weights_only=False``)."""
+    reason = _torch_reason(err)
+    try:
+        with open(path, "rb") as f:
+            is_zip = f.read(4) in (b"PK\x03\x04", b"")
+    except OSError:
+        is_zip = True
+    if not is_zip:
+        return ConfigError(f"checkpoint {name} is not a checkpoint file ({reason})")
     return ConfigError(f"checkpoint {name} is truncated or corrupt ({reason})")
+
+
+def _torch_reason(err: BaseException) -> str:
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()
+             and "weights_only" not in line and not line.startswith("Check the documentation")]
+    return (lines[0] if lines else type(err).__name__)[:160]
 
 
 def non_finite(tree, prefix: str = "") -> list[str]:

@@ -174,14 +174,53 @@ def preset(name: str) -> Config:
     return apply_overrides(Config(), PRESETS[name], source=f"preset {name}")
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping in a config file names one key twice (YAML would silently keep the last)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping holding one key twice."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=False)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: the base class names it
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise DuplicateKeyError(f"duplicate key {key!r} (lines {first} and "
+                                            f"{key_node.start_mark.line + 1})")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _refuse_duplicate_json_keys(pairs: list) -> dict:
+    values: dict = {}
+    for key, value in pairs:
+        if key in values:
+            raise DuplicateKeyError(f"duplicate key {key!r}")
+        values[key] = value
+    return values
+
+
 def load_config_file(path: str | Path) -> dict:
-    """Read a YAML or JSON mapping of option -> value (``yaml.safe_load`` reads both)."""
+    """Read a YAML or JSON mapping of option -> value (YAML's safe loader reads both).
+
+    A key given twice is refused (YAML and JSON would silently keep the last).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
         text = path.read_text()
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if path.suffix == ".json":
+            values = json.loads(text, object_pairs_hook=_refuse_duplicate_json_keys)
+        else:
+            values = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
         reason = str(err).splitlines()[0]
         raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {reason}") from None

@@ -24,6 +24,7 @@ of workers and a resumed run sees exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +41,40 @@ from snclr.training.errors import ConfigError
 __all__ = [
     "BUILTIN_DATASETS", "ImageSet", "TwoViewDataset", "EvalDataset", "AugmentedDataset",
     "eval_transform", "linear_train_transform", "load_dataset", "load_splits", "make_loader",
-    "stratified_split", "two_view_transforms",
+    "stratified_split", "to_rgb", "two_view_transforms",
 ]
 
 BUILTIN_DATASETS = NAMED_DATASETS
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, wide greyscale modes scaled by their range, not clipped.
+
+    ``convert("RGB")`` clips 16-bit (``I;16*``), 32-bit integer (``I``) and float (``F``)
+    values at 255, which turns most such images white. Here 16-bit values are scaled by
+    255/65535; ``I`` values by the smallest of the 8- and 16-bit ranges that holds them;
+    ``F`` values in 0..1 by 255, in 0..255 as they are. Anything else (negative values,
+    a larger range) is stretched from the image's minimum to its maximum; NaN becomes 0.
+    Every other mode goes through ``convert("RGB")``.
+    """
+    if image.mode not in _WIDE_MODES:
+        return image.convert("RGB")
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16"):
+        scale = 255.0 / 65535.0
+    elif low >= 0 and high <= (1.0 if image.mode == "F" else 255.0):
+        scale = 255.0 if image.mode == "F" else 1.0
+    elif image.mode == "I" and low >= 0 and high <= 65535:
+        scale = 255.0 / 65535.0
+    elif image.mode == "F" and low >= 0 and high <= 255:
+        scale = 1.0
+    else:
+        values = values - low
+        scale = 255.0 / (high - low) if high > low else 0.0
+    grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
 SPLIT_SEED = 0
 TRAIN_FRACTION = 0.8
 
@@ -76,7 +107,7 @@ class ImageSet:
         if self.images is not None:
             return self.images[i]
         with Image.open(self.files[i]) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
 
     def subset(self, rows: np.ndarray) -> ImageSet:
         rows_t = torch.as_tensor(rows, dtype=torch.long)
@@ -119,11 +150,12 @@ def _array_set(images: Tensor, labels: Tensor, num_classes: int) -> ImageSet:
                     img_size=images.shape[-1], num_classes=num_classes)
 
 
-def _folder_set(path: Path) -> ImageSet:
-    scan = scan_folder(path)
+def _folder_set(path: Path, classes: list[str] | None = None) -> tuple[ImageSet, list[str]]:
+    scan = scan_folder(path, classes)
+    num_classes = len(classes) if classes is not None else len(scan.classes)
     return ImageSet(labels=torch.from_numpy(scan.labels), in_chans=3,
-                    img_size=int(np.median(scan.sides)), num_classes=len(scan.classes),
-                    same_size=False, files=scan.files)
+                    img_size=int(np.median(scan.sides)), num_classes=num_classes,
+                    same_size=False, files=scan.files), scan.classes
 
 
 def _split(full: ImageSet) -> dict[str, ImageSet]:
@@ -154,8 +186,13 @@ def load_splits(name_or_dir: str) -> dict[str, ImageSet]:
         raise ConfigError(f"dataset directory {name_or_dir!r} has no train/ sub-folder of class "
                           "folders")
     if (root_dir / "val").is_dir():
-        return {"train": _folder_set(root_dir / "train"), "test": _folder_set(root_dir / "val")}
-    return _split(_folder_set(root_dir / "train"))
+        train, classes = _folder_set(root_dir / "train")
+        missing = [name for name in classes if not (root_dir / "val" / name).is_dir()]
+        if missing:
+            print(f"warning: val/ lacks {len(missing)} of train/'s classes, e.g. {missing[0]!r}; "
+                  "kNN is measured on the others", file=sys.stderr)
+        return {"train": train, "test": _folder_set(root_dir / "val", classes)[0]}
+    return _split(_folder_set(root_dir / "train")[0])
 
 
 def load_dataset(name_or_dir: str, *, split: str) -> ImageSet:

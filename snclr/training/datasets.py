@@ -236,19 +236,93 @@ def _probe(path: str) -> tuple[int, str | None]:
         return 0, f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:100]}"
 
 
-def scan_folder(path: Path) -> FolderScan:
-    """Class sub-folders of ``path`` (torchvision ``ImageFolder`` rules), every file checked.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _class_folders(path: Path) -> list[str]:
+    """Sorted names of ``path``'s sub-folders, dot-folders (``.ipynb_checkpoints``) skipped."""
+    with os.scandir(path) as entries:
+        names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    if not names:
+        raise FileNotFoundError(f"Couldn't find any class folder in {str(path)}.")
+    return names
+
+
+def _walk_images(top: str, seen_dirs: set[str], seen_files: set[str]) -> list[str]:
+    """Image files under ``top`` in ``sorted(os.walk(top))`` order, each real file once.
+
+    Dot-folders and dot-files are skipped, and so is anything that is not a regular file (a
+    FIFO named ``x.png`` would block the scan). Directory links are followed unless they lead
+    to a folder already walked (a loop such as ``loop -> .``), and a file reached twice
+    through links is listed once, so it cannot land in both splits.
+    """
+    folders: list[tuple[str, list[str]]] = []
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen_dirs:
+            continue
+        seen_dirs.add(real)
+        images, subfolders = [], []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    if entry.is_dir():
+                        subfolders.append(entry.path)
+                    elif entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS):
+                        images.append(entry.path)
+                except OSError:  # a dangling or unreadable link: not an image of the folder
+                    continue
+        folders.append((folder, sorted(images)))
+        stack.extend(sorted(subfolders, reverse=True))
+    files = []
+    for _, images in sorted(folders):
+        for file in images:
+            real = os.path.realpath(file)
+            if real not in seen_files:
+                seen_files.add(real)
+                files.append(file)
+    return files
+
+
+def scan_folder(path: Path, classes: list[str] | None = None) -> FolderScan:
+    """Class sub-folders of ``path`` (torchvision ``ImageFolder`` order), every file checked.
+
+    Dot-folders, dot-files and non-regular files are skipped, looping directory links are
+    not followed, and no real file is counted twice (see :func:`_walk_images`).
+    With ``classes`` (train's list), ``path`` is indexed by those classes, so a ``val/``
+    lacking one of them keeps train's labels; its sub-folders must be among them.
 
     Raises:
-        ConfigError: no class folders or images, or any file that cannot be decoded (the
-            count and the first such file, one line).
+        ConfigError: no class folders or images, a class not in ``classes``, or any file
+            that cannot be decoded (the count and the first such file, one line).
     """
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-
     try:
-        classes, class_to_idx = find_classes(str(path))
-        samples = make_dataset(str(path), class_to_idx, extensions=IMG_EXTENSIONS)
-    except (FileNotFoundError, RuntimeError) as err:
+        own = _class_folders(path)
+        if classes is not None:
+            unknown = [name for name in own if name not in classes]
+            if unknown:
+                raise ConfigError(
+                    f"{str(path)!r} has {len(unknown)} class folder(s) that train/ lacks, "
+                    f"e.g. {unknown[0]!r}; val/ classes must be train/ classes")
+            class_to_idx = {name: classes.index(name) for name in own}
+        else:
+            classes = own
+            class_to_idx = {name: i for i, name in enumerate(own)}
+        samples, seen_dirs, seen_files, empty = [], set(), set(), []
+        for name in own:
+            found = _walk_images(os.path.join(str(path), name), seen_dirs, seen_files)
+            if not found:
+                empty.append(name)
+            samples.extend((file, class_to_idx[name]) for file in found)
+        if empty:
+            raise FileNotFoundError(
+                f"Found no valid file for the classes {', '.join(empty)}. "
+                f"Supported extensions are: {', '.join(IMG_EXTENSIONS)}")
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as err:
         raise ConfigError(f"cannot read image folder {str(path)!r}: {err}") from None
     files = [file for file, _ in samples]
     threads = max(1, min(32, os.cpu_count() or 1))

@@ -37,7 +37,7 @@ from snclr.bank import MemoryBank
 from snclr.encoders import fit_img_size
 from snclr.kernels._common import interpreted as triton_interpreted
 from snclr.model import SNCLR, cosine_momentum
-from snclr.training import launch
+from snclr.training import launch, runlock
 from snclr.training.checkpoint import (
     RESUME_KEYS,
     build_model,
@@ -304,6 +304,7 @@ def pretrain(config: Config, *, resume: bool = False, given: Iterable[str] | Non
         return _pretrain(config, resume=resume, given=given,
                          allow_config_change=allow_config_change)
     finally:
+        runlock.release(Path(config.output_dir))
         if started_group:
             distributed.destroy()
 
@@ -325,12 +326,17 @@ def _check_run_dir(run_dir: Path) -> None:
 
 def _make_run_dir(run_dir: Path, device: torch.device) -> None:
     """Rank 0 creates the folder; every rank learns whether it could (collective)."""
-    error = ""
+    error = busy = ""
     if distributed.is_main():
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
+            runlock.acquire(run_dir)
+        except ConfigError as err:
+            busy = str(err)
         except OSError as err:
             error = err.strerror or type(err).__name__
+    if _any_rank(bool(busy), device):
+        raise ConfigError(busy or f"another snclr process is using {str(run_dir)!r}")
     if _any_rank(bool(error), device):
         raise ConfigError(f"output_dir {str(run_dir)!r} cannot be created ({error or 'on rank 0'})")
 
