@@ -63,41 +63,30 @@ def _stable_top_k(scores: Tensor, k: int) -> Tensor:
 def _top_k_of_chunk(scores: Tensor, k: int) -> Tensor:
     """``_stable_top_k(scores, k)`` in O(N) per row; ``scores`` ``(R, N)`` may be overwritten.
 
-    ``topk`` with one extra slot finds the winners. Where its K+1 scores strictly decrease,
-    the winners and their order are unique and it is done; the other rows (a NaN, equal
-    scores) are resolved exactly by :func:`_resolve_top_k`.
+    NaN scores rank with the excluded rows, at -inf. ``topk`` finds every score above the
+    K-th (the cut) but picks among the scores equal to it in no set order; the exact set
+    takes, of those, the smallest indices, found by a second ``topk`` over their column
+    numbers. No shape depends on the values (no ``nonzero``, no host sync), so the search
+    also runs under ``torch.compile(fullgraph=True)``.
     """
-    if k >= scores.shape[1]:
-        return _stable_top_k(scores.masked_fill_(scores.isnan(), float("-inf")), k)
-    values, indices = scores.topk(k + 1, dim=1)  # (R, K+1), values descending, NaN first
-    # False for equal neighbours and for NaN. Selecting rows by value is a host sync on a
-    # GPU; this path serves the CPU (and float64).
-    strict = (values[:, :-1] > values[:, 1:]).all(dim=1)
-    winners = indices[:, :k].contiguous()
-    rows = (~strict).nonzero().squeeze(1)
-    if rows.numel():
-        winners[rows] = _resolve_top_k(scores[rows], k)
-    return winners
-
-
-def _resolve_top_k(scores: Tensor, k: int) -> Tensor:
-    """``_stable_top_k(scores, k)`` for rows with NaN or equal scores; ``k < N``.
-
-    NaN scores rank with the excluded rows, at -inf. When the K-th score beats the (K+1)-th
-    the winning set is unique and only its K entries need ordering by (value descending,
-    index ascending); rows where the two are equal (ties across the cut, -inf slots
-    included) take the stable sort.
-    """
+    num_cols = scores.shape[1]
     scores.masked_fill_(scores.isnan(), float("-inf"))
-    values, indices = scores.topk(k + 1, dim=1)
-    # Winners in index order first, so the stable sort by value breaks ties by index.
-    winners, by_index = indices[:, :k].sort(dim=1)
-    by_value = values[:, :k].gather(1, by_index).sort(dim=1, descending=True, stable=True)
-    winners = winners.gather(1, by_value.indices)
-    tied_rows = (values[:, k - 1] == values[:, k]).nonzero().squeeze(1)
-    if tied_rows.numel():
-        winners[tied_rows] = _stable_top_k(scores[tied_rows], k)
-    return winners
+    if k >= num_cols:
+        return _stable_top_k(scores, k)
+    values, indices = scores.topk(k, dim=1)  # (R, K) descending; the cut's slots last
+    cut = values[:, -1:]  # (R, 1)
+    above = (values > cut).sum(dim=1, keepdim=True)  # slots won outright, (R, 1)
+    # Columns scoring the cut in index order; the others sort past the end (int32: N < 2**31).
+    columns = torch.arange(num_cols, device=scores.device, dtype=torch.int32)
+    tied = torch.where(scores == cut, columns, num_cols).topk(k, dim=1, largest=False).values
+    slots = torch.arange(k, device=scores.device)
+    from_cut = tied.long().gather(1, (slots - above).clamp_min(0))  # (R, K)
+    winners = torch.where(slots >= above, from_cut, indices)
+    # Order the winners by (value descending, index ascending): index order first, then a
+    # stable sort by value.
+    winners = winners.sort(dim=1).values
+    by_value = scores.gather(1, winners).sort(dim=1, descending=True, stable=True).indices
+    return winners.gather(1, by_value)
 
 
 def _search_indices(query: Tensor, bank: Tensor, k: int, exclude: Tensor | None) -> Tensor:
