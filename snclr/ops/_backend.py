@@ -1,9 +1,9 @@
 """Which implementation an op's device kernel runs: the reference or the Triton kernels.
 
-Every ``torch.ops.snclr.*`` op has a CPU kernel and a CUDA kernel registered with the
-dispatcher, and a ``backend`` string in its schema: ``"auto"`` runs the reference on the CPU
-and Triton on CUDA, ``"torch"`` always the reference, ``"triton"`` always the kernels (on CPU
-tensors only under ``TRITON_INTERPRET=1``). float64 inputs always run the reference, which
+Every ``torch.ops.snclr.*`` op registers its kernel with the dispatcher for the CPU and CUDA
+device types (``DEVICE_TYPES``) and has a ``backend`` string in its schema: ``"auto"`` runs
+the reference for CPU tensors and Triton for CUDA tensors, ``"torch"`` always the reference,
+``"triton"`` always the kernels (for CPU tensors only under ``TRITON_INTERPRET=1``). float64 inputs always run the reference, which
 is exact; the kernels accumulate in fp32. The Triton kernel modules are imported only when
 a kernel runs Triton, so the package imports and runs its CPU path without triton.
 """
@@ -15,9 +15,11 @@ from torch import Tensor
 
 from snclr.kernels._common import interpreted
 
-__all__ = ["BACKENDS", "check_backend", "resolve_backend", "triton_available"]
+__all__ = ["BACKENDS", "DEVICE_TYPES", "check_backend", "resolve_backend", "triton_available"]
 
 BACKENDS = ("auto", "torch", "triton")
+# The device types each op registers a kernel for; the dispatcher refuses the others.
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 def triton_available() -> bool:

@@ -4,9 +4,9 @@
 kernels of ``snclr.kernels.knn_topk`` on CUDA; its ``backend`` argument overrides the choice
 (``snclr.ops._backend``). The backward never goes dense: it gathers the K winning bank rows
 (O(B*K*D)) and scatters into the bank gradient only when the bank requires grad. Registered
-with ``custom_op`` + ``register_kernel`` + ``register_fake`` + ``register_autograd``, so it
-works eagerly, under ``torch.compile`` and ``torch.library.opcheck``, also under the Triton
-interpreter (DESIGN section 4).
+with ``custom_op`` (a kernel for the CPU and CUDA device types) + ``register_fake`` +
+``register_autograd``, so it works eagerly, under ``torch.compile``, ``torch.export`` and
+``torch.library.opcheck``, also under the Triton interpreter (DESIGN section 4).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from snclr import reference
-from snclr.ops._backend import check_backend, resolve_backend
+from snclr.ops._backend import DEVICE_TYPES, check_backend, resolve_backend
 from snclr.ops._checks import (
     check_exclude,
     check_features,
@@ -51,28 +51,25 @@ def _knn_topk_triton(
     return values, indices
 
 
-@torch.library.custom_op("snclr::knn_topk", mutates_args=(), device_types="cpu")
-def _knn_topk_op(
-    query: Tensor, bank: Tensor, k: int, exclude: Tensor | None = None, *, backend: str = "auto"
+def _knn_topk_reference(
+    query: Tensor, bank: Tensor, k: int, exclude: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """CPU kernel: the reference; Triton under the interpreter with backend='triton'."""
-    if resolve_backend(backend, query, bank) == "triton":
-        return _knn_topk_triton(query, bank, k, exclude)
     return reference.knn_topk(query, bank, k, exclude=exclude)
 
 
-@_knn_topk_op.register_kernel("cuda")
-def _knn_topk_cuda(
+_IMPLEMENTATIONS = {"torch": _knn_topk_reference, "triton": _knn_topk_triton}
+
+
+@torch.library.custom_op("snclr::knn_topk", mutates_args=(), device_types=DEVICE_TYPES)
+def _knn_topk_op(
     query: Tensor, bank: Tensor, k: int, exclude: Tensor | None = None, *, backend: str = "auto"
 ) -> tuple[Tensor, Tensor]:
-    """CUDA kernel: Triton; the reference with backend='torch', for float64, without triton."""
-    if resolve_backend(backend, query, bank) == "torch":
-        return reference.knn_topk(query, bank, k, exclude=exclude)
-    return _knn_topk_triton(query, bank, k, exclude)
+    """The CPU and CUDA kernels: the reference on CPU, Triton on CUDA, unless ``backend``."""
+    return _IMPLEMENTATIONS[resolve_backend(backend, query, bank)](query, bank, k, exclude)
 
 
 @_knn_topk_op.register_fake
-def _knn_topk_fake(query, bank, k, exclude=None, *, backend="auto"):
+def _knn_topk_fake(query, bank, k, exclude=None, **_options):
     out_dtype = torch.promote_types(query.dtype, bank.dtype)
     num_queries = query.shape[0]
     return (

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from snclr import reference
 from snclr.kernels._common import NORM_EPS
-from snclr.ops._backend import check_backend, resolve_backend
+from snclr.ops._backend import DEVICE_TYPES, check_backend, resolve_backend
 from snclr.ops._checks import (
     check_exclude,
     check_features,
@@ -74,8 +74,11 @@ def _soft_neighbors_triton(
     return similarity, positiveness, indices
 
 
+_IMPLEMENTATIONS = {"torch": _soft_neighbors_reference, "triton": _soft_neighbors_triton}
+
+
 # Float outputs first: opcheck sums the outputs starting from the first one.
-@torch.library.custom_op("snclr::soft_neighbors", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("snclr::soft_neighbors", mutates_args=(), device_types=DEVICE_TYPES)
 def _soft_neighbors_op(
     query: Tensor,
     online: Tensor,
@@ -87,28 +90,8 @@ def _soft_neighbors_op(
     threshold: bool = False,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """CPU kernel: the reference; Triton under the interpreter with backend='triton'."""
-    run = (_soft_neighbors_triton if resolve_backend(backend, query, online, bank) == "triton"
-           else _soft_neighbors_reference)
-    return run(query, online, bank, k, exclude, attention_temperature=attention_temperature,
-               threshold=threshold)
-
-
-@_soft_neighbors_op.register_kernel("cuda")
-def _soft_neighbors_cuda(
-    query: Tensor,
-    online: Tensor,
-    bank: Tensor,
-    k: int,
-    exclude: Tensor | None = None,
-    *,
-    attention_temperature: float = 1.0,
-    threshold: bool = False,
-    backend: str = "auto",
-) -> tuple[Tensor, Tensor, Tensor]:
-    """CUDA kernel: Triton; the reference with backend='torch', for float64, without triton."""
-    run = (_soft_neighbors_reference if resolve_backend(backend, query, online, bank) == "torch"
-           else _soft_neighbors_triton)
+    """The CPU and CUDA kernels: the reference on CPU, Triton on CUDA, unless ``backend``."""
+    run = _IMPLEMENTATIONS[resolve_backend(backend, query, online, bank)]
     return run(query, online, bank, k, exclude, attention_temperature=attention_temperature,
                threshold=threshold)
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from snclr import reference
 from snclr.kernels._common import NORM_EPS
-from snclr.ops._backend import check_backend, resolve_backend
+from snclr.ops._backend import DEVICE_TYPES, check_backend, resolve_backend
 from snclr.ops._checks import (
     check_features,
     check_positive,
@@ -79,7 +79,8 @@ def _forward_reference(
         queries, candidates, targets, temperature=temperature, target_offset=target_offset
     )
     loss = reference.soft_target_loss_of(targets, lse, owned)
-    return loss, lse, owned, _inverse_norms(queries, lse.dtype), _inverse_norms(candidates, lse.dtype)
+    inv_q, inv_c = _inverse_norms(queries, lse.dtype), _inverse_norms(candidates, lse.dtype)
+    return loss, lse, owned, inv_q, inv_c
 
 
 def _forward(
@@ -105,28 +106,18 @@ def _forward(
     return loss, lse, owned, inv_q, inv_c
 
 
+_FORWARDS = {"torch": _forward_reference, "triton": _forward}
+
+
 @torch.library.custom_op(
-    "snclr::soft_target_contrastive_loss", mutates_args=(), device_types="cpu"
+    "snclr::soft_target_contrastive_loss", mutates_args=(), device_types=DEVICE_TYPES
 )
 def _loss_op(
     queries: Tensor, candidates: Tensor, targets: Tensor, *, temperature: float,
     target_offset: int = 0, backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """CPU kernel: the reference; Triton under the interpreter with backend='triton'."""
-    run = (_forward if resolve_backend(backend, queries, candidates, targets) == "triton"
-           else _forward_reference)
-    return run(queries, candidates, targets, temperature=temperature,
-               target_offset=target_offset)
-
-
-@_loss_op.register_kernel("cuda")
-def _loss_op_cuda(
-    queries: Tensor, candidates: Tensor, targets: Tensor, *, temperature: float,
-    target_offset: int = 0, backend: str = "auto",
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """CUDA kernel: Triton; the reference with backend='torch', for float64, without triton."""
-    run = (_forward_reference if resolve_backend(backend, queries, candidates, targets) == "torch"
-           else _forward)
+    """The CPU and CUDA kernels: the reference on CPU, Triton on CUDA, unless ``backend``."""
+    run = _FORWARDS[resolve_backend(backend, queries, candidates, targets)]
     return run(queries, candidates, targets, temperature=temperature,
                target_offset=target_offset)
 
@@ -217,6 +208,9 @@ def _backward(
     return grad_queries, grad_candidates, grad_targets
 
 
+_BACKWARDS = {"torch": _backward_reference, "triton": _backward}
+
+
 def _tensors_or_empty(queries: Tensor, candidates: Tensor, grads: tuple) -> tuple:
     """A gradient that is not needed comes back empty (custom ops return tensors)."""
     grad_q, grad_c, grad_t = grads
@@ -225,28 +219,18 @@ def _tensors_or_empty(queries: Tensor, candidates: Tensor, grads: tuple) -> tupl
 
 
 @torch.library.custom_op(
-    "snclr::soft_target_contrastive_loss_backward", mutates_args=(), device_types="cpu"
+    "snclr::soft_target_contrastive_loss_backward", mutates_args=(), device_types=DEVICE_TYPES
 )
 def _loss_backward_op(
     grad: Tensor, queries: Tensor, candidates: Tensor, targets: Tensor, lse: Tensor,
     owned: Tensor, inv_q: Tensor, inv_c: Tensor, *, temperature: float, target_offset: int,
     backend: str, need_queries: bool, need_candidates: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """CPU kernel of ``(dq, dC, dt)``: torch; Triton under the interpreter when forced."""
-    tensors = (grad, queries, candidates, targets, lse, owned, inv_q, inv_c)
-    options = dict(temperature=temperature, target_offset=target_offset,
-                   need_queries=need_queries, need_candidates=need_candidates)
-    run = (_backward if resolve_backend(backend, queries, candidates, targets) == "triton"
-           else _backward_reference)
-    return _tensors_or_empty(queries, candidates, run(*tensors, **options))
-
-
-@_loss_backward_op.register_kernel("cuda")
-def _loss_backward_op_cuda(grad, queries, candidates, targets, *stats, backend, **options):
-    """CUDA kernel of ``(dq, dC, dt)``: Triton; torch where the forward ran the reference."""
-    run = (_backward_reference if resolve_backend(backend, queries, candidates, targets)
-           == "torch" else _backward)
-    grads = run(grad, queries, candidates, targets, *stats, **options)
+    """``(dq, dC, dt)`` on CPU and CUDA, by the implementation the forward ran."""
+    run = _BACKWARDS[resolve_backend(backend, queries, candidates, targets)]
+    grads = run(grad, queries, candidates, targets, lse, owned, inv_q, inv_c,
+                temperature=temperature, target_offset=target_offset,
+                need_queries=need_queries, need_candidates=need_candidates)
     return _tensors_or_empty(queries, candidates, grads)
 
 
