@@ -60,14 +60,14 @@ def flops(batch: int, rows: int, dim: int) -> float:
     return 2.0 * batch * rows * dim
 
 
-def _torch_soft_neighbors(key, online, bank, k, temperature=1.0):
+def _torch_soft_neighbors(key, online, bank, k, attention_temperature=1.0):
     """Dense baseline: full score matrix, torch.topk, reference positiveness."""
     similarity, indices = torch.topk(F.normalize(key, dim=-1) @ bank.t(), k, dim=1)
     neighbors = bank[indices]
     attention = torch.einsum(
         "bd,bkd->bk", F.normalize(online.float(), dim=-1), F.normalize(neighbors.float(), dim=-1)
     )
-    return similarity, torch.softmax(attention / temperature, dim=-1), indices
+    return similarity, torch.softmax(attention / attention_temperature, dim=-1), indices
 
 
 def _fused_soft_neighbors(ops, key, online, bank, k):

@@ -84,12 +84,8 @@ def _captured_inputs(model, step: Callable[[], None]) -> dict:
 
 def _op_times(seen: dict, device: torch.device) -> dict[str, float]:
     key, online, bank, k, options = seen["search"]
-    # MemoryBank.search names tau_a attention_temperature; the op calls it temperature.
-    options = dict(options)
-    if "attention_temperature" in options:
-        options["temperature"] = options.pop("attention_temperature")
     options = {name: value for name, value in options.items()
-               if name in ("temperature", "threshold", "backend")}
+               if name in ("attention_temperature", "threshold", "backend")}
     online = online.requires_grad_()
 
     def soft() -> None:

@@ -92,11 +92,11 @@ class MemoryBank(nn.Module):
                **options) -> ops.SoftNeighbors:
         """:func:`snclr.ops.soft_neighbors` of ``key`` against the searchable rows.
 
-        ``attention_temperature`` is tau_a, the op's ``temperature=``; the other options
-        (``threshold``, ``exclude``, ``backend``) pass to the op by name.
+        ``attention_temperature`` is tau_a; it and the other options (``threshold``,
+        ``exclude``, ``backend``) pass to the op by name.
         """
         return ops.soft_neighbors(key, online, self.rows(), k,
-                                  temperature=attention_temperature, **options)
+                                  attention_temperature=attention_temperature, **options)
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor, labels: Tensor | None = None, *,

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SoftNeighbors", "knn_topk", "soft_neighbors", "soft_target_contrastive_loss",
-           "threshold_mask", "thresholded"]
+__all__ = ["SoftNeighbors", "knn_topk", "positiveness", "soft_neighbors",
+           "soft_target_contrastive_loss", "soft_target_logits", "soft_target_loss_of",
+           "threshold_mask", "threshold_value", "thresholded"]
 
 # Rows of queries scored against all candidates per step of the loss: bounds the transient
 # logits to CHUNK_ROWS x M instead of B x M.
@@ -38,7 +39,7 @@ class SoftNeighbors(NamedTuple):
         similarity: ``(B, K)`` cosine similarity ``<n(key), bank[indices]>``.
         neighbors: ``(B, K, D)`` the selected bank rows as stored.
         positiveness: ``(B, K)`` softmax over the K neighbours of
-            ``<n(online), n(neighbor)> / temperature``, optionally thresholded.
+            ``<n(online), n(neighbor)> / attention_temperature``, optionally thresholded.
     """
 
     indices: Tensor
@@ -147,9 +148,14 @@ def knn_topk(
     return values.to(out_dtype), indices
 
 
+def threshold_value(k: int) -> float:
+    """The positiveness threshold of K neighbours, ``1/K``: the one definition of the value."""
+    return 1.0 / k
+
+
 def threshold_mask(weights: Tensor) -> Tensor:
     """The weights the threshold keeps: ``w > 1/K``, with K = ``weights.shape[-1]``."""
-    return weights > 1.0 / weights.shape[-1]
+    return weights > threshold_value(weights.shape[-1])
 
 
 def thresholded(weights: Tensor) -> Tensor:
@@ -164,20 +170,44 @@ def thresholded(weights: Tensor) -> Tensor:
     return weights * threshold_mask(weights)
 
 
+def positiveness(
+    online: Tensor, neighbors: Tensor, *, attention_temperature: float, threshold: bool
+) -> Tensor:
+    """``softmax_k(<n(online), n(neighbors_k)> / attention_temperature)``, optionally thresholded.
+
+    Args:
+        online: ``(B, D)`` online projections.
+        neighbors: ``(B, K, D)`` their neighbours' rows.
+        attention_temperature: tau_a of the softmax.
+        threshold: zero the weights ``<= 1/K`` (:func:`thresholded`).
+
+    Returns:
+        ``(B, K)`` weights in the promoted dtype of the inputs (at least float32).
+    """
+    acc = _accumulation_dtype(online, neighbors)
+    attention = torch.einsum(
+        "bd,bkd->bk",
+        F.normalize(online.to(acc), dim=-1),
+        F.normalize(neighbors.to(acc), dim=-1),
+    )
+    weights = torch.softmax(attention / attention_temperature, dim=-1)
+    return thresholded(weights) if threshold else weights
+
+
 def soft_neighbors(
     key: Tensor,
     online: Tensor,
     bank: Tensor,
     k: int,
     *,
-    temperature: float = 1.0,
+    attention_temperature: float = 1.0,
     threshold: bool = False,
     exclude: Tensor | None = None,
 ) -> SoftNeighbors:
     """Nearest bank rows of each key and their positiveness for the online feature.
 
     ``indices = top-k_n <n(key), bank_n>`` (bank rows are stored L2-normalised),
-    ``positiveness = softmax_k(<n(online), n(bank[indices])> / temperature)``, and with
+    ``positiveness = softmax_k(<n(online), n(bank[indices])> / attention_temperature)``, and with
     ``threshold`` the weights not above ``1/k`` are zeroed (not renormalised).
 
     Args:
@@ -185,7 +215,7 @@ def soft_neighbors(
         online: ``(B, D)`` online projections that score them.
         bank: ``(N, D)`` stored rows.
         k: number of neighbours, ``1 <= k <= N``.
-        temperature: softmax temperature of the positiveness.
+        attention_temperature: tau_a, the softmax temperature of the positiveness.
         threshold: zero the weights ``<= 1/k``.
         exclude: optional ``(B, E)`` int64 rows to skip; entries outside ``[0, N)`` are
             ignored (``-1`` is the usual padding).
@@ -196,16 +226,9 @@ def soft_neighbors(
     """
     similarity, indices = knn_topk(F.normalize(key, dim=-1), bank, k, exclude=exclude)
     neighbors = bank[indices]  # (B, K, D)
-    acc = _accumulation_dtype(online, bank)
-    attention = torch.einsum(
-        "bd,bkd->bk",
-        F.normalize(online.to(acc), dim=-1),
-        F.normalize(neighbors.to(acc), dim=-1),
-    )
-    positiveness = torch.softmax(attention / temperature, dim=-1)
-    if threshold:
-        positiveness = thresholded(positiveness)
-    return SoftNeighbors(indices, similarity, neighbors, positiveness)
+    weights = positiveness(online, neighbors, attention_temperature=attention_temperature,
+                           threshold=threshold)
+    return SoftNeighbors(indices, similarity, neighbors, weights)
 
 
 def soft_target_contrastive_loss(
@@ -236,21 +259,44 @@ def soft_target_contrastive_loss(
     Returns:
         ``(B,)`` losses in the promoted dtype of the inputs (at least float32).
     """
+    lse, owned = soft_target_logits(queries, candidates, targets, temperature=temperature,
+                                    target_offset=target_offset)
+    return soft_target_loss_of(targets, lse, owned)
+
+
+def soft_target_logits(
+    queries: Tensor,
+    candidates: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float,
+    target_offset: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """What the loss reads of the logits: ``(lse, owned)``, ``(B,)`` and ``(B, S)``.
+
+    ``lse_j = logsumexp_c s_jc`` and ``owned[j, s] = s_j,own(j,s)``, with the logits and the
+    owned columns of :func:`soft_target_contrastive_loss`, row-chunked; in the promoted
+    dtype of the inputs (at least float32).
+    """
     acc = _accumulation_dtype(queries, candidates, targets)
     q = F.normalize(queries.to(acc), dim=-1)
     c = F.normalize(candidates.to(acc), dim=-1)
-    t = targets.to(acc)
-    num_rows, num_slots = t.shape
+    num_rows, num_slots = targets.shape
     own = (
         target_offset
         + torch.arange(num_rows, device=q.device).unsqueeze(1) * num_slots
         + torch.arange(num_slots, device=q.device)
     )  # (B, S)
-    losses = []
+    lse, owned = [], []
     for start in range(0, num_rows, CHUNK_ROWS):
         stop = start + CHUNK_ROWS
         logits = q[start:stop] @ c.t() / temperature  # (chunk, M)
-        lse = torch.logsumexp(logits, dim=1)
-        owned = logits.gather(1, own[start:stop])
-        losses.append(t[start:stop].sum(1) * lse - (t[start:stop] * owned).sum(1))
-    return torch.cat(losses)
+        lse.append(torch.logsumexp(logits, dim=1))
+        owned.append(logits.gather(1, own[start:stop]))
+    return torch.cat(lse), torch.cat(owned)
+
+
+def soft_target_loss_of(targets: Tensor, lse: Tensor, owned: Tensor) -> Tensor:
+    """``loss_j = sum(t_j) * lse_j - sum_s t_js * owned_js`` (DESIGN section 2), ``(B,)``."""
+    weights = targets.to(lse.dtype)
+    return weights.sum(dim=1) * lse - (weights * owned).sum(dim=1)

@@ -54,7 +54,7 @@ def test_search_takes_the_attention_temperature_by_its_model_name():
     bank.enqueue(torch.randn(20, 8))
     key, online = torch.randn(3, 8), torch.randn(3, 8)
     found = bank.search(key, online, 4, attention_temperature=0.1)
-    expected = ops.soft_neighbors(key, online, bank.rows(), 4, temperature=0.1)
+    expected = ops.soft_neighbors(key, online, bank.rows(), 4, attention_temperature=0.1)
     torch.testing.assert_close(found.positiveness, expected.positiveness)
     assert not torch.allclose(found.positiveness, bank.search(key, online, 4).positiveness)
 

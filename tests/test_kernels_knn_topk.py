@@ -378,7 +378,7 @@ def test_soft_neighbors_values_and_gradients(shape, threshold):
     results, grads = {}, {}
     for backend in ("torch", "triton"):
         out = ops.soft_neighbors(
-            key, online, bank, k, temperature=0.2, threshold=threshold, backend=backend
+            key, online, bank, k, attention_temperature=0.2, threshold=threshold, backend=backend
         )
         results[backend] = out
         outputs = (out.similarity, out.positiveness, out.neighbors)
@@ -404,7 +404,7 @@ def test_soft_neighbors_positiveness_gradient_through_online_only():
     upstream = torch.randn(7, 5)
     grads = []
     for backend in ("torch", "triton"):
-        out = ops.soft_neighbors(key, online, bank, 5, temperature=0.5, backend=backend)
+        out = ops.soft_neighbors(key, online, bank, 5, attention_temperature=0.5, backend=backend)
         grads.append(torch.autograd.grad((out.positiveness * upstream).sum(), online)[0])
     torch.testing.assert_close(grads[1], grads[0], atol=ATOL, rtol=RTOL)
 
@@ -417,9 +417,10 @@ def test_ops_register_on_import():
 def test_opcheck_knn_topk(requires_grad):
     query = torch.randn(7, 32, requires_grad=requires_grad)
     bank = torch.randn(100, 32, requires_grad=requires_grad)
-    torch.library.opcheck(torch.ops.snclr.knn_topk.default, (query, bank, 3, None))
+    triton = dict(backend="triton")
+    torch.library.opcheck(torch.ops.snclr.knn_topk.default, (query, bank, 3, None), triton)
     exclude = torch.tensor([[1, -1]] * 7)
-    torch.library.opcheck(torch.ops.snclr.knn_topk.default, (query, bank, 1, exclude))
+    torch.library.opcheck(torch.ops.snclr.knn_topk.default, (query, bank, 1, exclude), triton)
 
 
 def test_opcheck_soft_neighbors():
@@ -428,8 +429,10 @@ def test_opcheck_soft_neighbors():
     bank = F.normalize(torch.randn(100, 32), dim=1).requires_grad_()
     exclude = torch.tensor([[2, 5]] * 7)
     op = torch.ops.snclr.soft_neighbors.default
-    torch.library.opcheck(op, (query, online, bank, 4, 0.5, True, exclude))
-    torch.library.opcheck(op, (query.detach(), online, bank.detach(), 3, 1.0, False, None))
+    torch.library.opcheck(op, (query, online, bank, 4, exclude),
+                          dict(attention_temperature=0.5, threshold=True, backend="triton"))
+    torch.library.opcheck(op, (query.detach(), online, bank.detach(), 3),
+                          dict(backend="triton"))
 
 
 def test_torch_compile_with_gradient():
@@ -438,7 +441,8 @@ def test_torch_compile_with_gradient():
     bank = F.normalize(torch.randn(100, 32), dim=1)
 
     def loss_fn(key, online, bank, backend):
-        out = ops.soft_neighbors(key, online, bank, 4, temperature=0.5, backend=backend)
+        out = ops.soft_neighbors(key, online, bank, 4, attention_temperature=0.5,
+                                 backend=backend)
         return (out.similarity.sum() + (out.positiveness * out.similarity).sum())
 
     compiled = torch.compile(loss_fn, backend="inductor", fullgraph=True)
@@ -520,7 +524,8 @@ for k, dtype, dim, block_d, exclude, cast, precision, block_n, sub in [
                D=dim, CAST_FP32=cast, INPUT_PRECISION=precision, BLOCK_B=64, BLOCK_N=block_n,
                BLOCK_D=block_d, SUB=sub))
 merge = dict(cand_ptr="*i64", sub_ptr="*fp32", q_ptr="*bf16", bank_ptr="*bf16",
-             idx_ptr="*i64", val_ptr="*bf16", inv_temperature="fp32", threshold_value="fp32")
+             idx_ptr="*i64", val_ptr="*bf16", inv_attention_temperature="fp32",
+             threshold_value="fp32")
 for k, positiveness, threshold, exclude, batch, sub in [
         (1, False, False, False, 4096, 16), (16, True, True, True, 64, 8),
         (64, True, False, False, 4096, 16), (30, True, False, True, 128, 8)]:

@@ -106,10 +106,10 @@ def test_launchers_any_split_and_block(splits):
     grad = torch.rand(shape[0]) + 0.5
     block = dict(BLOCK_B=16, BLOCK_N=32, BLOCK_D=16, BLOCK_DO=32) if splits % 2 else None
     options = dict(splits=splits, block=block)
-    loss, *saved = fused_forward(queries, candidates, targets, 0.1, shape[4], **options)
-    grads = fused_backward(
-        grad, queries, candidates, targets, *saved, 0.1, shape[4], True, True, **options
-    )
+    formula = dict(temperature=0.1, target_offset=shape[4])
+    loss, *saved = fused_forward(queries, candidates, targets, **formula, **options)
+    grads = fused_backward(grad, queries, candidates, targets, *saved, **formula,
+                           need_queries=True, need_candidates=True, **options)
     q, c, t = (x.clone().requires_grad_() for x in (queries, candidates, targets))
     want = reference.soft_target_contrastive_loss(q, c, t, temperature=0.1, target_offset=shape[4])
     want.backward(grad)
@@ -175,10 +175,12 @@ def test_float64_takes_exact_reference():
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1]], ids=_ids)
 def test_opcheck(shape):
     queries, candidates, targets = _inputs(shape)
-    args = (queries, candidates, targets, 0.2, shape[4])
-    torch.library.opcheck(torch.ops.snclr.soft_target_contrastive_loss.default, args)
-    grad_args = tuple(x.requires_grad_() if isinstance(x, torch.Tensor) else x for x in args)
-    torch.library.opcheck(torch.ops.snclr.soft_target_contrastive_loss.default, grad_args)
+    args = (queries, candidates, targets)
+    options = dict(temperature=0.2, target_offset=shape[4], backend="triton")
+    torch.library.opcheck(torch.ops.snclr.soft_target_contrastive_loss.default, args, options)
+    grad_args = tuple(x.requires_grad_() for x in args)
+    torch.library.opcheck(torch.ops.snclr.soft_target_contrastive_loss.default, grad_args,
+                          options)
 
 
 def test_torch_compile_forward_backward():

@@ -63,12 +63,13 @@ def test_knn_topk_reports_minus_inf_when_rows_run_out():
 def test_soft_neighbors_definition():
     key, online = torch.randn(9, 16), torch.randn(9, 16)
     bank = F.normalize(torch.randn(50, 16), dim=1)
-    out = reference.soft_neighbors(key, online, bank, 4, temperature=0.5)
+    out = reference.soft_neighbors(key, online, bank, 4, attention_temperature=0.5)
     assert_topk_matches(out.similarity, out.indices, F.normalize(key, dim=1), bank, 4)
     torch.testing.assert_close(out.neighbors, bank[out.indices])
     logits = torch.einsum("bd,bkd->bk", F.normalize(online, dim=1), out.neighbors) / 0.5
     torch.testing.assert_close(out.positiveness, logits.softmax(1))
-    thresholded = reference.soft_neighbors(key, online, bank, 4, temperature=0.5, threshold=True)
+    thresholded = reference.soft_neighbors(key, online, bank, 4, attention_temperature=0.5,
+                                           threshold=True)
     kept = out.positiveness > 0.25
     torch.testing.assert_close(thresholded.positiveness, out.positiveness * kept)
     assert (~kept).any() and kept.any()
@@ -108,7 +109,7 @@ def test_gradcheck_soft_neighbors_positiveness():
     bank = F.normalize(torch.randn(20, 6, dtype=torch.float64), dim=1).requires_grad_()
     for threshold in (False, True):
         def positiveness(o, b, threshold=threshold):
-            return reference.soft_neighbors(key, o, b, 4, temperature=0.7,
+            return reference.soft_neighbors(key, o, b, 4, attention_temperature=0.7,
                                             threshold=threshold).positiveness
 
         assert torch.autograd.gradcheck(positiveness, (online, bank))

@@ -5,8 +5,8 @@ Formula (DESIGN section 2, steps 1-2)::
     indices[b]    = top-K_n <q_b, bank_n>      descending, ties to the smaller n;
                                                NaN scores and excluded rows rank as -inf
     values[b, t]  = <q_b, bank[indices[b, t]]> recomputed in fp32 from the winners
-    positiveness  = softmax_t(<on_b, n(bank[indices[b, t]])> / tau)   (on_b unit-norm)
-                    optionally * [w > 1/K], not renormalised
+    positiveness  = softmax_t(<on_b, n(bank[indices[b, t]])> / tau_a)   (on_b unit-norm)
+                    optionally * [w > threshold], not renormalised (SNCLR: 1/K, given)
 
 Algorithm (two kernels). The bank is cut into groups of G = BLOCK_N rows (one tile) and
 subgroups of SUB rows (S = G / SUB per group), aligned to the bank's start::
@@ -369,7 +369,7 @@ def _knn_topk_select(keys, K: tl.constexpr, K_PAD: tl.constexpr):
 def _knn_topk_merge_kernel(
     cand_ptr, sub_ptr, q_ptr, bank_ptr, online_ptr, exclude_ptr,
     idx_ptr, val_ptr, pos_ptr,
-    B, N, D, E, num_splits, rows_per_split, inv_temperature, threshold_value,
+    B, N, D, E, num_splits, rows_per_split, inv_attention_temperature, threshold_value,
     stride_cb, stride_cs, stride_sb, stride_qb, stride_qd, stride_bn, stride_bd,
     stride_ob, stride_od,
     stride_eb, stride_ee, stride_ib, stride_vb, stride_pb,
@@ -497,7 +497,7 @@ def _knn_topk_merge_kernel(
     # Phase 5: positiveness = softmax over the K neighbours (+ threshold, not renormalised).
     if WITH_POSITIVENESS:
         # F.normalize semantics: divide by max(|row|, eps).
-        attention = on_dot / tl.maximum(tl.sqrt(sq_norm), _EPS) * inv_temperature
+        attention = on_dot / tl.maximum(tl.sqrt(sq_norm), _EPS) * inv_attention_temperature
         attention = tl.where(slots[None, :] < K, attention, float("-inf"))
         shifted = attention - tl.max(attention, axis=1)[:, None]
         p = tl.where(slots[None, :] < K, tl.exp(shifted), 0.0)
@@ -665,14 +665,15 @@ def knn_topk_merge(
     values_dtype: torch.dtype,
     exclude: torch.Tensor | None = None,
     online: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    threshold: bool = False,
+    attention_temperature: float = 1.0,
+    threshold: float | None = None,
     positiveness_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Sorted winners of the split's groups: ``(indices, values, positiveness)``.
 
     ``online`` (unit-norm rows, ``(B, D)``) turns on the positiveness output; otherwise the
-    third result is None. ``exclude`` and ``sub_rows`` must be the split's.
+    third result is None. ``threshold``, when given, zeroes the weights not above it (the
+    caller owns its value). ``exclude`` and ``sub_rows`` must be the split's.
     """
     num_queries, dim = query.shape
     num_rows = bank.shape[0]
@@ -698,7 +699,8 @@ def knn_topk_merge(
         exclude_ptr=ex, idx_ptr=indices, val_ptr=values, pos_ptr=pos,
         B=num_queries, N=num_rows, D=dim, E=num_excluded, num_splits=num_splits,
         rows_per_split=_rows_per_split(num_rows, num_splits, subgroups * sub_rows),
-        inv_temperature=1.0 / temperature, threshold_value=1.0 / k,
+        inv_attention_temperature=1.0 / attention_temperature,
+        threshold_value=0.0 if threshold is None else float(threshold),
         stride_cb=keys.stride(0), stride_cs=keys.stride(1), stride_sb=sub_maxima.stride(0),
         stride_qb=query.stride(0), stride_qd=query.stride(1),
         stride_bn=bank.stride(0), stride_bd=bank.stride(1),
@@ -707,7 +709,7 @@ def knn_topk_merge(
         stride_ib=indices.stride(0), stride_vb=values.stride(0), stride_pb=pos.stride(0),
         K=k, K_PAD=k_pad, SPLITS_PAD=triton.next_power_of_2(num_splits), S=subgroups,
         SUB=sub_rows, HAS_EXCLUDE=has_exclude, WITH_POSITIVENESS=with_pos,
-        THRESHOLD=bool(threshold),
+        THRESHOLD=threshold is not None,
         BLOCK_B=blocks.block_b, BLOCK_D=blocks.block_d, BLOCK_DW=blocks.block_dw,
         GATHER_STAGES=1 if interpreted() else 3, num_warps=blocks.num_warps,
     )
@@ -722,8 +724,8 @@ def knn_topk_search(
     values_dtype: torch.dtype,
     exclude: torch.Tensor | None = None,
     online: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    threshold: bool = False,
+    attention_temperature: float = 1.0,
+    threshold: float | None = None,
     positiveness_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Split then merge: ``(indices, values, positiveness)`` as :func:`knn_topk_merge`.
@@ -741,6 +743,7 @@ def knn_topk_search(
                                       sub_rows=plan.sub_rows, exclude=exclude)
     return knn_topk_merge(
         keys, sub_maxima, query, bank, k, sub_rows=plan.sub_rows, values_dtype=values_dtype,
-        exclude=exclude, online=online, temperature=temperature, threshold=threshold,
+        exclude=exclude, online=online, attention_temperature=attention_temperature,
+        threshold=threshold,
         positiveness_dtype=positiveness_dtype,
     )

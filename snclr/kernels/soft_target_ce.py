@@ -39,6 +39,8 @@ bounds computed here (the interpreter does not catch out-of-bounds accesses).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -47,6 +49,7 @@ from torch import Tensor
 from snclr.kernels._common import NORM_EPS, input_precision, interpreted
 
 __all__ = [
+    "BackwardInputs",
     "inverse_norms",
     "soft_target_ce_backward_candidates",
     "soft_target_ce_backward_queries",
@@ -446,14 +449,34 @@ def soft_target_ce_forward(
     return part_max, part_sum, owned
 
 
-def _backward_args(queries, candidates, targets, inv_q, inv_c, lse, grad, row_weight,
-                   temperature, target_offset) -> dict:
-    """The arguments both backward kernels share, by name."""
+class BackwardInputs(NamedTuple):
+    """What both backward kernels read; built once by the caller, passed by name.
+
+    ``lse``, ``grad`` and ``row_weight = grad * sum(targets)`` are ``(B,)`` fp32; the other
+    tensors as for :func:`soft_target_ce_forward`.
+    """
+
+    queries: Tensor
+    candidates: Tensor
+    targets: Tensor
+    inv_q: Tensor
+    inv_c: Tensor
+    lse: Tensor
+    grad: Tensor
+    row_weight: Tensor
+    temperature: float
+    target_offset: int
+
+
+def _backward_args(inputs: BackwardInputs) -> dict:
+    """The kernel arguments both backward kernels share, by name."""
+    queries, candidates, targets = inputs.queries, inputs.candidates, inputs.targets
     return dict(
-        q_ptr=queries, c_ptr=candidates, t_ptr=targets, inv_q_ptr=inv_q, inv_c_ptr=inv_c,
-        lse_ptr=lse, grad_ptr=grad, row_weight_ptr=row_weight,
+        q_ptr=queries, c_ptr=candidates, t_ptr=targets, inv_q_ptr=inputs.inv_q,
+        inv_c_ptr=inputs.inv_c, lse_ptr=inputs.lse, grad_ptr=inputs.grad,
+        row_weight_ptr=inputs.row_weight,
         B=queries.shape[0], M=candidates.shape[0], D=queries.shape[1], S=targets.shape[1],
-        target_offset=target_offset, inv_temperature=1.0 / temperature,
+        target_offset=inputs.target_offset, inv_temperature=1.0 / inputs.temperature,
         stride_qb=queries.stride(0), stride_qd=queries.stride(1),
         stride_cm=candidates.stride(0), stride_cd=candidates.stride(1),
         stride_tb=targets.stride(0), stride_ts=targets.stride(1),
@@ -462,18 +485,13 @@ def _backward_args(queries, candidates, targets, inv_q, inv_c, lse, grad, row_we
 
 
 def soft_target_ce_backward_queries(
-    queries: Tensor, candidates: Tensor, targets: Tensor, inv_q: Tensor, inv_c: Tensor,
-    lse: Tensor, grad: Tensor, row_weight: Tensor, *, temperature: float, target_offset: int,
-    splits: int | None = None, block: dict | None = None,
+    inputs: BackwardInputs, *, splits: int | None = None, block: dict | None = None
 ) -> Tensor:
-    """``(SPLITS, B, D)`` fp32 per-split partials of the gradient w.r.t. ``n(q)``.
-
-    ``lse``, ``grad`` and ``row_weight = grad * sum(targets)`` are ``(B,)`` fp32; the other
-    arguments as for :func:`soft_target_ce_forward`.
-    """
-    num_rows, width = queries.shape
-    splits, cols_per_split = _split_layout(num_rows, candidates.shape[0], splits, block)
-    partial = torch.empty(splits, num_rows, width, device=queries.device, dtype=torch.float32)
+    """``(SPLITS, B, D)`` fp32 per-split partials of the gradient w.r.t. ``n(q)``."""
+    num_rows, width = inputs.queries.shape
+    splits, cols_per_split = _split_layout(num_rows, inputs.candidates.shape[0], splits, block)
+    partial = torch.empty(splits, num_rows, width, device=inputs.queries.device,
+                          dtype=torch.float32)
     kernel, meta = _kernel("dq", block)
 
     def grid(meta):
@@ -481,30 +499,26 @@ def soft_target_ce_backward_queries(
                 triton.cdiv(width, meta["BLOCK_DO"]))
 
     kernel[grid](
-        **_backward_args(queries, candidates, targets, inv_q, inv_c, lse, grad, row_weight,
-                         temperature, target_offset),
-        dq_ptr=partial, cols_per_split=cols_per_split, stride_ps=partial.stride(0),
-        stride_pb=partial.stride(1), stride_pd=partial.stride(2), **meta,
+        **_backward_args(inputs), dq_ptr=partial, cols_per_split=cols_per_split,
+        stride_ps=partial.stride(0), stride_pb=partial.stride(1), stride_pd=partial.stride(2),
+        **meta,
     )
     return partial
 
 
 def soft_target_ce_backward_candidates(
-    queries: Tensor, candidates: Tensor, targets: Tensor, inv_q: Tensor, inv_c: Tensor,
-    lse: Tensor, grad: Tensor, row_weight: Tensor, *, temperature: float, target_offset: int,
-    block: dict | None = None,
+    inputs: BackwardInputs, *, block: dict | None = None
 ) -> Tensor:
-    """``(M, D)`` fp32 gradient w.r.t. ``n(C)``; arguments as in the queries' backward."""
-    num_cols, width = candidates.shape
-    grad_unit = torch.empty(num_cols, width, device=queries.device, dtype=torch.float32)
+    """``(M, D)`` fp32 gradient w.r.t. ``n(C)``."""
+    num_cols, width = inputs.candidates.shape
+    grad_unit = torch.empty(num_cols, width, device=inputs.queries.device, dtype=torch.float32)
     kernel, meta = _kernel("dc", block)
 
     def grid(meta):
         return (triton.cdiv(num_cols, meta["BLOCK_N"]), triton.cdiv(width, meta["BLOCK_DO"]))
 
     kernel[grid](
-        **_backward_args(queries, candidates, targets, inv_q, inv_c, lse, grad, row_weight,
-                         temperature, target_offset),
-        dc_ptr=grad_unit, stride_dm=grad_unit.stride(0), stride_dd=grad_unit.stride(1), **meta,
+        **_backward_args(inputs), dc_ptr=grad_unit, stride_dm=grad_unit.stride(0),
+        stride_dd=grad_unit.stride(1), **meta,
     )
     return grad_unit

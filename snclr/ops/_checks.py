@@ -11,10 +11,6 @@ import math
 import torch
 from torch import Tensor
 
-from snclr.kernels._common import interpreted
-
-BACKENDS = ("auto", "torch", "triton")
-
 
 def check_features(name: str, tensor: object, ndim: int = 2) -> Tensor:
     """A non-empty floating-point tensor of rank ``ndim``."""
@@ -91,27 +87,3 @@ def check_exclude(exclude: object, num_queries: int, device: torch.device) -> Te
     if exclude.device != device:
         raise ValueError(f"exclude must be on {device}, got {exclude.device}")
     return exclude
-
-
-def resolve_backend(backend: object, *tensors: Tensor) -> str:
-    """Pick the implementation for these inputs.
-
-    ``"auto"`` is Triton for CUDA tensors and the torch reference elsewhere. float64 inputs
-    always run the reference: the kernels accumulate in fp32 and would silently drop the
-    precision asked for.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    device = tensors[0].device
-    if backend == "torch" or any(t.dtype == torch.float64 for t in tensors):
-        return "torch"
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if device.type != "cuda" and not interpreted():
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got {device}) "
-            "or TRITON_INTERPRET=1 set before snclr is imported"
-        )
-    return backend
-
-

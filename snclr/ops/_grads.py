@@ -7,7 +7,15 @@ from torch import Tensor
 
 from snclr.kernels._common import NORM_EPS
 
-__all__ = ["normalize_backward", "scatter_rows", "similarity_grads"]
+__all__ = ["acc_dtype", "normalize_backward", "scatter_rows", "similarity_grads"]
+
+
+def acc_dtype(*tensors: Tensor) -> torch.dtype:
+    """The gradients' working dtype: float32, or float64 where an input is float64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def normalize_backward(x: Tensor, inv_norm: Tensor, grad_unit: Tensor) -> Tensor:
