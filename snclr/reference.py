@@ -64,16 +64,58 @@ def _stable_top_k(scores: Tensor, k: int) -> Tensor:
 def _top_k_of_chunk(scores: Tensor, k: int) -> Tensor:
     """``_stable_top_k(scores, k)`` in O(N) per row; ``scores`` ``(R, N)`` may be overwritten.
 
+    ``topk`` with one extra slot finds the winners. Where its K+1 scores strictly decrease,
+    the winners and their order are unique and it is done; the other rows (a NaN, equal
+    scores) are resolved exactly by :func:`_resolve_top_k`. Under ``torch.compile`` the same
+    result comes from :func:`_top_k_fixed_shapes`.
+    """
+    if k >= scores.shape[1]:
+        return _stable_top_k(scores.masked_fill_(scores.isnan(), float("-inf")), k)
+    if torch.compiler.is_compiling():
+        # Selecting rows by value (nonzero below) has a value-dependent shape.
+        return _top_k_fixed_shapes(scores, k)
+    values, indices = scores.topk(k + 1, dim=1)  # (R, K+1), values descending, NaN first
+    # False for equal neighbours and for NaN. Selecting rows by value is a host sync on a
+    # GPU; this path serves the CPU (and float64).
+    strict = (values[:, :-1] > values[:, 1:]).all(dim=1)
+    winners = indices[:, :k].contiguous()
+    rows = (~strict).nonzero().squeeze(1)
+    if rows.numel():
+        winners[rows] = _resolve_top_k(scores[rows], k)
+    return winners
+
+
+def _resolve_top_k(scores: Tensor, k: int) -> Tensor:
+    """``_stable_top_k(scores, k)`` for rows with NaN or equal scores; ``k < N``.
+
+    NaN scores rank with the excluded rows, at -inf. When the K-th score beats the (K+1)-th
+    the winning set is unique and only its K entries need ordering by (value descending,
+    index ascending); rows where the two are equal (ties across the cut, -inf slots
+    included) take the stable sort.
+    """
+    scores.masked_fill_(scores.isnan(), float("-inf"))
+    values, indices = scores.topk(k + 1, dim=1)
+    # Winners in index order first, so the stable sort by value breaks ties by index.
+    winners, by_index = indices[:, :k].sort(dim=1)
+    by_value = values[:, :k].gather(1, by_index).sort(dim=1, descending=True, stable=True)
+    winners = winners.gather(1, by_value.indices)
+    tied_rows = (values[:, k - 1] == values[:, k]).nonzero().squeeze(1)
+    if tied_rows.numel():
+        winners[tied_rows] = _stable_top_k(scores[tied_rows], k)
+    return winners
+
+
+def _top_k_fixed_shapes(scores: Tensor, k: int) -> Tensor:
+    """``_stable_top_k(scores, k)`` with no value-dependent shape (``torch.compile``); k < N.
+
     NaN scores rank with the excluded rows, at -inf. ``topk`` finds every score above the
     K-th (the cut) but picks among the scores equal to it in no set order; the exact set
     takes, of those, the smallest indices, found by a second ``topk`` over their column
-    numbers. No shape depends on the values (no ``nonzero``, no host sync), so the search
-    also runs under ``torch.compile(fullgraph=True)``.
+    numbers. No ``nonzero`` and no host sync, so it traces with ``fullgraph=True``; eagerly it
+    costs three more passes over every row than :func:`_top_k_of_chunk`'s fast path.
     """
     num_cols = scores.shape[1]
     scores.masked_fill_(scores.isnan(), float("-inf"))
-    if k >= num_cols:
-        return _stable_top_k(scores, k)
     values, indices = scores.topk(k, dim=1)  # (R, K) descending; the cut's slots last
     cut = values[:, -1:]  # (R, 1)
     above = (values > cut).sum(dim=1, keepdim=True)  # slots won outright, (R, 1)

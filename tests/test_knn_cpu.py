@@ -221,6 +221,9 @@ def test_top_k_of_chunk_equals_stable_sort_on_raw_scores():
     for k in (1, 2, 7, 25, 49, 50):
         got = reference._top_k_of_chunk(scores.clone(), k)
         assert torch.equal(got, expected_all[:, :k]), f"k={k}"
+        if k < 50:  # the torch.compile path, run eagerly
+            got = reference._top_k_fixed_shapes(scores.clone(), k)
+            assert torch.equal(got, expected_all[:, :k]), f"fixed shapes, k={k}"
 
 
 def test_public_op_on_cpu_uses_the_same_contract():
