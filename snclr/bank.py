@@ -16,6 +16,17 @@ __all__ = ["BANK_MODES", "MemoryBank"]
 BANK_MODES = ("local", "global")
 
 
+def _row_ids(name: str, ids: Tensor | None, keys: Tensor) -> Tensor:
+    """One integer per key (``-1`` when not given), checked against ``keys``."""
+    if ids is None:
+        return torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
+    if ids.shape != keys.shape[:1]:
+        raise ValueError(f"{name} must have shape ({keys.shape[0]},), got {tuple(ids.shape)}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
+    return ids
+
+
 class MemoryBank(nn.Module):
     """FIFO queue of ``size`` L2-normalised rows of width ``dim``.
 
@@ -112,21 +123,9 @@ class MemoryBank(nn.Module):
             raise ValueError(f"keys must have shape (n, {self.dim}), got {tuple(keys.shape)}")
         if not keys.is_floating_point():
             raise TypeError(f"keys must be a floating-point tensor, got dtype {keys.dtype}")
-        if labels is None:
-            labels = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
-        elif labels.shape != keys.shape[:1]:
-            raise ValueError(f"labels must have shape ({keys.shape[0]},), "
-                             f"got {tuple(labels.shape)}")
-        elif labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            # Storing 2.7 as class 2 would silently corrupt neighbour purity.
-            raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-        if sources is None:
-            sources = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
-        elif sources.shape != keys.shape[:1]:
-            raise ValueError(f"sources must have shape ({keys.shape[0]},), "
-                             f"got {tuple(sources.shape)}")
-        elif sources.is_floating_point() or sources.is_complex() or sources.dtype == torch.bool:
-            raise TypeError(f"sources must be an integer tensor, got dtype {sources.dtype}")
+        # Storing 2.7 as class 2 (or source 2) would silently corrupt purity and exclusion.
+        labels = _row_ids("labels", labels, keys)
+        sources = _row_ids("sources", sources, keys)
         if self.mode == "global":
             keys, labels = distributed.gather_no_grad(keys), distributed.gather_no_grad(labels)
             sources = distributed.gather_no_grad(sources)
