@@ -32,7 +32,8 @@ class MemoryBank(nn.Module):
 
     Rows, write pointer, fill count and the optional label of each row are persistent
     buffers, so ``state_dict`` carries the queue into checkpoints. Searching reads only;
-    :meth:`enqueue` is the one mutation in training, :meth:`restore_rows` the one on resume.
+    :meth:`enqueue` is the one mutation in training, :meth:`restore_rows` the one on resume
+    (:meth:`gather_rank_queues` and :meth:`load_rank_queue` carry a per-rank queue over ranks).
 
     Args:
         size: number of rows N.
@@ -195,6 +196,33 @@ class MemoryBank(nn.Module):
             self.sources.fill_(-1)
         else:
             self.sources.copy_(sources)
+
+    @torch.no_grad()
+    def gather_rank_queues(self) -> dict | None:
+        """Every rank's rows of a per-rank ("local") queue, for a checkpoint written by rank 0.
+
+        The state dict holds only this rank's queue; with a local queue over several ranks
+        the others differ. Returns ``queue`` ``(W, N, D)``, ``labels`` and ``sources``
+        ``(W, N)`` on the CPU; None on one process or with a ``global`` queue, which is
+        identical everywhere (pointer and fill count are the same on every rank, equal
+        batches). Collective under torch.distributed: every rank must call it.
+        """
+        if distributed.world_size() == 1 or self.mode != "local":
+            return None
+        return {name: distributed.gather_no_grad(getattr(self, name)[None]).cpu()
+                for name in ("queue", "labels", "sources")}
+
+    def load_rank_queue(self, saved: dict | None, rank: int) -> None:
+        """Restore this rank's rows from :meth:`gather_rank_queues` output (None: nothing).
+
+        A run resumed on a different number of ranks takes saved queue ``rank % W``.
+        """
+        if saved is None:
+            return
+        source = rank % saved["queue"].shape[0]
+        # Checkpoints written before sources were recorded have none: restore_rows fills -1.
+        sources = saved["sources"][source] if "sources" in saved else None
+        self.restore_rows(saved["queue"][source], saved["labels"][source], sources)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         if prefix + "sources" not in state_dict and prefix + "queue" in state_dict:

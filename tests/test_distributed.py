@@ -12,7 +12,6 @@ from snclr import MemoryBank, distributed
 from snclr.functional import soft_neighbor_loss
 from snclr.training import launch
 from snclr.training.errors import ConfigError
-from snclr.training.train import _rank_banks, _restore_rank_bank
 
 BATCH, K, DIM, WORLD = 8, 3, 16, 2
 
@@ -42,7 +41,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             dict(loss=loss.detach(), grad_z=grad_z, grad_y=grad_y, bank=bank.state_dict(),
                  mean=distributed.all_reduce_mean(loss), gathered=gathered,
                  rank=distributed.rank(), world=distributed.world_size(),
-                 local=local.state_dict(), rank_banks=_rank_banks(local)),
+                 local=local.state_dict(), rank_banks=local.gather_rank_queues()),
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -116,7 +115,7 @@ def test_checkpoint_keeps_every_ranks_local_queue(ranks):
     for r in ranks:
         restored = MemoryBank(6, DIM, mode="local")
         restored.load_state_dict(ranks[0]["local"])  # the model state holds rank 0's queue
-        _restore_rank_bank(restored, banks, r["rank"])
+        restored.load_rank_queue(banks, r["rank"])
         assert torch.equal(restored.queue, r["local"]["queue"])
         assert torch.equal(restored.labels, r["local"]["labels"])
-    assert _rank_banks(MemoryBank(6, DIM)) is None  # one process: the model state suffices
+    assert MemoryBank(6, DIM).gather_rank_queues() is None  # one process: the model state suffices

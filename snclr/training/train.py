@@ -33,7 +33,6 @@ from torch import nn
 from tqdm import tqdm
 
 from snclr import distributed
-from snclr.bank import MemoryBank
 from snclr.encoders import fit_img_size
 from snclr.kernels._common import interpreted as triton_interpreted
 from snclr.model import SNCLR, cosine_momentum
@@ -141,32 +140,8 @@ def _checkpoint_payload(config: Config, plan: Plan, state: State) -> dict:
         "optimizer": state.optimizer.state_dict(), "scaler": state.scaler.state_dict(),
         "epoch": state.epoch, "step": state.step, "rng": get_rng_state(),
         "data_shape": {"in_chans": plan.in_chans, "img_size": plan.img_size},
-        "rank_banks": _rank_banks(state.model.bank),
+        "rank_banks": state.model.bank.gather_rank_queues(),
     }
-
-
-def _rank_banks(bank: MemoryBank) -> dict | None:
-    """Every rank's rows of a per-rank ("local") queue, ``(W, N, D)`` and ``(W, N)`` on the CPU.
-
-    The model state written by rank 0 holds only rank 0's queue. Pointer and fill count are
-    the same on every rank (equal batches). None on one process or with a ``global`` queue,
-    which is identical everywhere. Collective: every rank must call it.
-    """
-    if distributed.world_size() == 1 or bank.mode != "local":
-        return None
-    return {"queue": distributed.gather_no_grad(bank.queue[None]).cpu(),
-            "labels": distributed.gather_no_grad(bank.labels[None]).cpu(),
-            "sources": distributed.gather_no_grad(bank.sources[None]).cpu()}
-
-
-def _restore_rank_bank(bank: MemoryBank, banks: dict | None, rank: int) -> None:
-    """Load this rank's queue rows saved by :func:`_rank_banks` (rank modulo the saved world)."""
-    if banks is None:
-        return
-    source = rank % banks["queue"].shape[0]
-    # Checkpoints written before sources were recorded have none: restore_rows fills -1.
-    sources = banks["sources"][source] if "sources" in banks else None
-    bank.restore_rows(banks["queue"][source], banks["labels"][source], sources)
 
 
 def self_neighbor_warning(queue_size: int, period: int, *, world_size: int = 1,
@@ -436,7 +411,7 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
             raise ConfigError(f"{ckpt_path} is a {saved.method}/{saved.encoder} run, not "
                               f"{config.method}/{config.encoder}")
         load_model_state(model, payload["model"], source=f"checkpoint {str(ckpt_path)!r}")
-        _restore_rank_bank(model.bank, payload.get("rank_banks"), plan.rank)
+        model.bank.load_rank_queue(payload.get("rank_banks"), plan.rank)
     model.to(device)
     wrapped: nn.Module = model
     if plan.world_size > 1:
