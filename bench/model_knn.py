@@ -3,7 +3,7 @@
 
 Every kernel of the search counts, at the launcher's own choices:
     split   ``search_plan`` (group rows = BLOCK_N, subgroup rows SUB), ``num_splits_for``,
-            rows per split rounded up as ``knn_topk_split`` does, ``_block_d``, and every
+            rows per split rounded up as ``knn_topk_split`` does, ``one_pass_block_d``, and every
             config of ``split_configs()`` that its prune keeps (the autotuner's candidates);
             the fastest modelled config stands for the autotuner's pick. The tile loop has no
             nested loop, so nothing is charged as insertion rounds.
@@ -38,6 +38,7 @@ import triton  # noqa: E402
 from gpu_model_knn import LAUNCH_US, SHAPES, torch_baseline  # noqa: E402
 
 from snclr.kernels import knn_topk as kk  # noqa: E402
+from snclr.kernels._common import one_pass_block_d  # noqa: E402
 
 BF16 = 2
 
@@ -50,7 +51,7 @@ def _split_rows(B, N, K, group_rows):
 def compile_split(D, K, plan, block_b, warps, stages):
     consts = dict(K=K, K_PAD=max(8, triton.next_power_of_2(K)), HAS_EXCLUDE=False, E_PAD=1,
                   CAST_FP32=False, INPUT_PRECISION="tf32", D=D, BLOCK_B=block_b,
-                  BLOCK_N=plan.group_rows, BLOCK_D=kk._block_d(D, BF16), SUB=plan.sub_rows)
+                  BLOCK_N=plan.group_rows, BLOCK_D=one_pass_block_d(D, BF16), SUB=plan.sub_rows)
     unit = tuple(n for n in kk._knn_topk_split_kernel.arg_names
                  if n.startswith("stride_") and n.endswith("d"))
     ptrs = dict(q_ptr="bf16", bank_ptr="bf16", cand_ptr="i64", exclude_ptr="i64",

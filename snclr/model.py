@@ -42,6 +42,7 @@ register_method("snclr-learned", attention="learned")
 register_method("nnclr", attention="nearest", num_neighbors=1)
 register_method("mocov3", num_neighbors=0)
 
+
 def cosine_momentum(progress: float, *, base: float = 0.99, final: float = 1.0) -> float:
     """EMA momentum rising from ``base`` to ``final`` on a half cosine; progress in [0, 1]."""
     return final - (final - base) * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))) / 2

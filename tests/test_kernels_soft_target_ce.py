@@ -242,7 +242,7 @@ def test_every_config_compiles_on_gpu(width):
     want.backward(grad)
     configs = {
         tuple(sorted(cfg.kwargs.items())): cfg
-        for phase in ("forward", "backward")
+        for phase in ("forward", "dq", "dc")
         for cfg in soft_target_ce.soft_target_ce_configs(phase)
     }
     for cfg in configs.values():
@@ -261,12 +261,19 @@ from snclr.kernels import soft_target_ce as st
 
 build(st._soft_target_ce_inverse_norm_kernel, dict(x_ptr="*bf16", eps="fp32"),
       dict(BLOCK_R=32, BLOCK_D=128))
-block = dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=64)
+# 16-bit D = 256: the resident query block (dq reuses its tiles at BLOCK_DO = D); D = 1024
+# and "ieee" fp32: the chunked logits.
+variants = [("bf16", "tf32", 256, 256, 256, 8), ("bf16", "tf32", 1024, 64, 64, 4),
+            ("fp32", "ieee", 256, 64, 64, 4)]
 for fn in (st._soft_target_ce_fwd_kernel, st._soft_target_ce_bwd_dq_kernel,
            st._soft_target_ce_bwd_dc_kernel):
-    for dtype, precision in [("bf16", "tf32"), ("fp32", "ieee")]:
-        build(fn, dict(q_ptr="*" + dtype, c_ptr="*" + dtype, inv_temperature="fp32"),
-              dict(block, INPUT_PRECISION=precision, CAST_FP32=False))
+    for dtype, precision, width, block_d, block_do, warps in variants:
+        kernel = build(fn, dict(q_ptr="*" + dtype, c_ptr="*" + dtype, inv_temperature="fp32"),
+                       dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=block_d, BLOCK_DO=block_do, D=width,
+                            INPUT_PRECISION=precision, CAST_FP32=False), num_warps=warps)
+        # The tensor-core paths keep their tiles in registers ("ieee" fp32 runs on FMA units).
+        if fn is not st._soft_target_ce_bwd_dc_kernel and precision == "tf32":
+            assert local_memory_ops(kernel, loops_only=True) == 0, (fn.__name__, width)
 print("compiled")
 '''
 

@@ -81,7 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
-from snclr.kernels._common import NORM_EPS, input_precision, interpreted
+from snclr.kernels._common import NORM_EPS, input_precision, interpreted, one_pass_block_d
 
 __all__ = ["SearchPlan", "knn_topk_merge", "knn_topk_search", "knn_topk_split",
            "num_splits_for", "search_plan", "split_configs"]
@@ -96,10 +96,6 @@ _NEG_INF_KEY32 = tl.constexpr(-2139095041)
 _EMPTY_COL = tl.constexpr(2**31)
 # Rows per split are a multiple of this (>= the largest BLOCK_N), whatever config runs.
 _SPLIT_ALIGN = 256
-# Rows up to this many bytes (D = 256 in 16 bits, 128 in fp32) are scored with the query
-# block loaded once and one dot per tile; wider ones in _CHUNK_D slices.
-_MAX_ONE_PASS_BYTES = 512
-_CHUNK_D = 64
 # 32-bit registers per thread for the score tiles and the running list (sm_90: 255 in all).
 _REGISTER_BUDGET = 160
 # F.normalize's eps, for the positiveness of the winners.
@@ -116,7 +112,7 @@ def split_configs() -> tuple[list[triton.Config], callable]:
 
     BLOCK_N (the group) and SUB come from ``search_plan``; BLOCK_D is not tuned: it is the
     padded width D (one dot per tile, the query block loaded once) while a row of it fits
-    in _MAX_ONE_PASS_BYTES, else _CHUNK_D. The tile loop holds no data-dependent loop, so
+    in MAX_ONE_PASS_BYTES, else CHUNK_D. The tile loop holds no data-dependent loop, so
     Triton software-pipelines its loads; the prune keeps the stages that fit shared memory.
     """
     if interpreted():
@@ -561,11 +557,6 @@ def _rows_per_split(num_rows: int, splits: int, group_rows: int) -> int:
     return triton.cdiv(triton.cdiv(num_rows, splits), align) * align
 
 
-def _block_d(dim: int, itemsize: int) -> int:
-    width = max(16, triton.next_power_of_2(dim))
-    return width if width * itemsize <= _MAX_ONE_PASS_BYTES else _CHUNK_D
-
-
 def knn_topk_split(
     query: torch.Tensor,
     bank: torch.Tensor,
@@ -610,8 +601,8 @@ def knn_topk_split(
         K=k, K_PAD=max(8, k_pad), HAS_EXCLUDE=has_exclude,
         E_PAD=triton.next_power_of_2(max(1, num_excluded)), CAST_FP32=cast,
         INPUT_PRECISION=input_precision(query.dtype if not cast else torch.float32),
-        BLOCK_N=group_rows, BLOCK_D=block_d or _block_d(dim, 4 if cast else bank.element_size()),
-        SUB=sub_rows,
+        BLOCK_N=group_rows, SUB=sub_rows,
+        BLOCK_D=block_d or one_pass_block_d(dim, 4 if cast else bank.element_size()),
     )
     if interpreted() or any(o is not None for o in (block_b, num_warps)):
         default = split_configs()[0][0].kwargs if interpreted() else {"BLOCK_B": 64}

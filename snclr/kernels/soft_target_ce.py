@@ -16,21 +16,31 @@ Algorithm::
 
     inverse norms of q and C                      (_soft_target_ce_inverse_norm_kernel, O(B + M))
     forward grid (row blocks fastest, column splits):
-        for each column tile of the split: s = (q_tile @ C_tile^T) * iq * ic * log2(e)/T
-            online max / sum of exp2 per row; store s at owned columns of this row block
+        Q = the (BLOCK_B, D) query block, loaded once     # 16-bit D <= 256; else D chunks
+        for each full column tile of the split (no masks, no nested loop: pipelined loads),
+        then the split's partial last tile (masked):
+            s2 = (Q @ C_tile^T) * (iq * log2(e) / T) * ic     # base-2 logits
+            online max / sum of exp2 per row
         store per-split (max, sum)                -> snclr.ops combines splits in fixed order
-    backward dq grid (row blocks, column splits, D chunks): recompute s tiles, p = exp2(s-lse),
-        ds from p and the in-tile target weights, acc += (ds * ic / T) @ C_chunk
-        per-split partials, summed in fixed order by snclr.ops (deterministic, no atomics)
-    backward dC grid (column blocks, D chunks): stream all row tiles, acc += (ds * iq / T)^T @ q
+    owned logits s_j,own(j,s): the launcher, in fp32 from the B*S owned rows (one contiguous
+        run of C), so the tile loops hold no owned-column work
+    backward dq grid (row blocks, column splits, D / BLOCK_DO): recompute s2 tiles the same
+        way, ds = g sum(t) exp2(s2 - lse2), acc += (ds * ic / T) @ C_tile (the tile the logits
+        read when BLOCK_DO = D, else its output chunk); per-split partials summed in a fixed
+        order by the launcher (deterministic, no atomics), which subtracts the target term
+        g_j sum_s t_js n(C_own(j,s)) / T
+    backward dC grid (column blocks, D chunks): stream all row tiles, acc += (ds * iq / T)^T @ q;
+        the launcher subtracts g_j t_js n(q_j) / T on the owned rows
 
 Cost (elements read, flops): the forward reads q once and C once per row block (B/BLOCK_B
 passes over M*D, mostly from L2 since the row blocks of one split run together) and writes
-O(B*splits + B*S) floats for 2*B*M*D flops. The dq pass recomputes the logits (2*B*M*D) and
-accumulates 2*B*M*D, recomputing the logits once per output D chunk; the dC pass (only when C
+O(B*splits) floats for 2*B*M*D flops; per score it pays two multiplies, a max, an exp2 and
+two adds. The dq pass recomputes the logits (2*B*M*D) and accumulates 2*B*M*D, recomputing
+the logits once per output D chunk (one chunk for 16-bit D <= 256); the dC pass (only when C
 needs a gradient) costs the same again and stages an fp32 (M, D) gradient before the
-normalisation chain rule. The owned-column work runs only on the tiles that meet the row
-block's owned range. No B x M tensor exists; extra memory is O(B + B*S + M + splits*B*D).
+normalisation chain rule. The target terms are O(B*S*D). No B x M tensor exists; extra
+memory is O(B + B*S + M + splits*B*D). Static sm_90 figures: ``bench/RESULTS.md`` and
+``bench/model_soft_target_ce.py``.
 
 Interpreter limits respected: tiles are cast to fp32 before ``tl.dot`` (bf16 dot is wrong
 there), a single configuration (no benchmarking), no block pointers, every load masked with
@@ -46,7 +56,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from snclr.kernels._common import NORM_EPS, input_precision, interpreted
+from snclr.kernels._common import (
+    CHUNK_D,
+    NORM_EPS,
+    input_precision,
+    interpreted,
+    one_pass_block_d,
+)
 
 __all__ = [
     "BackwardInputs",
@@ -61,42 +77,61 @@ __all__ = [
 _TARGET_PROGRAMS = 1024
 # Fewest column tiles worth one split: below that the (max, sum) partials cost more than they give.
 _MIN_TILES_PER_SPLIT = 4
+_LOG2E = tl.constexpr(1.4426950408889634)
 
 
 # ----------------------------------------------------------------------------------- configs
 
 
 def soft_target_ce_configs(phase: str) -> list[triton.Config]:
-    """Autotune list for ``phase`` in ("forward", "backward"); one config under the interpreter.
+    """Autotune list for ``phase`` in ("forward", "dq", "dc"); one config under the interpreter.
 
-    BLOCK_D is the reduction chunk of the logits; BLOCK_DO the output feature chunk of the
-    backward accumulators (a grid dimension, so any D fits in registers).
+    BLOCK_D, the reduction chunk of the logits, is the launcher's (:func:`_block_d`): the
+    whole padded D for 16-bit D <= 256, so the query block stays resident and every tile is
+    one dot. BLOCK_DO is the output feature chunk of the backward accumulators (a grid
+    dimension, so any D fits in registers); a dq with BLOCK_DO >= D reuses each candidate
+    tile of the logits for its gradient.
     """
     if interpreted():
-        return [triton.Config(dict(BLOCK_B=32, BLOCK_N=64, BLOCK_D=32, BLOCK_DO=64))]
-    shapes = [(64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
-    outs = (64,) if phase == "forward" else (64, 128, 256)
+        return [triton.Config(dict(BLOCK_B=32, BLOCK_N=64, BLOCK_DO=64))]
+    if phase == "forward":
+        shapes = [(128, 32, 64, 8, 3), (128, 32, 64, 8, 4), (64, 32, 64, 4, 4),
+                  (128, 64, 64, 8, 3), (64, 128, 64, 4, 3)]
+    elif phase == "dq":
+        shapes = [(128, 64, 256, 8, 2), (128, 32, 256, 8, 3), (64, 64, 256, 8, 3),
+                  (128, 64, 128, 8, 3), (64, 64, 128, 4, 3), (64, 128, 64, 4, 3)]
+    else:
+        shapes = [(b, n, o, w, st) for (b, n, w, st) in
+                  [(64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
+                  for o in (64, 128, 256)]
+    # fp32 accumulators per thread: a dq's BLOCK_B x BLOCK_DO lives in wgmma registers (128
+    # per thread compile without spills at D = 256); a dC's BLOCK_N x BLOCK_DO beyond 64
+    # per thread spills heavily.
+    per_thread = {"forward": None, "dq": 128, "dc": 64}[phase]
     return [
-        triton.Config(
-            dict(BLOCK_B=b, BLOCK_N=n, BLOCK_D=d, BLOCK_DO=o), num_warps=w, num_stages=st
-        )
-        for (b, n, d, w, st) in shapes
-        for o in outs
-        # Backward accumulators (dq: BLOCK_B x BLOCK_DO, dC: BLOCK_N x BLOCK_DO fp32) must stay
-        # in registers: beyond 64 per thread the sm_90 compile spills heavily.
-        if phase == "forward" or max(b, n) * o <= 64 * 32 * w
+        triton.Config(dict(BLOCK_B=b, BLOCK_N=n, BLOCK_DO=o), num_warps=w, num_stages=st)
+        for (b, n, o, w, st) in shapes
+        if per_thread is None or (b if phase == "dq" else n) * o <= per_thread * 32 * w
     ]
 
 
+def _block_d(width: int, itemsize: int, precision: str) -> int:
+    """The logits' reduction chunk (:func:`one_pass_block_d`): an "ieee" fp32 dot runs on FMA
+    units with its operands in registers, so it always streams."""
+    if precision == "ieee":
+        return min(max(16, triton.next_power_of_2(width)), CHUNK_D)
+    return one_pass_block_d(width, itemsize)
+
+
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop feature chunks wider than the padded D (they only load masked zeros), and for
+    """Drop output chunks wider than the padded D (they only load masked zeros), and for
     "ieee" fp32 the logit tiles above 32 per thread: that dot runs on FMA units with its
     operands in registers, and larger tiles spill tens of KB (minutes of ptxas per config)."""
     width = max(16, triton.next_power_of_2(named_args["D"]))
     ieee = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION")) == "ieee"
     kept = [
         c for c in configs
-        if c.kwargs["BLOCK_D"] <= width and c.kwargs["BLOCK_DO"] <= width
+        if c.kwargs["BLOCK_DO"] <= width
         and not (ieee and c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_N"] > 32 * 32 * c.num_warps)
     ]  # fmt: skip
     return kept or configs[:1]
@@ -116,71 +151,88 @@ def _soft_target_ce_mma(a, b, acc, INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.
 
 
 @triton.jit
-def _soft_target_ce_logits(
-    q_ptr, c_ptr, inv_q, inv_c, rows, cols, row_mask, col_mask, D, scale,
-    stride_qb, stride_qd, stride_cm, stride_cd,
+def _soft_target_ce_query_block(q_rows, row_mask, D: tl.constexpr, stride_qd,
+                                BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                                CAST_FP32: tl.constexpr):
+    """The (BLOCK_B, BLOCK_D) query block, loaded once when D fits in one chunk (else a
+    placeholder: the chunked logits load their slices)."""
+    feats = tl.arange(0, BLOCK_D)
+    q = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    if BLOCK_D >= D:
+        q = tl.load(q_rows[:, None] + feats[None, :] * stride_qd,
+                    mask=row_mask[:, None] & (feats < D)[None, :], other=0.0)
+        if CAST_FP32:
+            q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _soft_target_ce_tile(c_cols, col_mask, D: tl.constexpr, stride_cd, BLOCK_D: tl.constexpr,
+                         MASK_COLS: tl.constexpr, CAST_FP32: tl.constexpr):
+    """The (BLOCK_N, BLOCK_D) candidate tile at ``c_cols`` (the one-chunk path); columns
+    masked only in a split's partial last tile, features only when D is padded."""
+    feats = tl.arange(0, BLOCK_D)
+    offs = c_cols[:, None] + feats[None, :] * stride_cd
+    if MASK_COLS:
+        c = tl.load(offs, mask=col_mask[:, None] & (feats < D)[None, :], other=0.0)
+    elif BLOCK_D > D:
+        c = tl.load(offs, mask=(feats < D)[None, :], other=0.0)
+    else:
+        c = tl.load(offs)
+    if CAST_FP32:
+        c = c.to(tl.float32)
+    return c
+
+
+@triton.jit
+def _soft_target_ce_chunked_dot(
+    q_rows, c_cols, row_mask, col_mask, D: tl.constexpr, stride_qd, stride_cd,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr,
 ):  # fmt: skip
-    """(BLOCK_B, BLOCK_N) tile of s = <n(q), n(C)> * scale, the feature axis in BLOCK_D chunks."""
+    """(BLOCK_B, BLOCK_N) raw dot <q, C> with the feature axis in BLOCK_D chunks."""
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    q_rows = q_ptr + rows.to(tl.int64) * stride_qb
-    # Candidate offsets in int64: M * D passes 2**31 for large queues.
-    c_cols = c_ptr + cols.to(tl.int64) * stride_cm
     for d0 in range(0, D, BLOCK_D):
         feats = d0 + tl.arange(0, BLOCK_D)
         feat_mask = feats < D
-        q = tl.load(
-            q_rows[:, None] + feats[None, :] * stride_qd,
-            mask=row_mask[:, None] & feat_mask[None, :],
-            other=0.0,
-        )
+        q = tl.load(q_rows[:, None] + feats[None, :] * stride_qd,
+                    mask=row_mask[:, None] & feat_mask[None, :], other=0.0)
         # Loaded transposed (BLOCK_D, BLOCK_N) so the dot needs no register transpose.
-        c_t = tl.load(
-            c_cols[None, :] + feats[:, None] * stride_cd,
-            mask=feat_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        )
+        c_t = tl.load(c_cols[None, :] + feats[:, None] * stride_cd,
+                      mask=feat_mask[:, None] & col_mask[None, :], other=0.0)
         acc = _soft_target_ce_mma(q, c_t, acc, INPUT_PRECISION, CAST_FP32)
-    return acc * (inv_q[:, None] * scale) * inv_c[None, :]
+    return acc
 
 
 @triton.jit
-def _soft_target_ce_owner(cols, B, S, target_offset):
-    """Row owning each column (-1 if none) and its slot; guards negative division by hand."""
-    rel = cols.to(tl.int64) - target_offset
-    owned = (rel >= 0) & (rel < B * S)
-    rel = tl.where(owned, rel, 0)
-    owner = tl.where(owned, rel // S, -1)
-    slot = rel % S
-    return owner, slot
-
-
-@triton.jit
-def _soft_target_ce_touches_owned(row0, col0, S, target_offset, BLOCK_B, BLOCK_N):
-    """Whether columns [col0, col0+BLOCK_N) meet those owned by rows [row0, row0+BLOCK_B)."""
-    own_lo = target_offset + row0 * S
-    own_hi = own_lo + BLOCK_B * S
-    return (col0 < own_hi) & (col0 + BLOCK_N > own_lo)
-
-
-@triton.jit
-def _soft_target_ce_dlogits(
-    s, row0, col0, rows, cols, col_mask, lse2, grad, row_weight, t_ptr, stride_tb, stride_ts,
-    B, S, target_offset, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+def _soft_target_ce_logits2(
+    q, q_rows, c_cols, row_scale2, inv_c, row_mask, col_mask, D: tl.constexpr,
+    stride_qd, stride_cd,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_COLS: tl.constexpr, INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr,
 ):  # fmt: skip
-    """ds = g * (sum(t) * p - target) on a tile; target_jc is read only where row j owns c."""
-    p = tl.exp2(s * 1.4426950408889634 - lse2[:, None])
-    ds = row_weight[:, None] * tl.where(col_mask[None, :], p, 0.0)
-    # Most tiles own nothing: the target gather and compare run only where they can hit.
-    if _soft_target_ce_touches_owned(row0, col0, S, target_offset, BLOCK_B, BLOCK_N):
-        owner, slot = _soft_target_ce_owner(cols, B, S, target_offset)
-        t_col = tl.load(
-            t_ptr + owner * stride_tb + slot * stride_ts, mask=owner >= 0, other=0.0
-        ).to(tl.float32)
-        target = tl.where(owner[None, :] == rows[:, None], t_col[None, :], 0.0)
-        ds = ds - grad[:, None] * target
-    return ds
+    """Base-2 logits ``s * log2(e)`` of one tile and the candidate tile (one-chunk path; a
+    placeholder when chunked). ``row_scale2 = inv_q * log2(e) / T``."""
+    if BLOCK_D >= D:
+        c = _soft_target_ce_tile(c_cols, col_mask, D, stride_cd, BLOCK_D, MASK_COLS, CAST_FP32)
+        raw = _soft_target_ce_mma(q, tl.trans(c), tl.zeros((BLOCK_B, BLOCK_N), tl.float32),
+                                  INPUT_PRECISION, CAST_FP32)
+    else:
+        c = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        raw = _soft_target_ce_chunked_dot(q_rows, c_cols, row_mask, col_mask, D, stride_qd,
+                                          stride_cd, BLOCK_B, BLOCK_N, BLOCK_D,
+                                          INPUT_PRECISION, CAST_FP32)
+    return raw * row_scale2[:, None] * inv_c[None, :], c
+
+
+@triton.jit
+def _soft_target_ce_softmax_grad(s2, col_mask, lse2, row_weight, MASK_COLS: tl.constexpr):
+    """``sum(t) * g * p`` on a tile of base-2 logits: the logit gradient less the target term,
+    which the launchers add from the owned columns alone."""
+    p = tl.exp2(s2 - lse2[:, None])
+    if MASK_COLS:
+        p = tl.where(col_mask[None, :], p, 0.0)
+    return row_weight[:, None] * p
 
 
 # ----------------------------------------------------------------------------------- kernels
@@ -207,95 +259,143 @@ def _soft_target_ce_inverse_norm_kernel(
 
 
 @triton.jit
+def _soft_target_ce_fwd_tile(
+    q, q_rows, c_ptr, inv_c_ptr, m_i, l_i, col0, stop, row_mask, row_scale2,
+    D: tl.constexpr, stride_qd, stride_cm, stride_cd,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_COLS: tl.constexpr, INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr,
+):  # fmt: skip
+    """One column tile of the online softmax: the updated base-2 (max, sum) per row."""
+    cols = col0 + tl.arange(0, BLOCK_N)
+    col_mask = cols < stop
+    if MASK_COLS:
+        inv_c = tl.load(inv_c_ptr + cols, mask=col_mask, other=0.0)
+    else:
+        inv_c = tl.load(inv_c_ptr + cols)
+    # Candidate offsets in int64: M * D passes 2**31 for large queues.
+    s2, _ = _soft_target_ce_logits2(
+        q, q_rows, c_ptr + cols.to(tl.int64) * stride_cm, row_scale2, inv_c, row_mask,
+        col_mask, D, stride_qd, stride_cd, BLOCK_B, BLOCK_N, BLOCK_D, MASK_COLS,
+        INPUT_PRECISION, CAST_FP32,
+    )  # fmt: skip
+    if MASK_COLS:
+        s2 = tl.where(col_mask[None, :], s2, float("-inf"))
+    # Every tile has a valid column, so m_new is finite and exp2(-inf) = 0 rescales cleanly.
+    m_new = tl.maximum(m_i, tl.max(s2, axis=1))
+    l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s2 - m_new[:, None]), axis=1)
+    return m_new, l_i
+
+
+@triton.jit
 def _soft_target_ce_fwd_kernel(
-    q_ptr, c_ptr, inv_q_ptr, inv_c_ptr, max_ptr, sum_ptr, owned_ptr,
-    B, M, D, S, target_offset, cols_per_split, inv_temperature,
-    stride_qb, stride_qd, stride_cm, stride_cd, stride_pb, stride_ps, stride_ob, stride_os,
+    q_ptr, c_ptr, inv_q_ptr, inv_c_ptr, max_ptr, sum_ptr,
+    B, M, D: tl.constexpr, cols_per_split, inv_temperature,
+    stride_qb, stride_qd, stride_cm, stride_cd, stride_pb, stride_ps,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr,
 ):  # fmt: skip
     tl.static_assert(BLOCK_B >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
-    pid_b = tl.program_id(0)
     split = tl.program_id(1)
-    row0 = pid_b * BLOCK_B
-    rows = row0 + tl.arange(0, BLOCK_B)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    inv_q = tl.load(inv_q_ptr + rows, mask=row_mask, other=0.0)
-    # Online softmax in base 2: log2(e) is folded into the logit scale.
+    q_rows = q_ptr + rows.to(tl.int64) * stride_qb
+    q = _soft_target_ce_query_block(q_rows, row_mask, D, stride_qd, BLOCK_B, BLOCK_D, CAST_FP32)
+    # Online softmax in base 2: log2(e) is folded into the row scale.
+    row_scale2 = tl.load(inv_q_ptr + rows, mask=row_mask, other=0.0) * (inv_temperature * _LOG2E)
     m_i = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_B,), dtype=tl.float32)
     start = split * cols_per_split
     stop = tl.minimum(start + cols_per_split, M)
-    for col0 in range(start, stop, BLOCK_N):
-        cols = col0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < stop
-        inv_c = tl.load(inv_c_ptr + cols, mask=col_mask, other=0.0)
-        s = _soft_target_ce_logits(
-            q_ptr, c_ptr, inv_q, inv_c, rows, cols, row_mask, col_mask, D, inv_temperature,
-            stride_qb, stride_qd, stride_cm, stride_cd,
-            BLOCK_B, BLOCK_N, BLOCK_D, INPUT_PRECISION, CAST_FP32,
+    # Full tiles unmasked (splits start on a BLOCK_N boundary), then the partial last one.
+    full_stop = start + tl.maximum(stop - start, 0) // BLOCK_N * BLOCK_N
+    for col0 in range(start, full_stop, BLOCK_N):
+        m_i, l_i = _soft_target_ce_fwd_tile(
+            q, q_rows, c_ptr, inv_c_ptr, m_i, l_i, col0, stop, row_mask, row_scale2, D,
+            stride_qd, stride_cm, stride_cd, BLOCK_B, BLOCK_N, BLOCK_D, False,
+            INPUT_PRECISION, CAST_FP32,
         )  # fmt: skip
-        # Owned logits: each owned column lies in exactly one tile of one split, so one store.
-        if _soft_target_ce_touches_owned(row0, col0, S, target_offset, BLOCK_B, BLOCK_N):
-            owner, slot = _soft_target_ce_owner(cols, B, S, target_offset)
-            mine = (owner >= row0) & (owner < row0 + BLOCK_B)
-            owned_s = tl.sum(tl.where(owner[None, :] == rows[:, None], s, 0.0), axis=0)
-            tl.store(owned_ptr + owner * stride_ob + slot * stride_os, owned_s, mask=mine)
-        # Every tile has a valid column, so m_new is finite and exp2(-inf) = 0 rescales cleanly.
-        s2 = tl.where(col_mask[None, :], s * 1.4426950408889634, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s2, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s2 - m_new[:, None]), axis=1)
-        m_i = m_new
+    if full_stop < stop:
+        m_i, l_i = _soft_target_ce_fwd_tile(
+            q, q_rows, c_ptr, inv_c_ptr, m_i, l_i, full_stop, stop, row_mask, row_scale2, D,
+            stride_qd, stride_cm, stride_cd, BLOCK_B, BLOCK_N, BLOCK_D, True,
+            INPUT_PRECISION, CAST_FP32,
+        )  # fmt: skip
     partial = rows.to(tl.int64) * stride_pb + split * stride_ps
     tl.store(max_ptr + partial, m_i, mask=row_mask)
     tl.store(sum_ptr + partial, l_i, mask=row_mask)
 
 
 @triton.jit
+def _soft_target_ce_dq_tile(
+    q, q_rows, c_ptr, inv_c_ptr, acc, col0, stop, row_mask, out_feats, out_mask, row_scale2,
+    lse2, row_weight, inv_temperature, D: tl.constexpr, stride_qd, stride_cm, stride_cd,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    MASK_COLS: tl.constexpr, INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr,
+):  # fmt: skip
+    """acc += (sum(t) g p) @ (C * ic / T)[:, out chunk] for one column tile."""
+    cols = col0 + tl.arange(0, BLOCK_N)
+    col_mask = cols < stop
+    if MASK_COLS:
+        inv_c = tl.load(inv_c_ptr + cols, mask=col_mask, other=0.0)
+    else:
+        inv_c = tl.load(inv_c_ptr + cols)
+    c_cols = c_ptr + cols.to(tl.int64) * stride_cm
+    s2, c = _soft_target_ce_logits2(
+        q, q_rows, c_cols, row_scale2, inv_c, row_mask, col_mask, D, stride_qd, stride_cd,
+        BLOCK_B, BLOCK_N, BLOCK_D, MASK_COLS, INPUT_PRECISION, CAST_FP32,
+    )  # fmt: skip
+    ds = _soft_target_ce_softmax_grad(s2, col_mask, lse2, row_weight, MASK_COLS)
+    # d s / d n(q) = n(C) / T = C * ic / T: the column scale goes on ds, C stays raw.
+    ds = ds * (inv_c * inv_temperature)[None, :]
+    if BLOCK_D >= D and BLOCK_DO == BLOCK_D:
+        # One output chunk: the tile already loaded for the logits is the gradient's operand.
+        acc = _soft_target_ce_mma(ds, c, acc, INPUT_PRECISION, CAST_FP32)
+    else:
+        c_out = tl.load(
+            c_cols[:, None] + out_feats[None, :] * stride_cd,
+            mask=col_mask[:, None] & out_mask[None, :],
+            other=0.0,
+        )
+        acc = _soft_target_ce_mma(ds, c_out, acc, INPUT_PRECISION, CAST_FP32)
+    return acc
+
+
+@triton.jit
 def _soft_target_ce_bwd_dq_kernel(
-    q_ptr, c_ptr, t_ptr, inv_q_ptr, inv_c_ptr, lse_ptr, grad_ptr, row_weight_ptr, dq_ptr,
-    B, M, D, S, target_offset, cols_per_split, inv_temperature,
-    stride_qb, stride_qd, stride_cm, stride_cd, stride_tb, stride_ts,
-    stride_ps, stride_pb, stride_pd,
+    q_ptr, c_ptr, inv_q_ptr, inv_c_ptr, lse_ptr, row_weight_ptr, dq_ptr,
+    B, M, D: tl.constexpr, cols_per_split, inv_temperature,
+    stride_qb, stride_qd, stride_cm, stride_cd, stride_ps, stride_pb, stride_pd,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr,
 ):  # fmt: skip
     tl.static_assert(BLOCK_B >= 16 and BLOCK_N >= 16 and BLOCK_DO >= 16)
     split = tl.program_id(1)
-    row0 = tl.program_id(0) * BLOCK_B
-    rows = row0 + tl.arange(0, BLOCK_B)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     out_feats = tl.program_id(2) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_mask = out_feats < D
-    inv_q = tl.load(inv_q_ptr + rows, mask=row_mask, other=0.0)
-    lse2 = tl.load(lse_ptr + rows, mask=row_mask, other=0.0) * 1.4426950408889634
+    q_rows = q_ptr + rows.to(tl.int64) * stride_qb
+    q = _soft_target_ce_query_block(q_rows, row_mask, D, stride_qd, BLOCK_B, BLOCK_D, CAST_FP32)
+    row_scale2 = tl.load(inv_q_ptr + rows, mask=row_mask, other=0.0) * (inv_temperature * _LOG2E)
+    lse2 = tl.load(lse_ptr + rows, mask=row_mask, other=0.0) * _LOG2E
     # Padded rows get g = 0, so their ds vanish whatever p is.
-    grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
     row_weight = tl.load(row_weight_ptr + rows, mask=row_mask, other=0.0)
     acc = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
     start = split * cols_per_split
     stop = tl.minimum(start + cols_per_split, M)
-    for col0 in range(start, stop, BLOCK_N):
-        cols = col0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < stop
-        inv_c = tl.load(inv_c_ptr + cols, mask=col_mask, other=0.0)
-        s = _soft_target_ce_logits(
-            q_ptr, c_ptr, inv_q, inv_c, rows, cols, row_mask, col_mask, D, inv_temperature,
-            stride_qb, stride_qd, stride_cm, stride_cd,
-            BLOCK_B, BLOCK_N, BLOCK_D, INPUT_PRECISION, CAST_FP32,
+    full_stop = start + tl.maximum(stop - start, 0) // BLOCK_N * BLOCK_N
+    for col0 in range(start, full_stop, BLOCK_N):
+        acc = _soft_target_ce_dq_tile(
+            q, q_rows, c_ptr, inv_c_ptr, acc, col0, stop, row_mask, out_feats, out_mask,
+            row_scale2, lse2, row_weight, inv_temperature, D, stride_qd, stride_cm, stride_cd,
+            BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_DO, False, INPUT_PRECISION, CAST_FP32,
         )  # fmt: skip
-        ds = _soft_target_ce_dlogits(
-            s, row0, col0, rows, cols, col_mask, lse2, grad, row_weight, t_ptr,
-            stride_tb, stride_ts, B, S, target_offset, BLOCK_B, BLOCK_N,
+    if full_stop < stop:
+        acc = _soft_target_ce_dq_tile(
+            q, q_rows, c_ptr, inv_c_ptr, acc, full_stop, stop, row_mask, out_feats, out_mask,
+            row_scale2, lse2, row_weight, inv_temperature, D, stride_qd, stride_cm, stride_cd,
+            BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_DO, True, INPUT_PRECISION, CAST_FP32,
         )  # fmt: skip
-        # d s / d n(q) = n(C) / T = C * ic / T: the column scale goes on ds, C stays raw.
-        ds = ds * (inv_c * inv_temperature)[None, :]
-        c = tl.load(
-            c_ptr + cols.to(tl.int64)[:, None] * stride_cm + out_feats[None, :] * stride_cd,
-            mask=col_mask[:, None] & out_mask[None, :],
-            other=0.0,
-        )
-        acc = _soft_target_ce_mma(ds, c, acc, INPUT_PRECISION, CAST_FP32)
     # splits * B * D can pass 2**31 when a caller asks for many splits.
     out = dq_ptr + split.to(tl.int64) * stride_ps + rows.to(tl.int64)[:, None] * stride_pb
     tl.store(out + out_feats[None, :] * stride_pd, acc, mask=row_mask[:, None] & out_mask[None, :])
@@ -303,39 +403,36 @@ def _soft_target_ce_bwd_dq_kernel(
 
 @triton.jit
 def _soft_target_ce_bwd_dc_kernel(
-    q_ptr, c_ptr, t_ptr, inv_q_ptr, inv_c_ptr, lse_ptr, grad_ptr, row_weight_ptr, dc_ptr,
-    B, M, D, S, target_offset, inv_temperature,
-    stride_qb, stride_qd, stride_cm, stride_cd, stride_tb, stride_ts, stride_dm, stride_dd,
+    q_ptr, c_ptr, inv_q_ptr, inv_c_ptr, lse_ptr, row_weight_ptr, dc_ptr,
+    B, M, D: tl.constexpr, inv_temperature,
+    stride_qb, stride_qd, stride_cm, stride_cd, stride_dm, stride_dd,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr,
 ):  # fmt: skip
     tl.static_assert(BLOCK_B >= 16 and BLOCK_N >= 16 and BLOCK_DO >= 16)
-    col0 = tl.program_id(0) * BLOCK_N
-    cols = col0 + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < M
     out_feats = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_mask = out_feats < D
     inv_c = tl.load(inv_c_ptr + cols, mask=col_mask, other=0.0)
+    c_cols = c_ptr + cols.to(tl.int64) * stride_cm
     acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
     for row0 in range(0, B, BLOCK_B):
         rows = row0 + tl.arange(0, BLOCK_B)
         row_mask = rows < B
         inv_q = tl.load(inv_q_ptr + rows, mask=row_mask, other=0.0)
-        lse2 = tl.load(lse_ptr + rows, mask=row_mask, other=0.0) * 1.4426950408889634
-        grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
+        lse2 = tl.load(lse_ptr + rows, mask=row_mask, other=0.0) * _LOG2E
         row_weight = tl.load(row_weight_ptr + rows, mask=row_mask, other=0.0)
-        s = _soft_target_ce_logits(
-            q_ptr, c_ptr, inv_q, inv_c, rows, cols, row_mask, col_mask, D, inv_temperature,
-            stride_qb, stride_qd, stride_cm, stride_cd,
+        q_rows = q_ptr + rows.to(tl.int64) * stride_qb
+        raw = _soft_target_ce_chunked_dot(
+            q_rows, c_cols, row_mask, col_mask, D, stride_qd, stride_cd,
             BLOCK_B, BLOCK_N, BLOCK_D, INPUT_PRECISION, CAST_FP32,
         )  # fmt: skip
-        ds = _soft_target_ce_dlogits(
-            s, row0, col0, rows, cols, col_mask, lse2, grad, row_weight, t_ptr,
-            stride_tb, stride_ts, B, S, target_offset, BLOCK_B, BLOCK_N,
-        )  # fmt: skip
+        s2 = raw * (inv_q * (inv_temperature * _LOG2E))[:, None] * inv_c[None, :]
+        ds = _soft_target_ce_softmax_grad(s2, col_mask, lse2, row_weight, True)
         ds = ds * (inv_q * inv_temperature)[:, None]
         q = tl.load(
-            q_ptr + rows.to(tl.int64)[:, None] * stride_qb + out_feats[None, :] * stride_qd,
+            q_rows[:, None] + out_feats[None, :] * stride_qd,
             mask=row_mask[:, None] & out_mask[None, :],
             other=0.0,
         )
@@ -347,26 +444,31 @@ def _soft_target_ce_bwd_dc_kernel(
 # ----------------------------------------------------------------------------------- launchers
 
 _KERNELS = {
-    "forward": (_soft_target_ce_fwd_kernel, "forward"),
-    "dq": (_soft_target_ce_bwd_dq_kernel, "backward"),
-    "dc": (_soft_target_ce_bwd_dc_kernel, "backward"),
+    "forward": _soft_target_ce_fwd_kernel,
+    "dq": _soft_target_ce_bwd_dq_kernel,
+    "dc": _soft_target_ce_bwd_dc_kernel,
 }
 _tuned: dict[str, object] = {}
 
 
-def _kernel(name: str, block: dict | None) -> tuple[object, dict]:
+def _kernel(name: str, block: dict | None, features: Tensor) -> tuple[object, dict]:
     """The kernel for ``name`` and its meta-parameters: the caller's block sizes (tests,
-    bench), or the autotuned kernel, built on first use (nothing at import time)."""
-    kernel, phase = _KERNELS[name]
+    bench), or the autotuned kernel, built on first use (nothing at import time); BLOCK_D
+    from :func:`_block_d` unless the caller gives it."""
+    kernel = _KERNELS[name]
+    precision = _precision(features.dtype)
+    itemsize = 4 if precision["CAST_FP32"] else features.element_size()
+    meta = dict(BLOCK_D=_block_d(features.shape[1], itemsize, precision["INPUT_PRECISION"]),
+                **precision)
     if block is not None:
-        return kernel, dict(block)
+        return kernel, {**meta, **block}
     if name not in _tuned:
         # INPUT_PRECISION is a key because the prune keeps other configs for "ieee" fp32.
         _tuned[name] = triton.autotune(
-            configs=soft_target_ce_configs(phase), key=["D", "S", "INPUT_PRECISION"],
+            configs=soft_target_ce_configs(name), key=["D", "S", "INPUT_PRECISION", "BLOCK_D"],
             prune_configs_by={"early_config_prune": _prune_configs},
         )(kernel)
-    return _tuned[name], {}
+    return _tuned[name], meta
 
 
 def _precision(dtype: torch.dtype) -> dict:
@@ -375,7 +477,7 @@ def _precision(dtype: torch.dtype) -> dict:
 
 def _split_layout(num_rows: int, num_cols: int, splits: int | None, block: dict | None):
     """(splits, cols_per_split): column ranges aligned to every candidate BLOCK_N."""
-    configs = soft_target_ce_configs("forward") + soft_target_ce_configs("backward")
+    configs = [c for phase in _KERNELS for c in soft_target_ce_configs(phase)]
     align = block["BLOCK_N"] if block else max(c.kwargs["BLOCK_N"] for c in configs)
     tiles = triton.cdiv(num_cols, align)
     if splits is None:
@@ -399,6 +501,14 @@ def inverse_norms(x: Tensor) -> Tensor:
     return out
 
 
+def _unit_owned(candidates: Tensor, inv_c: Tensor, num_rows: int, num_slots: int,
+                target_offset: int) -> Tensor:
+    """``(B, S, D)`` fp32 ``n(C)`` of the owned columns: one contiguous run of B*S rows."""
+    rows = candidates.narrow(0, target_offset, num_rows * num_slots).float()
+    scale = inv_c.narrow(0, target_offset, num_rows * num_slots).unsqueeze(1)
+    return (rows * scale).unflatten(0, (num_rows, num_slots))
+
+
 def soft_target_ce_forward(
     queries: Tensor,
     candidates: Tensor,
@@ -413,11 +523,15 @@ def soft_target_ce_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-split online-softmax partials and the owned logits.
 
+    The owned logits (B*S of the B*M) are computed here in fp32 from their rows, so the
+    kernel's tile loop holds no owned-column work.
+
     Args:
         queries: ``(B, D)`` fp32/fp16/bf16. candidates: ``(M, D)``, same dtype.
         inv_q, inv_c: ``(B,)``, ``(M,)`` fp32 inverse norms (:func:`inverse_norms`).
         splits: column splits (default: a grid of about 1024 programs).
-        block: explicit ``BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_DO`` instead of autotuning.
+        block: explicit ``BLOCK_B, BLOCK_N, BLOCK_DO`` (and optionally ``BLOCK_D``) instead
+            of autotuning.
 
     Returns:
         ``(part_max, part_sum, owned)``: ``(B, SPLITS)`` fp32 base-2 running max and sum of
@@ -429,28 +543,27 @@ def soft_target_ce_forward(
     f32 = dict(device=queries.device, dtype=torch.float32)
     part_max = torch.empty(num_rows, splits, **f32)
     part_sum = torch.empty(num_rows, splits, **f32)
-    owned = torch.empty(num_rows, num_slots, **f32)
-    kernel, meta = _kernel("forward", block)
+    kernel, meta = _kernel("forward", block, queries)
 
     def grid(meta):
         return (triton.cdiv(num_rows, meta["BLOCK_B"]), splits)
 
     kernel[grid](
         q_ptr=queries, c_ptr=candidates, inv_q_ptr=inv_q, inv_c_ptr=inv_c,
-        max_ptr=part_max, sum_ptr=part_sum, owned_ptr=owned,
-        B=num_rows, M=num_cols, D=width, S=num_slots, target_offset=target_offset,
+        max_ptr=part_max, sum_ptr=part_sum, B=num_rows, M=num_cols, D=width,
         cols_per_split=cols_per_split, inv_temperature=1.0 / temperature,
         stride_qb=queries.stride(0), stride_qd=queries.stride(1),
         stride_cm=candidates.stride(0), stride_cd=candidates.stride(1),
-        stride_pb=part_max.stride(0), stride_ps=part_max.stride(1),
-        stride_ob=owned.stride(0), stride_os=owned.stride(1),
-        **meta, **_precision(queries.dtype),
+        stride_pb=part_max.stride(0), stride_ps=part_max.stride(1), **meta,
     )
+    unit_q = queries.float() * inv_q.unsqueeze(1)
+    unit_owned = _unit_owned(candidates, inv_c, num_rows, num_slots, target_offset)
+    owned = torch.einsum("bd,bsd->bs", unit_q, unit_owned) / temperature
     return part_max, part_sum, owned
 
 
 class BackwardInputs(NamedTuple):
-    """What both backward kernels read; built once by the caller, passed by name.
+    """What both backward launchers read; built once by the caller, passed by name.
 
     ``lse``, ``grad`` and ``row_weight = grad * sum(targets)`` are ``(B,)`` fp32; the other
     tensors as for :func:`soft_target_ce_forward`.
@@ -467,32 +580,35 @@ class BackwardInputs(NamedTuple):
     temperature: float
     target_offset: int
 
+    def target_weights(self) -> Tensor:
+        """``(B, S)`` fp32 ``g_j t_js / T``: the target term of the logit gradient, which
+        lives on the owned columns only and is subtracted outside the kernels."""
+        return self.grad.unsqueeze(1) * self.targets.float() / self.temperature
+
 
 def _backward_args(inputs: BackwardInputs) -> dict:
     """The kernel arguments both backward kernels share, by name."""
-    queries, candidates, targets = inputs.queries, inputs.candidates, inputs.targets
+    queries, candidates = inputs.queries, inputs.candidates
     return dict(
-        q_ptr=queries, c_ptr=candidates, t_ptr=targets, inv_q_ptr=inputs.inv_q,
-        inv_c_ptr=inputs.inv_c, lse_ptr=inputs.lse, grad_ptr=inputs.grad,
-        row_weight_ptr=inputs.row_weight,
-        B=queries.shape[0], M=candidates.shape[0], D=queries.shape[1], S=targets.shape[1],
-        target_offset=inputs.target_offset, inv_temperature=1.0 / inputs.temperature,
+        q_ptr=queries, c_ptr=candidates, inv_q_ptr=inputs.inv_q, inv_c_ptr=inputs.inv_c,
+        lse_ptr=inputs.lse, row_weight_ptr=inputs.row_weight,
+        B=queries.shape[0], M=candidates.shape[0], D=queries.shape[1],
+        inv_temperature=1.0 / inputs.temperature,
         stride_qb=queries.stride(0), stride_qd=queries.stride(1),
         stride_cm=candidates.stride(0), stride_cd=candidates.stride(1),
-        stride_tb=targets.stride(0), stride_ts=targets.stride(1),
-        **_precision(queries.dtype),
     )
 
 
 def soft_target_ce_backward_queries(
     inputs: BackwardInputs, *, splits: int | None = None, block: dict | None = None
 ) -> Tensor:
-    """``(SPLITS, B, D)`` fp32 per-split partials of the gradient w.r.t. ``n(q)``."""
+    """``(B, D)`` fp32 gradient w.r.t. ``n(q)``: the kernel's per-split partials summed in
+    a fixed order (deterministic), less the target term."""
     num_rows, width = inputs.queries.shape
     splits, cols_per_split = _split_layout(num_rows, inputs.candidates.shape[0], splits, block)
     partial = torch.empty(splits, num_rows, width, device=inputs.queries.device,
                           dtype=torch.float32)
-    kernel, meta = _kernel("dq", block)
+    kernel, meta = _kernel("dq", block, inputs.queries)
 
     def grid(meta):
         return (triton.cdiv(num_rows, meta["BLOCK_B"]), splits,
@@ -503,16 +619,18 @@ def soft_target_ce_backward_queries(
         stride_ps=partial.stride(0), stride_pb=partial.stride(1), stride_pd=partial.stride(2),
         **meta,
     )
-    return partial
+    unit_owned = _unit_owned(inputs.candidates, inputs.inv_c, num_rows,
+                             inputs.targets.shape[1], inputs.target_offset)
+    return partial.sum(dim=0) - torch.einsum("bs,bsd->bd", inputs.target_weights(), unit_owned)
 
 
 def soft_target_ce_backward_candidates(
     inputs: BackwardInputs, *, block: dict | None = None
 ) -> Tensor:
-    """``(M, D)`` fp32 gradient w.r.t. ``n(C)``."""
+    """``(M, D)`` fp32 gradient w.r.t. ``n(C)``, the target term subtracted on the owned rows."""
     num_cols, width = inputs.candidates.shape
     grad_unit = torch.empty(num_cols, width, device=inputs.queries.device, dtype=torch.float32)
-    kernel, meta = _kernel("dc", block)
+    kernel, meta = _kernel("dc", block, inputs.queries)
 
     def grid(meta):
         return (triton.cdiv(num_cols, meta["BLOCK_N"]), triton.cdiv(width, meta["BLOCK_DO"]))
@@ -521,4 +639,8 @@ def soft_target_ce_backward_candidates(
         **_backward_args(inputs), dc_ptr=grad_unit, stride_dm=grad_unit.stride(0),
         stride_dd=grad_unit.stride(1), **meta,
     )
+    num_rows, num_slots = inputs.targets.shape
+    unit_q = inputs.queries.float() * inputs.inv_q.unsqueeze(1)
+    owned = grad_unit.narrow(0, inputs.target_offset, num_rows * num_slots)
+    owned -= torch.einsum("bs,bd->bsd", inputs.target_weights(), unit_q).flatten(0, 1)
     return grad_unit

@@ -199,9 +199,8 @@ def _backward(
     )
     grad_queries = grad_candidates = None
     if need_queries:
-        partial = soft_target_ce_backward_queries(inputs, splits=splits, block=block)
-        # Fixed-order sum over splits keeps the gradient deterministic.
-        grad_queries = normalize_backward(queries, inv_q, partial.sum(dim=0))
+        grad_unit = soft_target_ce_backward_queries(inputs, splits=splits, block=block)
+        grad_queries = normalize_backward(queries, inv_q, grad_unit)
     if need_candidates:
         grad_unit = soft_target_ce_backward_candidates(inputs, block=block)
         grad_candidates = normalize_backward(candidates, inv_c, grad_unit)
