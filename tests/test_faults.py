@@ -627,6 +627,19 @@ def test_a_second_compare_on_a_locked_folder_exits_2_and_writes_nothing(tmp_path
     assert list(folder.iterdir()) == []
 
 
+def test_a_compare_rerun_accepts_its_folder_and_removes_a_cells_stale_files(tmp_path, capsys):
+    folder = tmp_path / "cmp"
+    argv = ["compare", "--methods", "mocov3", "--seeds", "0", *COMPARE, "--linear-epochs", "1",
+            "--output-dir", folder]
+    assert run(argv, capsys)[0] == 0
+    cell = folder / "mocov3" / "0"
+    (cell / "cell.json.snclr-4242.tmp").write_text('{"status": "tr')
+    (folder / "compare.md").unlink()  # a comparison stopped before its table: still one
+    record = (cell / "cell.json").read_bytes()
+    assert run(argv, capsys)[0] == 0
+    assert _ours_left(cell) == [] and (cell / "cell.json").read_bytes() == record
+
+
 @pytest.mark.parametrize("command", ["pretrain", "compare"])
 def test_a_foreign_non_empty_folder_or_an_empty_name_is_refused_as_output_dir(
         tmp_path, capsys, monkeypatch, command):
@@ -784,6 +797,29 @@ def test_an_interrupted_pretrain_says_what_it_kept_and_the_rerun_resumes(tmp_pat
     assert _ours_left(run_dir) == []
     assert run(argv, capsys)[0] == 0
     assert [r["step"] for r in rows(run_dir) if r["kind"] == "step"] == list(range(1, 13))
+
+
+def test_ctrl_c_before_the_first_checkpoint_or_before_training_says_so(tmp_path, capsys,
+                                                                       monkeypatch):
+    from snclr.training import train
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupt)
+    run_dir = tmp_path / "run"
+    code, _, err = run(["pretrain", *TINY, "--output-dir", run_dir], capsys)
+    assert code == 130
+    assert one_line(err) == ("snclr pretrain: interrupted at step 0; no checkpoint was written; "
+                             "rerun the same command to start again; report.md covers the steps "
+                             "so far")
+    assert not (run_dir / "checkpoint.pt").exists() and (run_dir / "report.md").is_file()
+    monkeypatch.setattr(train, "load_splits", interrupt)
+    code, _, err = run(["pretrain", *TINY, "--output-dir", tmp_path / "new"], capsys)
+    assert code == 130
+    assert one_line(err) == ("snclr pretrain: interrupted before training started; rerun the "
+                             "same command")
+    assert not (tmp_path / "new").exists()
 
 
 def test_an_interrupted_compare_names_the_cell_and_what_it_kept(tmp_path):

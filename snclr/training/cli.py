@@ -270,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", signal.SIGINT)
+        # Once training has started, pretrain and compare say where and what was kept.
         message = getattr(err, "message", "") or (
-            "interrupted before training started; rerun the same command"
-            if args.command in ("pretrain", "compare", "demo") else "interrupted")
+            "interrupted before training started" if args.command == "pretrain"
+            else "interrupted") + "; rerun the same command"
         if launch.launch_rank() == 0:
             print(f"snclr {args.command}: {message}", file=sys.stderr)
         return 128 + signum
