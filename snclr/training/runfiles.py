@@ -46,7 +46,7 @@ def write_failed(path: Path, err: BaseException) -> WriteFailed | None:
     return WriteFailed(f"cannot write {str(path)!r} ({seen.strerror or type(seen).__name__})")
 
 
-def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write ``path`` through ``write(file)`` into a temporary file and an atomic rename.
 
     Raises:
