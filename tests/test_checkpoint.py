@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from snclr.training import checkpoint
+from snclr.training import checkpoint, runfiles
 from snclr.training.checkpoint import RESUME_KEYS, non_finite, read_checkpoint, write_checkpoint
 from snclr.training.config import ConfigError
 
@@ -25,13 +25,14 @@ def test_checkpoint_is_fsynced_before_the_rename_and_its_folder_after(tmp_path, 
         events.append(("replace", str(src), str(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
-    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    monkeypatch.setattr(runfiles.os, "fsync", fsync)
+    monkeypatch.setattr(runfiles.os, "replace", replace)
     target = tmp_path / "checkpoint.pt"
     write_checkpoint(target, COMPLETE)
+    tmp = tmp_path / f"checkpoint.pt.snclr-{os.getpid()}.tmp"  # unique to the process
     assert events == [
-        ("fsync", str(tmp_path / "checkpoint.pt.tmp")),
-        ("replace", str(tmp_path / "checkpoint.pt.tmp"), str(target)),
+        ("fsync", str(tmp)),
+        ("replace", str(tmp), str(target)),
         ("fsync", str(tmp_path)),
     ]
     assert read_checkpoint(target, keys=RESUME_KEYS)["step"] == 4

@@ -4,9 +4,12 @@ Every test states the command, its exit status (0 done, 2 refused up front, 3 st
 one-line message and what the run folder holds afterwards.
 """
 
+import contextlib
 import json
 import re
+import resource
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -570,3 +573,266 @@ def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_white(tmp_path):
                               ("F", np.array([[-1.0, np.nan, 3.0]], np.float32), 255)]:
         image = Image.frombytes(mode, (values.shape[1], 1), values.tobytes())
         assert np.asarray(to_rgb(image))[0, :, 0].max() == top, mode
+
+
+# ----------- round two, 2 (rest), 5, 6, 7. temporary files, foreign folders, full disks, signals
+
+
+_K = TINY.index("--num-neighbors")
+COMPARE = TINY[:_K] + TINY[_K + 2:]  # mocov3 fixes K = 0: compare refuses a K flag
+
+
+def _ours_left(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_atomic_writes_use_a_temporary_name_unique_to_the_process(tmp_path):
+    import os
+
+    from snclr.training.runfiles import write_atomically
+
+    seen = []
+    write_atomically(tmp_path / "checkpoint.pt", lambda f: seen.append(_ours_left(tmp_path)))
+    assert seen == [[f"checkpoint.pt.snclr-{os.getpid()}.tmp"]]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_a_start_removes_the_temporary_files_a_killed_write_left(run_copy, capsys):
+    (run_copy / "checkpoint.pt.snclr-4242.tmp").write_bytes(b"PK\x03\x04 partial")
+    (run_copy / "checkpoint.pt.tmp").write_bytes(b"partial, by an earlier version")
+    (run_copy / "notes.tmp").write_text("the user's own")  # not one of ours: kept
+    code, _, err = run(["pretrain", "--output-dir", run_copy, "--epochs", "2"], capsys)
+    assert code == 0
+    assert "warning: removed 2 temporary file(s) an interrupted write left: checkpoint.pt.snclr-" \
+           "4242.tmp, checkpoint.pt.tmp" in err
+    assert _ours_left(run_copy) == ["notes.tmp"]
+    assert read_checkpoint(run_copy / "checkpoint.pt", keys=("step",))["step"] == 8
+
+
+def test_a_second_compare_on_a_locked_folder_exits_2_and_writes_nothing(tmp_path, capsys):
+    import os
+
+    from snclr.training import runlock
+
+    folder = tmp_path / "cmp"
+    folder.mkdir()
+    runlock.acquire(folder)  # as another snclr compare would hold it
+    fd = runlock._held.pop(str(folder.resolve()))
+    try:
+        code, _, err = run(["compare", "--methods", "mocov3", "--seeds", "0", *COMPARE,
+                            "--output-dir", folder], capsys)
+    finally:
+        os.close(fd)
+    assert code == 2 and f"another snclr process is using '{folder}'" in one_line(err)
+    assert list(folder.iterdir()) == []
+
+
+def test_a_compare_rerun_accepts_its_folder_and_removes_a_cells_stale_files(tmp_path, capsys):
+    folder = tmp_path / "cmp"
+    argv = ["compare", "--methods", "mocov3", "--seeds", "0", *COMPARE, "--linear-epochs", "1",
+            "--output-dir", folder]
+    assert run(argv, capsys)[0] == 0
+    cell = folder / "mocov3" / "0"
+    (cell / "cell.json.snclr-4242.tmp").write_text('{"status": "tr')
+    (folder / "compare.md").unlink()  # a comparison stopped before its table: still one
+    record = (cell / "cell.json").read_bytes()
+    assert run(argv, capsys)[0] == 0
+    assert _ours_left(cell) == [] and (cell / "cell.json").read_bytes() == record
+
+
+@pytest.mark.parametrize("command", ["pretrain", "compare"])
+def test_a_foreign_non_empty_folder_or_an_empty_name_is_refused_as_output_dir(
+        tmp_path, capsys, monkeypatch, command):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("project: my thesis\n")
+    (folder / "metrics.jsonl").write_text('{"accuracy": 0.9}\n')
+    (folder / "report.md").write_text("my report")
+    before = snapshot(folder)
+    argv = ["pretrain", *TINY] if command == "pretrain" else [
+        "compare", "--methods", "mocov3", "--seeds", "0", *COMPARE]
+    code, _, err = run([*argv, "--output-dir", folder], capsys)
+    flag = "output_dir" if command == "pretrain" else "--output-dir"
+    assert code == 2 and f"{flag} '{folder}' holds files but is not a snclr " in one_line(err)
+    assert snapshot(folder) == before
+    monkeypatch.chdir(folder)
+    code, _, err = run([*argv, "--output-dir", ""], capsys)
+    assert code == 2 and f"{flag} is empty" in one_line(err)
+    assert snapshot(folder) == before
+
+
+def test_what_marks_a_run_folder(base_run, tmp_path):
+    from snclr.training.runfiles import is_run_folder
+
+    assert is_run_folder(base_run)
+    (tmp_path / "config.yaml").write_text((base_run / "config.yaml").read_text())
+    assert is_run_folder(tmp_path)  # a run stopped before its first checkpoint
+    (tmp_path / "config.yaml").write_text("epochs: 1\nproject: mine\n")
+    assert not is_run_folder(tmp_path)
+    (tmp_path / "config.yaml").write_text(": not yaml [")
+    assert not is_run_folder(tmp_path)
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """Writes past ``nbytes`` fail with EFBIG, as writes to a full disk fail with ENOSPC."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_full_disk_at_a_checkpoint_stops_with_exit_3_and_the_resume_is_exact(
+        base_run, run_copy, tmp_path, capsys):
+    before = (run_copy / "checkpoint.pt").read_bytes()
+    with file_size_limit(1 << 20):  # the checkpoint is several MB, the logs a few KB
+        code, _, err = run(["pretrain", "--output-dir", run_copy, "--epochs", "2"], capsys)
+    assert code == 3
+    assert one_line(err) == (f"snclr pretrain: stopped: cannot write '{run_copy}/checkpoint.pt' "
+                             "(File too large); checkpoint.pt still holds the last good state "
+                             "(step 4)")
+    assert (run_copy / "checkpoint.pt").read_bytes() == before
+    assert _ours_left(run_copy) == []
+    rows(run_copy)
+    # Space freed: the rerun resumes from step 4 and ends where an uninterrupted run ends.
+    assert run(["pretrain", "--output-dir", run_copy, "--epochs", "2"], capsys)[0] == 0
+    straight = tmp_path / "straight"
+    shutil.copytree(base_run, straight)
+    assert run(["pretrain", "--output-dir", straight, "--epochs", "2"], capsys)[0] == 0
+    left, right = (read_checkpoint(p / "checkpoint.pt")["model"] for p in (run_copy, straight))
+    assert all(torch.equal(left[name], right[name]) for name in left)
+
+
+def test_a_full_disk_at_resume_exits_3_and_changes_nothing(run_copy, capsys):
+    before = snapshot(run_copy)
+    with file_size_limit(200):  # config.yaml, written first, is larger
+        code, _, err = run(["pretrain", "--output-dir", run_copy, "--epochs", "2"], capsys)
+    assert code == 3
+    assert one_line(err) == (f"snclr pretrain: stopped: cannot write '{run_copy}/config.yaml' "
+                             "(File too large); checkpoint.pt still holds the last good state "
+                             "(step 4)")
+    assert snapshot(run_copy) == before
+
+
+def test_a_full_disk_writing_metrics_exits_3_and_the_torn_line_is_cut_at_resume(run_copy, capsys):
+    with (run_copy / "metrics.jsonl").open("a") as f:
+        f.write("\n" * 8192)  # blank lines (skipped by readers): the log is the largest file
+    with file_size_limit((run_copy / "metrics.jsonl").stat().st_size + 20):
+        code, _, err = run(["pretrain", "--output-dir", run_copy, "--epochs", "2"], capsys)
+    assert code == 3
+    assert one_line(err) == (f"snclr pretrain: stopped: cannot write '{run_copy}/metrics.jsonl' "
+                             "(File too large); checkpoint.pt still holds the last good state "
+                             "(step 4)")
+    assert _ours_left(run_copy) == []
+    code, _, err = run(["pretrain", "--output-dir", run_copy, "--epochs", "2"], capsys)
+    assert code == 0 and "warning: truncated 1 torn line(s)" in err
+    steps = [r["step"] for r in rows(run_copy) if r.get("kind") == "step"]
+    assert steps == list(range(1, 9))
+
+
+# Each step sleeps 0.2 s, so a signal sent after step 5 is logged lands in the run.
+_SLOW = """
+import sys, time
+from snclr.model import SNCLR
+from snclr.training.cli import main
+update = SNCLR.momentum_update
+SNCLR.momentum_update = lambda self, m: (time.sleep(0.2), update(self, m))[1]
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _signal_after_step(argv: list, metrics: Path, signum: int, *, step: int = 5):
+    """Run ``snclr ARGV`` slowly in a subprocess; send ``signum`` once ``metrics`` logs
+    ``step``; (exit status, stderr)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    with tempfile.TemporaryFile("w+") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _SLOW, *map(str, argv)], stdout=subprocess.DEVNULL,
+            stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.monotonic() + 300
+            while not any(r.get("step", 0) >= step for r in _logged(metrics)):
+                assert child.poll() is None and time.monotonic() < deadline, "no step logged"
+                time.sleep(0.05)
+            child.send_signal(signum)
+            code = child.wait(timeout=120)
+        finally:
+            child.kill()
+        stderr.seek(0)
+        return code, stderr.read()
+
+
+def _logged(metrics: Path) -> list[dict]:
+    from snclr.training.metrics import read_rows
+
+    return read_rows(metrics)[0]
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_pretrain_says_what_it_kept_and_the_rerun_resumes(tmp_path, capsys,
+                                                                          signum, status):
+    run_dir = tmp_path / "run"
+    argv = ["pretrain", *TINY, "--epochs", "3", "--output-dir", run_dir]
+    code, err = _signal_after_step(argv, run_dir / "metrics.jsonl", signum)
+    assert code == status, err
+    line = one_line(err)
+    match = re.fullmatch(r"snclr pretrain: interrupted at step (\d+); checkpoint of step (\d+) "
+                         r"kept; rerun the same command to resume; report.md covers the steps "
+                         r"so far", line)
+    assert match, line
+    at, kept = map(int, match.groups())
+    assert at >= 5 and kept == read_checkpoint(run_dir / "checkpoint.pt", keys=("step",))["step"]
+    assert f"interrupted at step {at}" in (run_dir / "report.md").read_text()
+    assert _ours_left(run_dir) == []
+    assert run(argv, capsys)[0] == 0
+    assert [r["step"] for r in rows(run_dir) if r["kind"] == "step"] == list(range(1, 13))
+
+
+def test_ctrl_c_before_the_first_checkpoint_or_before_training_says_so(tmp_path, capsys,
+                                                                       monkeypatch):
+    from snclr.training import train
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupt)
+    run_dir = tmp_path / "run"
+    code, _, err = run(["pretrain", *TINY, "--output-dir", run_dir], capsys)
+    assert code == 130
+    assert one_line(err) == ("snclr pretrain: interrupted at step 0; no checkpoint was written; "
+                             "rerun the same command to start again; report.md covers the steps "
+                             "so far")
+    assert not (run_dir / "checkpoint.pt").exists() and (run_dir / "report.md").is_file()
+    monkeypatch.setattr(train, "load_splits", interrupt)
+    code, _, err = run(["pretrain", *TINY, "--output-dir", tmp_path / "new"], capsys)
+    assert code == 130
+    assert one_line(err) == ("snclr pretrain: interrupted before training started; rerun the "
+                             "same command")
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_interrupted_compare_names_the_cell_and_what_it_kept(tmp_path):
+    folder = tmp_path / "cmp"
+    argv = ["compare", "--methods", "mocov3", "--seeds", "0,1", *COMPARE, "--epochs", "3",
+            "--linear-epochs", "1", "--output-dir", folder]
+    code, err = _signal_after_step(argv, folder / "mocov3" / "0" / "metrics.jsonl",
+                                   signal.SIGTERM)
+    assert code == 143, err
+    assert re.fullmatch(r"snclr compare: cell mocov3/0: interrupted at step \d+; checkpoint of "
+                        r"step \d+ kept; rerun the same command to resume; report.md covers the "
+                        r"steps so far; compare.md not written \(2 of 2 cells unfinished\)",
+                        one_line(err))
+    assert json.loads((folder / "mocov3" / "0" / "cell.json").read_text())["status"] == \
+        "interrupted"
+    assert not (folder / "compare.md").exists() and not (folder / "mocov3" / "1").exists()

@@ -8,7 +8,6 @@ nothing in the file can run code.
 from __future__ import annotations
 
 import inspect
-import os
 import pickle
 import random
 import re
@@ -22,6 +21,7 @@ import torch
 from snclr.model import SNCLR, create_model
 from snclr.training.config import Config
 from snclr.training.errors import ConfigError
+from snclr.training.runfiles import write_atomically
 
 __all__ = ["EVAL_KEYS", "RESUME_KEYS", "build_model", "get_rng_state", "model_fields",
            "non_finite", "read_checkpoint", "set_rng_state", "write_checkpoint"]
@@ -86,23 +86,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def write_checkpoint(path: Path, payload: dict) -> None:
-    """Write ``payload`` to ``path`` via a temporary file and an atomic rename.
+    """Write ``payload`` to ``path`` atomically (:func:`snclr.training.runfiles.write_atomically`).
 
-    The file is fsynced before the rename and the folder after it: after a power loss the
-    path holds the previous checkpoint or the new one, never an empty or partial file.
+    After a power loss the path holds the previous checkpoint or the new one, never an empty
+    or partial file.
+
+    Raises:
+        WriteFailed: the disk is full or the file cannot be written (the previous file stays).
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **payload}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    write_atomically(Path(path), lambda f: torch.save({"format": FORMAT, **payload}, f))
 
 
 # What each use of a checkpoint reads (a crafted file missing one is refused up front).

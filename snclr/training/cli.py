@@ -5,22 +5,25 @@ kNN of the trained and of a random encoder, side by side) and ``compare`` (metho
 one table with error bars; :mod:`snclr.training.compare`).
 
 Exit status: 0 done; 2 bad configuration, data, checkpoint or run folder (one line on stderr,
-found before the run folder changes); 3 training diverged (one line; the last good checkpoint
-is kept). Any other exception is a bug and keeps its traceback.
+found before the run folder changes); 3 training diverged or a file could not be written (one
+line; the last good checkpoint is kept); 130 Ctrl-C, 143 SIGTERM (one line saying what was
+kept). Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
 
 from snclr.model import METHODS
 from snclr.training import launch
 from snclr.training.config import PRESETS, Config, apply_overrides, load_config_file, preset
-from snclr.training.errors import ConfigError, TrainingDiverged
+from snclr.training.errors import ConfigError, Interrupted, TrainingDiverged, WriteFailed
 
 __all__ = ["build_parser", "config_from_args", "given_fields", "main"]
 
@@ -171,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             last = train.pretrain(config, resume=args.resume, given=given_fields(args),
                                   allow_config_change=args.allow_config_change)
-        except TrainingDiverged as err:
+        except (TrainingDiverged, WriteFailed) as err:
             return _stopped(args.command, err)
         # The process group is gone by now: ask which rank torchrun started.
         if launch.launch_rank() == 0:
@@ -198,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
     config = apply_overrides(preset("demo"), {"data": args.data, "output_dir": args.output_dir})
     try:
         train.pretrain(config)
-    except TrainingDiverged as err:
+    except (TrainingDiverged, WriteFailed) as err:
         return _stopped(args.command, err)
     checkpoint = str(Path(args.output_dir) / "checkpoint.pt")
     trained = evaluate.run_knn(checkpoint, args.data)
@@ -222,7 +225,10 @@ def _compare(args: argparse.Namespace) -> int:
         config_from_args(args), methods=args.methods, seeds=args.seeds,
         output_dir=args.output_dir, baseline=args.baseline, evaluation=evaluation,
         explicit=_flags(args), allow_config_change=args.allow_config_change)
-    cells = compare.run_comparison(comparison)
+    try:
+        cells = compare.run_comparison(comparison)
+    except (TrainingDiverged, WriteFailed) as err:
+        return _stopped(args.command, err)
     folder = Path(args.output_dir)
     print((folder / "compare.md").read_text().split("\n\n## ")[0])
     print(f"\nwrote {folder / 'compare.md'}, compare.csv, cells.csv, compare.png")
@@ -247,14 +253,33 @@ def _checkpoint_data(checkpoint: str) -> str:
     return read_checkpoint(checkpoint)["config"]["data"]
 
 
+def _terminate(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``snclr`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    # SIGTERM (a scheduler's preemption) stops the command as Ctrl-C does: with one line.
+    handles = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if handles else None
     try:
         return _run(args)
     except ConfigError as err:
         print(f"snclr {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        # Once training has started, pretrain and compare say where and what was kept.
+        message = getattr(err, "message", "") or (
+            "interrupted before training started" if args.command == "pretrain"
+            else "interrupted") + "; rerun the same command"
+        if launch.launch_rank() == 0:
+            print(f"snclr {args.command}: {message}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if handles:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ evaluations (kNN k = 20 and 200, the linear probe). The variant's folder is its 
   that a method fixes or never reads (:func:`snclr.training.methods.fixed_options`, e.g. K for
   ``mocov3``) is refused, per variant and as an explicit command-line flag alike.
 - Everything is checked before any cell runs (variants, seeds, every variant's model,
-  the folders of existing cells against the settings now); a refusal is one
-  :class:`~snclr.training.errors.ConfigError` line.
+  the folders of existing cells against the settings now, a folder that is neither new,
+  empty nor a comparison); a refusal is one :class:`~snclr.training.errors.ConfigError` line.
+  One ``snclr compare`` at a time uses a folder (a lock, as ``pretrain`` holds on a run).
 - A rerun skips finished cells and reuses their cached evaluation (cached per evaluation
   setting and checkpoint step); an interrupted cell resumes through
   :func:`snclr.training.train.pretrain`'s own resume (exact on a CPU); a diverged cell is recorded
@@ -27,8 +28,8 @@ The statistics and the files ``compare.md``, ``compare.csv``, ``cells.csv`` and
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import random
 import re
 import time
@@ -42,7 +43,7 @@ import yaml
 from tqdm import tqdm
 
 from snclr.model import METHODS
-from snclr.training import launch
+from snclr.training import launch, runlock
 from snclr.training.checkpoint import RESUME_KEYS, build_model, config_of, read_checkpoint
 from snclr.training.compare_report import CellResult, write_comparison
 from snclr.training.config import (
@@ -55,9 +56,10 @@ from snclr.training.config import (
     validate,
 )
 from snclr.training.data import limit, load_splits
-from snclr.training.errors import ConfigError, TrainingDiverged
+from snclr.training.errors import ConfigError, Interrupted, TrainingDiverged, WriteFailed
 from snclr.training.evaluate import LINEAR_PROTOCOLS, run_evaluation
 from snclr.training.methods import fixed_options
+from snclr.training.runfiles import is_run_folder, remove_stale, write_text_atomically
 from snclr.training.train import pretrain
 
 __all__ = ["KNN_KS", "Comparison", "Evaluation", "Variant", "parse_seeds", "parse_variants",
@@ -232,8 +234,7 @@ def plan_comparison(base: Config, *, methods: str, seeds: str, output_dir: str,
     _check_evaluation(evaluation)
     comparison = Comparison(base, variants, parse_seeds(seeds), Path(output_dir), baseline,
                             evaluation, allow_config_change)
-    if comparison.output_dir.exists() and not comparison.output_dir.is_dir():
-        raise ConfigError(f"--output-dir {output_dir!r} is a file, not a folder")
+    _check_output_dir(comparison, output_dir)
     # The data and the budget every cell shares, once, before the progress bars start.
     train_size = len(limit(load_splits(base.data)["train"], base.limit_samples))
     if base.batch_size > train_size:
@@ -247,6 +248,21 @@ def plan_comparison(base: Config, *, methods: str, seeds: str, output_dir: str,
     for variant, seed in comparison.cells():
         _existing_cell(comparison, comparison.cell_config(variant, seed))
     return comparison
+
+
+def _check_output_dir(comparison: Comparison, text: str) -> None:
+    """A comparison's folder is new, empty, or a comparison: it holds ``compare.md`` or a
+    cell that is a snclr run (``DIR/VARIANT/SEED/``); anything else would be overwritten."""
+    folder = comparison.output_dir
+    if not str(text).strip():
+        raise ConfigError("--output-dir is empty; name the comparison's folder")
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--output-dir {text!r} is a file, not a folder")
+    if not folder.is_dir() or not any(folder.iterdir()) or (folder / "compare.md").is_file():
+        return
+    if not any(is_run_folder(cell) for cell in folder.glob("*/*") if cell.is_dir()):
+        raise ConfigError(f"--output-dir {text!r} holds files but is not a snclr comparison "
+                          "(no compare.md or cell run folder); choose a new or empty folder")
 
 
 def _check_evaluation(evaluation: Evaluation) -> None:
@@ -304,9 +320,7 @@ def _read_record(run_dir: Path) -> dict:
 
 
 def _write_record(run_dir: Path, record: dict) -> None:
-    tmp = run_dir / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, run_dir / RECORD)
+    write_text_atomically(run_dir / RECORD, json.dumps(record, indent=1) + "\n")
 
 
 def _settings_of(config: Config) -> dict:
@@ -317,33 +331,66 @@ def _settings_of(config: Config) -> dict:
 def run_comparison(comparison: Comparison, *, progress: bool = True) -> list[CellResult]:
     """Run every unfinished cell, evaluate every unevaluated one, write the table files.
 
+    The folder is locked for the whole comparison (:mod:`snclr.training.runlock`); each
+    cell's stale temporary files are removed under the cell's lock before it runs.
+
     Returns:
         One :class:`~snclr.training.compare_report.CellResult` per cell, in variant-then-seed order.
 
     Raises:
-        ConfigError: a refusal found while running (e.g. unreadable data, one line).
+        ConfigError: a refusal found while running (e.g. unreadable data, another process
+            using the folder; one line).
+        WriteFailed: a file could not be written (a full disk).
+        Interrupted: Ctrl-C or SIGTERM; the message names the cell, the kept checkpoint and
+            the unfinished cells (``compare.md`` is written only when every cell is done).
     """
     cells = comparison.cells()
-    results = []
+    results: list[CellResult] = []
+    folder = comparison.output_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--output-dir {str(folder)!r} cannot be created "
+                          f"({err.strerror or type(err).__name__})") from None
+    runlock.acquire(folder)  # one snclr compare per folder, for the whole comparison
     bar = tqdm(total=len(cells), desc="compare", unit="cell", disable=not progress,
                dynamic_ncols=True)
     try:
         for variant, seed in cells:
             bar.set_postfix_str(f"{variant.label} seed {seed}")
-            results.append(_run_cell(comparison, variant, seed, progress=progress))
+            try:
+                results.append(_run_cell(comparison, variant, seed, progress=progress))
+            except KeyboardInterrupt as err:
+                where = getattr(err, "message", "") or ("interrupted; the cell's last checkpoint "
+                                                        "is kept; rerun the same command to resume")
+                raise Interrupted.of(err, f"cell {variant.folder}/{seed}: {where}; compare.md not "
+                                          f"written ({len(cells) - len(results)} of {len(cells)} "
+                                          "cells unfinished)") from None
             bar.update()
+        write_comparison(folder, results, variants=[v.label for v in comparison.variants],
+                         baseline=comparison.baseline, setup=_setup(comparison))
     finally:
         bar.close()
-    write_comparison(comparison.output_dir, results, variants=[v.label for v in
-                     comparison.variants], baseline=comparison.baseline,
-                     setup=_setup(comparison))
+        runlock.release(folder)
     return results
+
+
+def _remove_stale(run_dir: Path) -> None:
+    """A cell's stale temporary files, removed under the cell's own lock."""
+    if not run_dir.is_dir():
+        return
+    runlock.acquire(run_dir)
+    try:
+        remove_stale(run_dir)
+    finally:
+        runlock.release(run_dir)
 
 
 def _run_cell(comparison: Comparison, variant: Variant, seed: int, *,
               progress: bool) -> CellResult:
     config = comparison.cell_config(variant, seed)
     run_dir = Path(config.output_dir)
+    _remove_stale(run_dir)
     existing = _existing_cell(comparison, config)
     record = _read_record(run_dir)
     if existing is None or existing["epoch"] < config.epochs:
@@ -385,7 +432,8 @@ def _train(comparison: Comparison, config: Config, record: dict) -> tuple[dict, 
     except ConfigError:
         raise  # refused before the cell changed
     except BaseException:
-        note("interrupted")  # the time spent still counts; the checkpoint resumes it
+        with contextlib.suppress(WriteFailed):  # a full disk: the record is not worth a 2nd error
+            note("interrupted")  # the time spent still counts; the checkpoint resumes it
         raise
     return note("trained"), last["step"]
 

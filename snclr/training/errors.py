@@ -2,12 +2,16 @@
 
 The command line maps each to an exit status (:mod:`snclr.training.cli`): :class:`ConfigError` is a
 refusal found before the run folder changes (exit 2), :class:`TrainingDiverged` a run that
-stopped on non-finite values (exit 3). Anything else is a bug and keeps its traceback.
+stopped on non-finite values and :class:`WriteFailed` one that could not write its files (exit
+3), :class:`Interrupted` a run stopped by Ctrl-C or SIGTERM (exit 128 + the signal: 130, 143).
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "TrainingDiverged"]
+import signal
+
+__all__ = ["ConfigError", "Interrupted", "TrainingDiverged", "WriteFailed"]
 
 
 class ConfigError(ValueError):
@@ -19,3 +23,29 @@ class TrainingDiverged(RuntimeError):
 
     Every rank raises it at the same step (the values tested are reduced over ranks).
     """
+
+
+class WriteFailed(RuntimeError):
+    """A run folder's file could not be written (a full disk, a quota, a file size limit).
+
+    The temporary file is removed, so the previous version of the file (and the last good
+    checkpoint) stays; the command line prints one line and exits 3.
+    """
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped a command; ``str()`` says where and what was kept.
+
+    A KeyboardInterrupt, so whatever lets Ctrl-C through (DataLoader workers, torch) does the
+    same with SIGTERM.
+    """
+
+    def __init__(self, signum: int = signal.SIGINT, message: str = "") -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.message = message
+
+    @classmethod
+    def of(cls, err: KeyboardInterrupt, message: str) -> Interrupted:
+        """``err`` (a plain Ctrl-C or an Interrupted) restated with ``message``."""
+        return cls(getattr(err, "signum", signal.SIGINT), message)

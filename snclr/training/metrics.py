@@ -4,16 +4,20 @@ Only rank 0 writes. Every line of ``metrics.jsonl`` is valid JSON: a missing or 
 number is written as ``null``. When a run (re)starts, the logs are cut back to the step of the
 checkpoint it resumes (0 without one): rows past it describe steps that will be redone, and
 a torn last line is what a kill in the middle of a write leaves. Both are removed and their
-counts returned, for the ``resume`` row the training loop writes.
+counts returned, for the ``resume`` row the training loop writes. Rewrites are atomic
+(:mod:`snclr.training.runfiles`); a failed write (a full disk) is one
+:class:`~snclr.training.errors.WriteFailed`.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from pathlib import Path
+
+from snclr.training.runfiles import write_failed, write_text_atomically
 
 __all__ = ["CSV_COLUMNS", "MetricsLog", "clean", "read_rows"]
 
@@ -54,12 +58,6 @@ def read_rows(path: Path) -> tuple[list[dict], int]:
     return rows, unreadable
 
 
-def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class MetricsLog:
     """Rank 0's metric rows; the logs are cut back to ``resume_step`` on creation.
 
@@ -88,23 +86,26 @@ class MetricsLog:
         kept = [row for row in rows if not _number(row.get("step")) > step]
         self.dropped_rows = len(rows) - len(kept)
         if self.dropped_rows or self.torn_lines:
-            _replace_text(self.jsonl, "".join(json.dumps(row) + "\n" for row in kept))
+            write_text_atomically(self.jsonl, "".join(json.dumps(row) + "\n" for row in kept))
         # The CSV is a view of the same rows: rewrite it from them.
-        with self.csv.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(CSV_COLUMNS)
-            writer.writerows(_csv_row(row) for row in kept if row.get("kind") in CSV_KINDS)
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows(_csv_row(row) for row in kept if row.get("kind") in CSV_KINDS)
+        write_text_atomically(self.csv, text.getvalue())
 
     def write(self, row: dict) -> None:
+        """Append ``row`` (a full disk: :class:`~snclr.training.errors.WriteFailed`; a torn
+        last line at worst, which the next start truncates)."""
         if not self.enabled:
             return
         row = clean(row)
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")  # one write: at worst one torn line
+        _append(self.jsonl, json.dumps(row, allow_nan=False) + "\n")
         if row.get("kind") not in CSV_KINDS:
             return
-        with self.csv.open("a", newline="") as f:
-            csv.writer(f).writerow(_csv_row(row))
+        text = io.StringIO(newline="")
+        csv.writer(text).writerow(_csv_row(row))
+        _append(self.csv, text.getvalue())
         if self.tensorboard is not None:
             for name, value in row.items():
                 if isinstance(value, float):
@@ -114,6 +115,15 @@ class MetricsLog:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+            self.tensorboard = None
+
+
+def _append(path: Path, text: str) -> None:
+    try:
+        with path.open("a", newline="") as f:
+            f.write(text)  # one write
+    except OSError as err:
+        raise write_failed(path, err) from None
 
 
 def _number(value) -> float:

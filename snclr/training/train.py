@@ -14,7 +14,8 @@ Faults: everything a run needs (config, data files, checkpoint, run folder) is c
 the run folder changes. A resumed run continues from its saved config (changes are classed in
 :mod:`snclr.training.config`). A non-finite loss at a log step or in an epoch's mean, or non-finite
 weights when a checkpoint is due, stop every rank with :class:`TrainingDiverged`; the last
-good checkpoint stays.
+good checkpoint stays. A file that cannot be written (a full disk) stops the run with
+:class:`WriteFailed`, Ctrl-C with :class:`Interrupted`; both name the kept checkpoint's step.
 """
 
 from __future__ import annotations
@@ -56,11 +57,17 @@ from snclr.training.config import (
     validate,
 )
 from snclr.training.data import TwoViewDataset, limit, load_splits, make_loader, two_view_transforms
-from snclr.training.errors import ConfigError, TrainingDiverged
+from snclr.training.errors import ConfigError, Interrupted, TrainingDiverged, WriteFailed
 from snclr.training.evaluate import extract_features, knn_accuracy
 from snclr.training.metrics import MetricsLog, clean
 from snclr.training.optim import cosine_lr, create_optimizer
 from snclr.training.report import write_report
+from snclr.training.runfiles import (
+    check_run_folder,
+    remove_stale,
+    write_failed,
+    write_text_atomically,
+)
 
 __all__ = ["Plan", "TrainingDiverged", "pretrain", "self_neighbor_warning", "train_one_epoch"]
 
@@ -273,6 +280,10 @@ def pretrain(config: Config, *, resume: bool = False, given: Iterable[str] | Non
         ConfigError: bad configuration, data, checkpoint or run folder, or a refused change
             (the run folder is left as it was).
         TrainingDiverged: a non-finite loss or weights (the last good checkpoint is kept).
+        WriteFailed: a file of the run folder could not be written, e.g. on a full disk (the
+            temporary file is removed; the message names the kept checkpoint's step).
+        Interrupted: Ctrl-C (or SIGTERM under the command line); the message names the step,
+            the kept checkpoint's step and whether the report was written.
     """
     started_group = launch.init_from_env()
     try:
@@ -306,6 +317,10 @@ def _make_run_dir(run_dir: Path, device: torch.device) -> None:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             runlock.acquire(run_dir)
+            stale = remove_stale(run_dir)
+            if stale:
+                print(f"warning: removed {len(stale)} temporary file(s) an interrupted write "
+                      f"left: {', '.join(stale)}", file=sys.stderr)
         except ConfigError as err:
             busy = str(err)
         except OSError as err:
@@ -346,15 +361,22 @@ def _restore_training_state(state: State, payload: dict, saved: Config, config: 
 
 
 def _save(config: Config, plan: Plan, state: State, path: Path) -> None:
-    """Write the checkpoint unless any rank's state holds NaN or infinity (collective)."""
+    """Write the checkpoint unless any rank's state holds NaN or infinity (collective); a
+    failed write stops every rank."""
     payload = _checkpoint_payload(config, plan, state)
     bad = non_finite({key: payload[key] for key in ("model", "optimizer", "rank_banks")})
     if _any_rank(bool(bad), plan.device):
         where = bad[0] if bad else "another rank's state"
         raise TrainingDiverged(f"training diverged: non-finite values in {where} after step "
                                f"{state.step}; {state.kept()}")
+    failed = None
     if distributed.is_main():
-        write_checkpoint(path, payload)
+        try:
+            write_checkpoint(path, payload)
+        except WriteFailed as err:
+            failed = err
+    if _any_rank(failed is not None, plan.device):  # every rank stops, none waits at a barrier
+        raise WriteFailed(str(failed or f"rank 0 could not write {str(path)!r}"))
     state.saved_step = state.step
 
 
@@ -363,6 +385,7 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
     wall = time.perf_counter()
     run_dir = Path(config.output_dir)
     _check_run_dir(run_dir)
+    check_run_folder(config.output_dir)
     ckpt_path = run_dir / "checkpoint.pt"
     payload = saved = None
     if ckpt_path.exists():
@@ -431,32 +454,44 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
     # Everything is checked: from here on the run folder changes.
     main = distributed.is_main()
     _make_run_dir(run_dir, device)
-    if main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        print(f"image size {plan.img_size} px ({size_source})", flush=True)
-        if warning:
-            print(warning, file=sys.stderr, flush=True)
-    log = MetricsLog(run_dir, enabled=main, resume_step=state.step)
-    if payload is not None or log.dropped_rows or log.torn_lines:
-        log.write({"kind": "resume", "epoch": state.epoch, "step": state.step,
-                   "dropped_rows": log.dropped_rows, "torn_lines": log.torn_lines})
-        if main and log.torn_lines:
-            print(f"warning: truncated {log.torn_lines} torn line(s) of {log.jsonl}",
-                  file=sys.stderr)
-    if changes:
-        log.write({"kind": "config_change", "epoch": state.epoch, "step": state.step,
-                   "changes": {name: list(change) for name, change in changes.items()},
-                   "optimizer_state": "reset" if optimizer_reset else "kept"})
-    transforms = two_view_transforms(_augmentation(config, plan), img_size=plan.img_size,
-                                     crop_scale_min=config.crop_scale_min, in_chans=plan.in_chans)
-    dataset = TwoViewDataset(train_set, *transforms, seed=config.seed)
-    loader = make_loader(dataset, batch_size=plan.local_batch, train=True, seed=config.seed,
-                         num_workers=config.num_workers, pin_memory=device.type == "cuda",
-                         world_size=plan.world_size, rank=plan.rank)
-    last: dict = {"kind": "epoch", "epoch": state.epoch, "step": state.step}
+    log = MetricsLog(run_dir, enabled=False)  # replaced below, once the folder is written
     histogram: list[float] = []
-    stop = config.epochs if not config.stop_after else min(config.epochs, config.stop_after)
+
+    def report(*notes: str) -> None:
+        try:
+            write_report(run_dir, config.to_dict(), histogram=histogram,
+                         wall_s=time.perf_counter() - wall,
+                         warnings=[line for line in (warning, *notes) if line])
+        except OSError as err:
+            raise write_failed(Path(err.filename or run_dir / "report.md"), err) from None
+
     try:
+        if main:
+            write_text_atomically(run_dir / "config.yaml",
+                                  yaml.safe_dump(config.to_dict(), sort_keys=False))
+            print(f"image size {plan.img_size} px ({size_source})", flush=True)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
+        log = MetricsLog(run_dir, enabled=main, resume_step=state.step)
+        if payload is not None or log.dropped_rows or log.torn_lines:
+            log.write({"kind": "resume", "epoch": state.epoch, "step": state.step,
+                       "dropped_rows": log.dropped_rows, "torn_lines": log.torn_lines})
+            if main and log.torn_lines:
+                print(f"warning: truncated {log.torn_lines} torn line(s) of {log.jsonl}",
+                      file=sys.stderr)
+        if changes:
+            log.write({"kind": "config_change", "epoch": state.epoch, "step": state.step,
+                       "changes": {name: list(change) for name, change in changes.items()},
+                       "optimizer_state": "reset" if optimizer_reset else "kept"})
+        transforms = two_view_transforms(_augmentation(config, plan), img_size=plan.img_size,
+                                         crop_scale_min=config.crop_scale_min,
+                                         in_chans=plan.in_chans)
+        dataset = TwoViewDataset(train_set, *transforms, seed=config.seed)
+        loader = make_loader(dataset, batch_size=plan.local_batch, train=True, seed=config.seed,
+                             num_workers=config.num_workers, pin_memory=device.type == "cuda",
+                             world_size=plan.world_size, rank=plan.rank)
+        last: dict = {"kind": "epoch", "epoch": state.epoch, "step": state.step}
+        stop = config.epochs if not config.stop_after else min(config.epochs, config.stop_after)
         while state.epoch < stop:
             loader.sampler.set_epoch(state.epoch)
             dataset.set_epoch(state.epoch)
@@ -474,12 +509,32 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
             if state.epoch % config.save_every == 0 or state.epoch == stop:
                 _save(config, plan, state, ckpt_path)  # collective: all ranks
             distributed.barrier()  # ranks wait for rank 0's evaluation and checkpoint
+        if main:
+            report()
+    except WriteFailed as err:
+        raise WriteFailed(f"{err}; {state.kept()}") from None
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM through the command line's handler
+        raise Interrupted.of(err, _interrupted(state, report if main else None)) from None
     finally:
         log.close()
-    if main:
-        write_report(run_dir, config.to_dict(), histogram=histogram,
-                     wall_s=time.perf_counter() - wall, warnings=[warning] if warning else [])
     return clean(last)
+
+
+def _interrupted(state: State, report) -> str:
+    """The line an interrupted run ends with; the report is written first when ``report``."""
+    kept = ("no checkpoint was written; rerun the same command to start again"
+            if state.saved_step is None else
+            f"checkpoint of step {state.saved_step} kept; rerun the same command to resume")
+    line = f"interrupted at step {state.step}; {kept}"
+    if report is None:
+        return line
+    try:
+        report(line)
+    except KeyboardInterrupt:
+        return f"{line}; report.md not written (interrupted again)"
+    except WriteFailed as err:
+        return f"{line}; report.md not written ({err})"
+    return f"{line}; report.md covers the steps so far"
 
 
 def _augmentation(config: Config, plan: Plan) -> str:
