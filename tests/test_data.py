@@ -134,6 +134,39 @@ def test_train_loader_order_depends_on_seed_and_epoch_only(animal_train):
     assert [len(loader) for loader in two_ranks] == [2, 2]  # 20 per rank, drop_last
 
 
+
+def test_persistent_workers_see_each_epoch_and_match_the_main_process(animal_train):
+    views = two_view_transforms("greyscale", img_size=28, crop_scale_min=0.4, in_chans=1)
+    dataset = TwoViewDataset(limit(animal_train, 16), *views, seed=3)
+    loader = make_loader(dataset, batch_size=8, train=True, num_workers=1)
+    assert loader.persistent_workers
+    assert not make_loader(dataset, batch_size=8, train=True).persistent_workers  # no workers
+    assert not make_loader(dataset, batch_size=8, train=False, num_workers=1).persistent_workers
+
+    def epoch_views(loader, epoch):
+        loader.sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        return torch.cat([x1 for x1, *_ in loader])
+
+    in_workers = [epoch_views(loader, epoch) for epoch in (0, 1)]
+    in_main = [epoch_views(make_loader(dataset, batch_size=8, train=True), e) for e in (0, 1)]
+    # The same worker process served both epochs, with each epoch's augmentation.
+    assert all(torch.equal(a, b) for a, b in zip(in_workers, in_main))
+    assert not torch.equal(in_workers[0], in_workers[1])
+
+
+def test_an_epoch_can_start_at_a_batch(animal_train):
+    dataset = EvalDataset(limit(animal_train, 40), lambda image: image)
+    loader = make_loader(dataset, batch_size=8, train=True)
+    loader.sampler.set_epoch(2)
+    full = [labels for _, labels in loader]
+    loader.sampler.set_epoch(2, start_batch=3)
+    assert len(loader) == 2
+    assert [labels.tolist() for _, labels in loader] == [b.tolist() for b in full[3:]]
+    loader.sampler.set_epoch(3)  # the next epoch starts at its beginning
+    assert len(loader) == 5
+
+
 # ----------------------------------------------------------------- native size, mixed sizes
 
 

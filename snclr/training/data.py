@@ -24,6 +24,7 @@ of workers and a resumed run sees exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,8 @@ from snclr.training.errors import ConfigError
 
 __all__ = [
     "BUILTIN_DATASETS", "ImageSet", "TwoViewDataset", "EvalDataset", "AugmentedDataset",
-    "eval_transform", "linear_train_transform", "load_dataset", "load_splits", "make_loader",
+    "EpochSampler", "eval_transform", "linear_train_transform", "load_dataset", "load_splits",
+    "make_loader",
     "stratified_split", "to_rgb", "two_view_transforms",
 ]
 
@@ -282,10 +284,16 @@ class _SeededViews(Dataset):
 
     def __init__(self, images: ImageSet, *transforms, seed: int) -> None:
         self.images, self.transforms, self.seed = images, transforms, seed
-        self.epoch = 0
+        # In shared memory: persistent workers keep the copy of the dataset they started
+        # with, and must still see the epoch the main process sets.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -345,11 +353,41 @@ def make_loader(
     ``(seed, epoch)`` only (``sampler.set_epoch``); drop_last keeps batches equal across
     ranks, which the gathered loss needs.
     """
-    sampler = None
+    sampler, generator = None, None
     if train:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=seed, drop_last=True)
+        sampler = EpochSampler(dataset, batch_size=batch_size, num_replicas=world_size,
+                               rank=rank, seed=seed)
+        # The loader draws its workers' base seed at every epoch; from its own generator,
+        # not the training RNG, which then does not depend on when the workers started.
+        generator = torch.Generator().manual_seed(seed)
+    # Training workers persist across epochs (no restart per epoch); evaluation loaders are
+    # iterated once.
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train,
-        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
+        num_workers=num_workers, pin_memory=pin_memory, generator=generator,
+        persistent_workers=train and num_workers > 0,
     )
+
+
+class EpochSampler(DistributedSampler):
+    """The shuffled, sharded, drop-last order of an epoch, which can start at a batch.
+
+    ``set_epoch(epoch, start_batch=i)`` skips the epoch's first ``i`` batches of this rank
+    (a run resumed from a checkpoint written mid-epoch); the order itself is the epoch's.
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, num_replicas: int, rank: int,
+                 seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=True)
+        self.batch_size, self.start = batch_size, 0
+
+    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start_batch * self.batch_size
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
