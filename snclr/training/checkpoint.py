@@ -24,7 +24,8 @@ from snclr.training.config import Config
 from snclr.training.errors import ConfigError
 
 __all__ = ["EVAL_KEYS", "RESUME_KEYS", "build_model", "get_rng_state", "model_fields",
-           "non_finite", "read_checkpoint", "set_rng_state", "write_checkpoint"]
+           "non_finite", "read_checkpoint", "save_checkpoint", "set_rng_state",
+           "step_checkpoint_path", "write_checkpoint"]
 
 FORMAT = "snclr-checkpoint-v1"
 
@@ -103,6 +104,54 @@ def write_checkpoint(path: Path, payload: dict) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def step_checkpoint_path(path: Path, step: int) -> Path:
+    """The step-named file beside ``path``: ``checkpoint.pt`` -> ``checkpoint-step00000120.pt``."""
+    return path.with_name(f"{path.stem}-step{step:08d}{path.suffix}")
+
+
+def save_checkpoint(path: Path, payload: dict, *, keep_last: int = 0) -> None:
+    """Write ``path``, the newest checkpoint (what a resume reads), and with ``keep_last`` N > 0
+    keep the N newest states also as step-named files (:func:`step_checkpoint_path`).
+
+    With N > 0 the step-named file is written first (:func:`write_checkpoint`), then ``path``
+    is atomically replaced by a hard link to it (no second copy on disk; a second write where
+    the file system has no hard links), and only then are the older step-named files beyond
+    the N newest deleted. A kill at any point leaves ``path`` whole (the old or the new state)
+    and never fewer than the N newest step-named files. Step-named files above ``payload``'s
+    step (from another history of the folder) are left alone.
+    """
+    path = Path(path)
+    if keep_last <= 0:
+        write_checkpoint(path, payload)
+        return
+    step = payload["step"]
+    named = step_checkpoint_path(path, step)
+    write_checkpoint(named, payload)
+    link = path.with_name(f".{path.name}.{os.getpid()}.link")
+    try:
+        link.unlink(missing_ok=True)
+        os.link(named, link)
+        os.replace(link, path)
+        _sync_folder(path.parent)
+    except OSError:  # no hard links here: write the state a second time
+        link.unlink(missing_ok=True)
+        write_checkpoint(path, payload)
+    pattern = re.compile(rf"{re.escape(path.stem)}-step(\d+){re.escape(path.suffix)}")
+    older = sorted((int(m.group(1)), f) for f in path.parent.iterdir()
+                   if (m := pattern.fullmatch(f.name)) and int(m.group(1)) <= step)
+    for _, stale in older[:-keep_last]:
+        stale.unlink(missing_ok=True)
+
+
+def _sync_folder(folder: Path) -> None:
+    # A rename is durable once its folder is fsynced.
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 # What each use of a checkpoint reads (a crafted file missing one is refused up front).
