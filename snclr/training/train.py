@@ -546,8 +546,11 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=model.attention_head is not None, broadcast_buffers=False)
     if config.compile:
-        # In place: the model's state dict (and so the checkpoint) keeps its names.
-        wrapped.compile()
+        # The encoders hold the bulk of the compute and have no data-dependent branches; the
+        # rest (queue search, loss) changes with the queue's fill and stays eager. In place:
+        # the state dict (and so the checkpoint) keeps its names.
+        model.encoder.compile()
+        model.momentum_encoder.compile()
     optimizer = create_optimizer(model, config.optimizer, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.amp_dtype == torch.float16)
     state = State(model=model, wrapped=wrapped, optimizer=optimizer, scaler=scaler)
