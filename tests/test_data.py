@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from datafiles import cifar_images, write_cifar, write_images
+from datafiles import cifar_images, write_cifar, write_images, write_stl10
 from PIL import Image
 
 from snclr.training.config import ConfigError
@@ -17,10 +17,12 @@ from snclr.training.data import (
     EvalDataset,
     TwoViewDataset,
     eval_transform,
+    labelled_splits,
     limit,
     load_dataset,
     load_splits,
     make_loader,
+    pretraining_images,
     stratified_split,
     two_view_transforms,
 )
@@ -249,6 +251,38 @@ def test_stl10_binary_is_read_column_major(tmp_path):
     assert torch.equal(splits["train"].images, torch.from_numpy(expected["train"]))
     assert torch.equal(splits["test"].images, torch.from_numpy(expected["test"]))
     assert splits["train"].labels.tolist() == [0, 1, 2] and splits["train"].img_size == 96
+
+
+
+def test_stl10_unlabelled_images_are_read_and_pretraining_adds_them(tmp_path):
+    written = write_stl10(tmp_path, {"train": 3, "test": 2}, unlabelled=4)
+    splits = load_splits(f"stl10:{tmp_path}")
+    extra = splits["unlabelled"]
+    assert torch.equal(extra.images, torch.from_numpy(written["unlabeled"]))
+    assert extra.labels.tolist() == [-1] * 4
+    images = pretraining_images(splits)
+    assert len(images) == 7 and images.labels.tolist() == [0, 1, 2, -1, -1, -1, -1]
+    assert torch.equal(images.images[3:], extra.images) and images.num_classes == 10
+    assert len(labelled_splits(f"stl10:{tmp_path}")["train"]) == 3  # evaluation: labelled only
+    (tmp_path / "stl10_binary" / "unlabeled_X.bin").write_bytes(b"x" * 100)
+    with pytest.raises(ConfigError, match="100 bytes, not a whole number of 96x96"):
+        load_splits(f"stl10:{tmp_path}")
+
+
+def test_a_flat_folder_is_unlabelled_and_evaluation_refuses_it(tmp_path):
+    write_images(tmp_path / "flat", [20] * 3)
+    write_images(tmp_path / "flat" / "more", [24] * 2, seed=1)  # sub-folders are read too
+    splits = load_splits(str(tmp_path / "flat"))
+    assert list(splits) == ["unlabelled"]
+    images = splits["unlabelled"]
+    assert len(images) == 5 and images.labels.tolist() == [-1] * 5 and images.num_classes == 0
+    assert images.img_size == 20 and not images.same_size
+    assert pretraining_images(splits) is images
+    with pytest.raises(ConfigError, match="has no labels .* kNN and linear evaluation need"):
+        labelled_splits(str(tmp_path / "flat"))
+    (tmp_path / "classes" / "a").mkdir(parents=True)  # class folders without train/: refused
+    with pytest.raises(ConfigError, match="has no train/ sub-folder"):
+        load_splits(str(tmp_path / "classes"))
 
 
 class _RunsCode:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from datafiles import write_images, write_stl10
 from test_train import tiny
 
 from snclr.model import create_model
@@ -128,3 +129,24 @@ def test_compile_compiles_the_encoders_and_keeps_the_checkpoint_names(tmp_path, 
     assert last["loss"] == pytest.approx(eager["loss"], rel=1e-5)
     saved = read_checkpoint(Path(config.output_dir) / "checkpoint.pt")["model"]
     assert not [name for name in saved if "_orig_mod" in name]
+
+
+def test_pretraining_on_a_flat_folder_of_images_turns_the_knn_monitor_off(tmp_path, capsys):
+    write_images(tmp_path / "flat", [16] * 16)
+    config = tiny(tmp_path, data=str(tmp_path / "flat"), batch_size=8, epochs=1)
+    last = pretrain(config)
+    out = capsys.readouterr().out
+    assert "16 images without labels; the kNN monitor and neighbour purity are off" in out
+    assert last["knn_top1"] is None and last["neighbor_purity"] is None
+    assert last["neighbor_similarity"] is not None and last["step"] == 2
+    assert "without labels" in (Path(config.output_dir) / "report.md").read_text()
+
+
+def test_stl10_pretrains_on_train_and_unlabelled_and_monitors_knn_on_train(tmp_path):
+    write_stl10(tmp_path / "stl", {"train": 8, "test": 4}, unlabelled=8)
+    config = tiny(tmp_path, data=f"stl10:{tmp_path / 'stl'}", batch_size=8, epochs=1)
+    last = pretrain(config)
+    assert last["step"] == 2  # 16 images: 8 labelled, 8 unlabelled
+    assert 0 <= last["knn_top1"] <= 1
+    # Purity over the labelled pairs only (unlabelled keys are stored with label -1).
+    assert last["neighbor_purity"] is None or 0 <= last["neighbor_purity"] <= 1

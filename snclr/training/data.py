@@ -36,13 +36,19 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from snclr.training.datasets import NAMED_DATASETS, read_named, scan_folder
+from snclr.training.datasets import (
+    NAMED_DATASETS,
+    has_images,
+    read_named,
+    scan_folder,
+    scan_unlabelled,
+)
 from snclr.training.errors import ConfigError
 
 __all__ = [
     "BUILTIN_DATASETS", "ImageSet", "TwoViewDataset", "EvalDataset", "AugmentedDataset",
-    "EpochSampler", "eval_transform", "linear_train_transform", "load_dataset", "load_splits",
-    "make_loader",
+    "EpochSampler", "eval_transform", "labelled_splits", "linear_train_transform",
+    "load_dataset", "load_splits", "make_loader", "pretraining_images",
     "stratified_split", "to_rgb", "two_view_transforms",
 ]
 
@@ -160,13 +166,22 @@ def _folder_set(path: Path, classes: list[str] | None = None) -> tuple[ImageSet,
                     same_size=False, files=scan.files), scan.classes
 
 
+def _unlabelled_folder_set(path: Path) -> ImageSet:
+    scan = scan_unlabelled(path)
+    return ImageSet(labels=torch.from_numpy(scan.labels), in_chans=3,
+                    img_size=int(np.median(scan.sides)), num_classes=0, same_size=False,
+                    files=scan.files)
+
+
 def _split(full: ImageSet) -> dict[str, ImageSet]:
     train_rows, test_rows = stratified_split(full.labels.numpy())
     return {"train": full.subset(train_rows), "test": full.subset(test_rows)}
 
 
 def load_splits(name_or_dir: str) -> dict[str, ImageSet]:
-    """``{"train": ..., "test": ...}`` of a named data set or an image folder.
+    """``{"train": ..., "test": ...}`` of a named data set or an image folder, and
+    ``"unlabelled"`` images (labels -1) where there are some: STL-10's ``unlabeled_X.bin``,
+    or a folder holding images directly (no ``train/``), which has only those.
 
     Raises:
         ConfigError: unknown name, missing folder or files, unreadable images, or the
@@ -184,6 +199,8 @@ def load_splits(name_or_dir: str) -> dict[str, ImageSet]:
             f"dataset {name_or_dir!r} is neither a built-in ({', '.join(BUILTIN_DATASETS)}) "
             "nor an existing directory"
         )
+    if not (root_dir / "train").is_dir() and has_images(root_dir):
+        return {"unlabelled": _unlabelled_folder_set(root_dir)}
     if not (root_dir / "train").is_dir():
         raise ConfigError(f"dataset directory {name_or_dir!r} has no train/ sub-folder of class "
                           "folders")
@@ -195,6 +212,28 @@ def load_splits(name_or_dir: str) -> dict[str, ImageSet]:
                   "kNN is measured on the others", file=sys.stderr)
         return {"train": train, "test": _folder_set(root_dir / "val", classes)[0]}
     return _split(_folder_set(root_dir / "train")[0])
+
+
+def labelled_splits(name_or_dir: str) -> dict[str, ImageSet]:
+    """:func:`load_splits`, refusing a data set without a labelled train and test split."""
+    splits = load_splits(name_or_dir)
+    if "test" not in splits:
+        raise ConfigError(f"dataset {name_or_dir!r} has no labels (a folder of images without "
+                          "train/<class>/): kNN and linear evaluation need labelled data")
+    return splits
+
+
+def pretraining_images(splits: dict[str, ImageSet]) -> ImageSet:
+    """The images pretraining reads: the train split and the unlabelled images, in order."""
+    parts = [splits[name] for name in ("train", "unlabelled") if name in splits]
+    if len(parts) == 1:
+        return parts[0]
+    train, extra = parts
+    if train.images is None or extra.images is None:
+        raise ValueError("only array data sets have a train split and unlabelled images")
+    return ImageSet(labels=torch.cat([train.labels, extra.labels]), in_chans=train.in_chans,
+                    img_size=train.img_size, num_classes=train.num_classes,
+                    images=torch.cat([train.images, extra.images]))
 
 
 def load_dataset(name_or_dir: str, *, split: str) -> ImageSet:

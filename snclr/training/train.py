@@ -57,7 +57,14 @@ from snclr.training.config import (
     resumed_config,
     validate,
 )
-from snclr.training.data import TwoViewDataset, limit, load_splits, make_loader, two_view_transforms
+from snclr.training.data import (
+    TwoViewDataset,
+    limit,
+    load_splits,
+    make_loader,
+    pretraining_images,
+    two_view_transforms,
+)
 from snclr.training.errors import ConfigError, TrainingDiverged
 from snclr.training.evaluate import extract_features, knn_accuracy
 from snclr.training.metrics import MetricsLog, clean
@@ -497,8 +504,11 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
     device = launch.resolve_device(config.device)
     _set_threads(device)
     splits = load_splits(config.data)
-    train_set = limit(splits["train"], config.limit_samples)
-    test_set = splits["test"] if config.knn_every else None
+    # The kNN monitor needs labels: off for unlabelled data (the run says so).
+    labelled = "test" in splits
+    knn_train = limit(splits["train"], config.limit_samples) if labelled else None
+    test_set = splits["test"] if config.knn_every and labelled else None
+    train_set = limit(pretraining_images(splits), config.limit_samples)
     size_source = "set in the config"
     if not config.img_size:
         config = replace(config, img_size=fit_img_size(config.encoder, train_set.img_size))
@@ -509,7 +519,10 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
         if config.epochs < payload["epoch"]:
             raise ConfigError(f"epochs={config.epochs} is fewer than the {payload['epoch']} "
                               "epochs this run folder has completed")
-    plan = _plan(config, device, len(train_set), train_set.in_chans)
+    plan = _plan(config, device, len(train_set), train_set.in_chans, labelled=labelled)
+    unlabelled_note = None if labelled else (
+        f"{config.data}: {len(train_set)} images without labels; the kNN monitor and neighbour "
+        "purity are off")
     data_shape = {"in_chans": plan.in_chans, "img_size": plan.img_size}
     if payload is not None and payload["data_shape"] != data_shape:
         raise ConfigError(f"{ckpt_path} was trained on {payload['data_shape']}, this run feeds "
@@ -564,6 +577,8 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
     if main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         print(f"image size {plan.img_size} px ({size_source})", flush=True)
+        if unlabelled_note:
+            print(unlabelled_note, flush=True)
         if warning:
             print(warning, file=sys.stderr, flush=True)
     log = MetricsLog(run_dir, enabled=main, resume_step=state.step)
@@ -594,10 +609,10 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
             state.epoch += 1
             histogram = stats.pop("histogram")
             knn = None
-            due = bool(config.knn_every) and (state.epoch % config.knn_every == 0
-                                              or state.epoch == config.epochs)
+            due = test_set is not None and (state.epoch % config.knn_every == 0
+                                            or state.epoch == config.epochs)
             if due:
-                knn = _knn(config, plan, model, train_set, test_set) if main else None
+                knn = _knn(config, plan, model, knn_train, test_set) if main else None
             last = {"kind": "epoch", "epoch": state.epoch, "step": state.step, "knn_top1": knn,
                     **stats}
             log.write(last)
@@ -609,7 +624,8 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
         log.close()
     if main:
         write_report(run_dir, config.to_dict(), histogram=histogram,
-                     wall_s=time.perf_counter() - wall, warnings=[warning] if warning else [])
+                     wall_s=time.perf_counter() - wall,
+                     warnings=[note for note in (warning, unlabelled_note) if note])
     return clean(last)
 
 
