@@ -168,7 +168,7 @@ def _epoch_progress(state: State) -> dict | None:
     """The running epoch's batches and metric sums (None at an epoch's end). Collective.
 
     The sums are averaged and the histogram summed over ranks here, as the epoch's end
-    would: a resumed epoch adds the rest to them on one rank (see :func:`_resume_epoch`).
+    would; a resumed epoch continues from them (:func:`_resume_epoch`).
     """
     if not state.epoch_batches:
         return None
