@@ -150,3 +150,20 @@ def test_stl10_pretrains_on_train_and_unlabelled_and_monitors_knn_on_train(tmp_p
     assert 0 <= last["knn_top1"] <= 1
     # Purity over the labelled pairs only (unlabelled keys are stored with label -1).
     assert last["neighbor_purity"] is None or 0 <= last["neighbor_purity"] <= 1
+
+
+def test_two_processes_accumulate_and_save_mid_epoch(tmp_path):
+    from test_train import TINY
+    from torchrun import run_two_ranks
+
+    result = run_two_ranks([
+        "pretrain", "--output-dir", tmp_path / "ddp", "--epochs", "1", "--knn-every", "0",
+        "--accumulate", "2", "--save-every-steps", "3", "--keep-last", "2",
+        *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k not in ("epochs",)],
+    ])
+    assert result.returncode == 0, result.stderr[-3000:]
+    mid = read_checkpoint(tmp_path / "ddp" / "checkpoint-step00000003.pt")
+    # 4 steps of 8 images per rank, as 2 micro-batches of 4; the sums are over both ranks.
+    assert (mid["step"], mid["epoch_progress"]["batches"]) == (3, 3)
+    assert mid["rank_banks"]["queue"].shape[0] == 2
+    assert read_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["step"] == 4
