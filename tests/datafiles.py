@@ -1,4 +1,4 @@
-"""Small data files in real formats, written by the tests: image folders and CIFAR."""
+"""Small data files in real formats, written by the tests: image folders, CIFAR, STL-10."""
 
 import pickle
 
@@ -51,3 +51,23 @@ def write_cifar(root, name="cifar10", version="bin", per_file=8):
             protocol = 2 if name == "cifar10" else pickle.HIGHEST_PROTOCOL
             (folder / stem).write_bytes(pickle.dumps(batch, protocol=protocol))
     return root
+
+
+def write_stl10(root, counts, unlabelled=0, seed=0):
+    """Tiny STL-10 binary files; returns the (C, H, W) images written per split."""
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for split, count in {**counts, "unlabeled": unlabelled}.items():
+        if not count:
+            continue
+        images = rng.integers(0, 255, (count, 3, 96, 96), dtype=np.uint8)
+        # The official files store each channel column by column.
+        (folder / f"{split}_X.bin").write_bytes(images.transpose(0, 1, 3, 2).tobytes())
+        if split != "unlabeled":
+            labels = np.arange(count, dtype=np.uint8) % 10 + 1
+            (folder / f"{split}_y.bin").write_bytes(labels.tobytes())
+        written[split] = images
+    return written
+

@@ -112,3 +112,53 @@ def test_the_model_takes_its_options_from_the_config_by_field_name():
         "global", "torch", torch.bfloat16)
     mocov3 = checkpoint.build_model(Config(method="mocov3"), in_chans=1, img_size=28)
     assert mocov3.num_neighbors == 0  # the method's own options win
+
+
+def _payload(step: int) -> dict:
+    return {"step": step, "model": {"w": torch.full((3,), float(step))}}
+
+
+def test_keep_last_keeps_the_newest_step_files_and_checkpoint_pt_is_the_newest(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    foreign = checkpoint.step_checkpoint_path(path, 90)  # another history's: left alone
+    foreign.write_bytes(b"x")
+    for step in (3, 4, 6, 8):
+        checkpoint.save_checkpoint(path, _payload(step), keep_last=2)
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint-step*.pt"))
+    assert kept == ["checkpoint-step00000006.pt", "checkpoint-step00000008.pt",
+                    "checkpoint-step00000090.pt"]
+    # checkpoint.pt is a hard link to the newest: no second copy on disk.
+    assert os.path.samefile(path, checkpoint.step_checkpoint_path(path, 8))
+    assert torch.load(path, weights_only=True)["step"] == 8
+    assert not list(tmp_path.glob(".*link"))
+    checkpoint.save_checkpoint(path, _payload(9))  # keep_last 0: checkpoint.pt alone
+    assert torch.load(path, weights_only=True)["step"] == 9
+    assert torch.load(checkpoint.step_checkpoint_path(path, 8), weights_only=True)["step"] == 8
+
+
+def test_keep_last_writes_twice_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    def no_links(*args):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save_checkpoint(path, _payload(5), keep_last=1)
+    named = checkpoint.step_checkpoint_path(path, 5)
+    assert not os.path.samefile(path, named)
+    assert torch.load(path, weights_only=True)["step"] == torch.load(named)["step"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-step00000005.pt",
+                                                         "checkpoint.pt"]
+
+
+def test_old_step_files_are_deleted_only_after_the_new_one_is_written(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save_checkpoint(path, _payload(1), keep_last=1)
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", disk_full)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(path, _payload(2), keep_last=1)
+    assert checkpoint.step_checkpoint_path(path, 1).is_file()
+    assert torch.load(path, weights_only=True)["step"] == 1

@@ -48,6 +48,19 @@ def test_preset_then_config_file_then_flags(tmp_path):
         "nnclr", "vit_small", 4096, 0.1, 40)
 
 
+
+def test_trainer_option_flags():
+    args = build_parser().parse_args([
+        "pretrain", "--save-every-steps", "500", "--keep-last", "3", "--accumulate", "4",
+        "--channels-last", "--compile"])
+    config = config_from_args(args)
+    assert (config.save_every_steps, config.keep_last, config.accumulate) == (500, 3, 4)
+    assert config.channels_last and config.compile
+    defaults = config_from_args(build_parser().parse_args(["pretrain"]))
+    assert (defaults.save_every_steps, defaults.keep_last, defaults.accumulate) == (0, 0, 1)
+    assert not defaults.channels_last and not defaults.compile
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

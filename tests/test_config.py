@@ -71,6 +71,9 @@ def test_non_finite_floats_are_rejected(name, value):
         ({"temperature": -1}, "temperature must be > 0, got -1.0"),
         ({"encoder": "vit_tiny", "img_size": 30}, "img_size=30 is not a multiple of 4"),
         ({"encoder": "vit_tiny", "img_size": 100}, "img_size=100 is not a multiple of 16"),
+        ({"accumulate": 0}, "accumulate must be >= 1, got 0"),
+        ({"save_every_steps": -1}, "save_every_steps must be >= 0, got -1"),
+        ({"keep_last": -2}, "keep_last must be >= 0, got -2"),
     ],
 )
 def test_validation_messages(values, match):
@@ -91,7 +94,9 @@ def test_resume_takes_only_the_given_fields():
 
 def test_resume_change_classes():
     saved = Config()
-    free = dataclasses.replace(saved, log_every=1, num_workers=0, backend="torch", knn_every=0)
+    free = dataclasses.replace(saved, log_every=1, num_workers=0, backend="torch", knn_every=0,
+                               save_every_steps=100, keep_last=3, channels_last=True,
+                               compile=True)
     assert check_resume_changes(config_changes(saved, free), allow=False) == {}
     longer = dataclasses.replace(saved, epochs=12)
     recorded = check_resume_changes(config_changes(saved, longer), allow=False)
@@ -104,6 +109,10 @@ def test_resume_change_classes():
     assert check_resume_changes(config_changes(saved, changed), allow=True) == {
         "num_neighbors": (5, 3), "epochs": (8, 9), "lr": (0.006, 0.1)}
     assert "epochs" in RESUME_RECORDED and "lr" not in RESUME_FREE
+    # Micro-batches change what each part contrasts: refused unless allowed.
+    with pytest.raises(ConfigError, match=r"\(accumulate 1 -> 2\)"):
+        check_resume_changes(config_changes(saved, dataclasses.replace(saved, accumulate=2)),
+                             allow=False)
 
 
 def test_the_temperatures_are_stated_once():

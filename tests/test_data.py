@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from datafiles import cifar_images, write_cifar, write_images
+from datafiles import cifar_images, write_cifar, write_images, write_stl10
 from PIL import Image
 
 from snclr.training.config import ConfigError
@@ -17,10 +17,12 @@ from snclr.training.data import (
     EvalDataset,
     TwoViewDataset,
     eval_transform,
+    labelled_splits,
     limit,
     load_dataset,
     load_splits,
     make_loader,
+    pretraining_images,
     stratified_split,
     two_view_transforms,
 )
@@ -134,6 +136,39 @@ def test_train_loader_order_depends_on_seed_and_epoch_only(animal_train):
     assert [len(loader) for loader in two_ranks] == [2, 2]  # 20 per rank, drop_last
 
 
+
+def test_persistent_workers_see_each_epoch_and_match_the_main_process(animal_train):
+    views = two_view_transforms("greyscale", img_size=28, crop_scale_min=0.4, in_chans=1)
+    dataset = TwoViewDataset(limit(animal_train, 16), *views, seed=3)
+    loader = make_loader(dataset, batch_size=8, train=True, num_workers=1)
+    assert loader.persistent_workers
+    assert not make_loader(dataset, batch_size=8, train=True).persistent_workers  # no workers
+    assert not make_loader(dataset, batch_size=8, train=False, num_workers=1).persistent_workers
+
+    def epoch_views(loader, epoch):
+        loader.sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        return torch.cat([x1 for x1, *_ in loader])
+
+    in_workers = [epoch_views(loader, epoch) for epoch in (0, 1)]
+    in_main = [epoch_views(make_loader(dataset, batch_size=8, train=True), e) for e in (0, 1)]
+    # The same worker process served both epochs, with each epoch's augmentation.
+    assert all(torch.equal(a, b) for a, b in zip(in_workers, in_main))
+    assert not torch.equal(in_workers[0], in_workers[1])
+
+
+def test_an_epoch_can_start_at_a_batch(animal_train):
+    dataset = EvalDataset(limit(animal_train, 40), lambda image: image)
+    loader = make_loader(dataset, batch_size=8, train=True)
+    loader.sampler.set_epoch(2)
+    full = [labels for _, labels in loader]
+    loader.sampler.set_epoch(2, start_batch=3)
+    assert len(loader) == 2
+    assert [labels.tolist() for _, labels in loader] == [b.tolist() for b in full[3:]]
+    loader.sampler.set_epoch(3)  # the next epoch starts at its beginning
+    assert len(loader) == 5
+
+
 # ----------------------------------------------------------------- native size, mixed sizes
 
 
@@ -216,6 +251,38 @@ def test_stl10_binary_is_read_column_major(tmp_path):
     assert torch.equal(splits["train"].images, torch.from_numpy(expected["train"]))
     assert torch.equal(splits["test"].images, torch.from_numpy(expected["test"]))
     assert splits["train"].labels.tolist() == [0, 1, 2] and splits["train"].img_size == 96
+
+
+
+def test_stl10_unlabelled_images_are_read_and_pretraining_adds_them(tmp_path):
+    written = write_stl10(tmp_path, {"train": 3, "test": 2}, unlabelled=4)
+    splits = load_splits(f"stl10:{tmp_path}")
+    extra = splits["unlabelled"]
+    assert torch.equal(extra.images, torch.from_numpy(written["unlabeled"]))
+    assert extra.labels.tolist() == [-1] * 4
+    images = pretraining_images(splits)
+    assert len(images) == 7 and images.labels.tolist() == [0, 1, 2, -1, -1, -1, -1]
+    assert torch.equal(images.images[3:], extra.images) and images.num_classes == 10
+    assert len(labelled_splits(f"stl10:{tmp_path}")["train"]) == 3  # evaluation: labelled only
+    (tmp_path / "stl10_binary" / "unlabeled_X.bin").write_bytes(b"x" * 100)
+    with pytest.raises(ConfigError, match="100 bytes, not a whole number of 96x96"):
+        load_splits(f"stl10:{tmp_path}")
+
+
+def test_a_flat_folder_is_unlabelled_and_evaluation_refuses_it(tmp_path):
+    write_images(tmp_path / "flat", [20] * 3)
+    write_images(tmp_path / "flat" / "more", [24] * 2, seed=1)  # sub-folders are read too
+    splits = load_splits(str(tmp_path / "flat"))
+    assert list(splits) == ["unlabelled"]
+    images = splits["unlabelled"]
+    assert len(images) == 5 and images.labels.tolist() == [-1] * 5 and images.num_classes == 0
+    assert images.img_size == 20 and not images.same_size
+    assert pretraining_images(splits) is images
+    with pytest.raises(ConfigError, match="has no labels .* kNN and linear evaluation need"):
+        labelled_splits(str(tmp_path / "flat"))
+    (tmp_path / "classes" / "a").mkdir(parents=True)  # class folders without train/: refused
+    with pytest.raises(ConfigError, match="has no train/ sub-folder"):
+        load_splits(str(tmp_path / "classes"))
 
 
 class _RunsCode:

@@ -8,6 +8,7 @@ nothing in the file can run code.
 from __future__ import annotations
 
 import inspect
+import os
 import pickle
 import random
 import re
@@ -21,10 +22,11 @@ import torch
 from snclr.model import SNCLR, create_model
 from snclr.training.config import Config
 from snclr.training.errors import ConfigError
-from snclr.training.runfiles import write_atomically
+from snclr.training.runfiles import sync_folder, write_atomically
 
 __all__ = ["EVAL_KEYS", "RESUME_KEYS", "build_model", "get_rng_state", "model_fields",
-           "non_finite", "read_checkpoint", "set_rng_state", "write_checkpoint"]
+           "non_finite", "read_checkpoint", "save_checkpoint", "set_rng_state",
+           "step_checkpoint_path", "write_checkpoint"]
 
 FORMAT = "snclr-checkpoint-v1"
 
@@ -95,6 +97,45 @@ def write_checkpoint(path: Path, payload: dict) -> None:
         WriteFailed: the disk is full or the file cannot be written (the previous file stays).
     """
     write_atomically(Path(path), lambda f: torch.save({"format": FORMAT, **payload}, f))
+
+
+def step_checkpoint_path(path: Path, step: int) -> Path:
+    """The step-named file beside ``path``: ``checkpoint.pt`` -> ``checkpoint-step00000120.pt``."""
+    return path.with_name(f"{path.stem}-step{step:08d}{path.suffix}")
+
+
+def save_checkpoint(path: Path, payload: dict, *, keep_last: int = 0) -> None:
+    """Write ``path``, the newest checkpoint (what a resume reads), and with ``keep_last`` N > 0
+    keep the N newest states also as step-named files (:func:`step_checkpoint_path`).
+
+    With N > 0 the step-named file is written first (:func:`write_checkpoint`), then ``path``
+    is atomically replaced by a hard link to it (no second copy on disk; a second write where
+    the file system has no hard links), and only then are the older step-named files beyond
+    the N newest deleted. A kill at any point leaves ``path`` whole (the old or the new state)
+    and never fewer than the N newest step-named files. Step-named files above ``payload``'s
+    step (from another history of the folder) are left alone.
+    """
+    path = Path(path)
+    if keep_last <= 0:
+        write_checkpoint(path, payload)
+        return
+    step = payload["step"]
+    named = step_checkpoint_path(path, step)
+    write_checkpoint(named, payload)
+    link = path.with_name(f".{path.name}.{os.getpid()}.link")
+    try:
+        link.unlink(missing_ok=True)
+        os.link(named, link)
+        os.replace(link, path)
+        sync_folder(path.parent)
+    except OSError:  # no hard links here: write the state a second time
+        link.unlink(missing_ok=True)
+        write_checkpoint(path, payload)
+    pattern = re.compile(rf"{re.escape(path.stem)}-step(\d+){re.escape(path.suffix)}")
+    older = sorted((int(m.group(1)), f) for f in path.parent.iterdir()
+                   if (m := pattern.fullmatch(f.name)) and int(m.group(1)) <= step)
+    for _, stale in older[:-keep_last]:
+        stale.unlink(missing_ok=True)
 
 
 # What each use of a checkpoint reads (a crafted file missing one is refused up front).

@@ -55,7 +55,7 @@ from snclr.training.config import (
     resumed_config,
     validate,
 )
-from snclr.training.data import limit, load_splits
+from snclr.training.data import labelled_splits, limit, pretraining_images
 from snclr.training.errors import ConfigError, Interrupted, TrainingDiverged, WriteFailed
 from snclr.training.evaluate import LINEAR_PROTOCOLS, run_evaluation
 from snclr.training.methods import fixed_options
@@ -236,7 +236,8 @@ def plan_comparison(base: Config, *, methods: str, seeds: str, output_dir: str,
                             evaluation, allow_config_change)
     _check_output_dir(comparison, output_dir)
     # The data and the budget every cell shares, once, before the progress bars start.
-    train_size = len(limit(load_splits(base.data)["train"], base.limit_samples))
+    train_size = len(limit(pretraining_images(labelled_splits(base.data)),
+                           base.limit_samples))
     if base.batch_size > train_size:
         raise ConfigError(f"batch_size={base.batch_size} is larger than the {train_size} "
                           "training images")

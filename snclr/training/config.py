@@ -73,12 +73,17 @@ class Config:
     momentum_base: float = 0.96
     momentum_final: float = 1.0
     grad_clip: float = 0.0  # 0: off
+    accumulate: int = 1  # micro-batches per optimiser step (batch_size is split into them)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     # run
     output_dir: str = "runs/demo"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     save_every: int = 1  # epochs between checkpoints (and always at the end)
+    save_every_steps: int = 0  # also every N optimiser steps, mid-epoch included (0: off)
+    keep_last: int = 0  # also keep the N newest as checkpoint-stepSTEP.pt (0: checkpoint.pt only)
+    channels_last: bool = False  # NHWC weights and inputs (faster convolutions on tensor cores)
+    compile: bool = False  # torch.compile the model's forward
     knn_every: int = 1  # epochs between kNN evaluations (0: off)
     knn_k: int = 20
     log_every: int = 10  # steps between metric rows
@@ -258,12 +263,13 @@ def validate(config: Config) -> None:
     for name, kind in _FIELD_TYPES.items():
         if kind.startswith("float") and not math.isfinite(getattr(config, name)):
             raise ConfigError(f"{name} must be a finite number, got {getattr(config, name)}")
-    positive = ("epochs", "batch_size", "queue_size", "save_every", "log_every", "knn_k")
+    positive = ("epochs", "batch_size", "queue_size", "save_every", "log_every", "knn_k",
+                "accumulate")
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
     non_negative = ("img_size", "num_workers", "limit_samples", "warmup_epochs", "weight_decay",
-                    "grad_clip", "knn_every", "stop_after")
+                    "grad_clip", "knn_every", "stop_after", "save_every_steps", "keep_last")
     for name in non_negative:
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
@@ -289,7 +295,8 @@ def validate(config: Config) -> None:
 #   allowed (``--allow-config-change``), and then it is recorded.
 # INVOCATION_ONLY fields describe this invocation and never come from the checkpoint.
 RESUME_FREE = ("output_dir", "num_workers", "device", "backend", "log_every", "knn_every",
-               "knn_k", "save_every", "stop_after")
+               "knn_k", "save_every", "stop_after", "save_every_steps", "keep_last",
+               "channels_last", "compile")
 RESUME_RECORDED = ("epochs",)
 INVOCATION_ONLY = ("output_dir", "stop_after")
 

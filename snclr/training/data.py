@@ -24,6 +24,7 @@ of workers and a resumed run sees exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +36,19 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from snclr.training.datasets import NAMED_DATASETS, read_named, scan_folder
+from snclr.training.datasets import (
+    NAMED_DATASETS,
+    has_images,
+    read_named,
+    scan_folder,
+    scan_unlabelled,
+)
 from snclr.training.errors import ConfigError
 
 __all__ = [
     "BUILTIN_DATASETS", "ImageSet", "TwoViewDataset", "EvalDataset", "AugmentedDataset",
-    "eval_transform", "linear_train_transform", "load_dataset", "load_splits", "make_loader",
+    "EpochSampler", "eval_transform", "labelled_splits", "linear_train_transform",
+    "load_dataset", "load_splits", "make_loader", "pretraining_images",
     "stratified_split", "to_rgb", "two_view_transforms",
 ]
 
@@ -158,13 +166,22 @@ def _folder_set(path: Path, classes: list[str] | None = None) -> tuple[ImageSet,
                     same_size=False, files=scan.files), scan.classes
 
 
+def _unlabelled_folder_set(path: Path) -> ImageSet:
+    scan = scan_unlabelled(path)
+    return ImageSet(labels=torch.from_numpy(scan.labels), in_chans=3,
+                    img_size=int(np.median(scan.sides)), num_classes=0, same_size=False,
+                    files=scan.files)
+
+
 def _split(full: ImageSet) -> dict[str, ImageSet]:
     train_rows, test_rows = stratified_split(full.labels.numpy())
     return {"train": full.subset(train_rows), "test": full.subset(test_rows)}
 
 
 def load_splits(name_or_dir: str) -> dict[str, ImageSet]:
-    """``{"train": ..., "test": ...}`` of a named data set or an image folder.
+    """``{"train": ..., "test": ...}`` of a named data set or an image folder, and
+    ``"unlabelled"`` images (labels -1) where there are some: STL-10's ``unlabeled_X.bin``,
+    or a folder holding images directly (no ``train/``), which has only those.
 
     Raises:
         ConfigError: unknown name, missing folder or files, unreadable images, or the
@@ -182,6 +199,8 @@ def load_splits(name_or_dir: str) -> dict[str, ImageSet]:
             f"dataset {name_or_dir!r} is neither a built-in ({', '.join(BUILTIN_DATASETS)}) "
             "nor an existing directory"
         )
+    if not (root_dir / "train").is_dir() and has_images(root_dir):
+        return {"unlabelled": _unlabelled_folder_set(root_dir)}
     if not (root_dir / "train").is_dir():
         raise ConfigError(f"dataset directory {name_or_dir!r} has no train/ sub-folder of class "
                           "folders")
@@ -193,6 +212,28 @@ def load_splits(name_or_dir: str) -> dict[str, ImageSet]:
                   "kNN is measured on the others", file=sys.stderr)
         return {"train": train, "test": _folder_set(root_dir / "val", classes)[0]}
     return _split(_folder_set(root_dir / "train")[0])
+
+
+def labelled_splits(name_or_dir: str) -> dict[str, ImageSet]:
+    """:func:`load_splits`, refusing a data set without a labelled train and test split."""
+    splits = load_splits(name_or_dir)
+    if "test" not in splits:
+        raise ConfigError(f"dataset {name_or_dir!r} has no labels (a folder of images without "
+                          "train/<class>/): kNN and linear evaluation need labelled data")
+    return splits
+
+
+def pretraining_images(splits: dict[str, ImageSet]) -> ImageSet:
+    """The images pretraining reads: the train split and the unlabelled images, in order."""
+    parts = [splits[name] for name in ("train", "unlabelled") if name in splits]
+    if len(parts) == 1:
+        return parts[0]
+    train, extra = parts
+    if train.images is None or extra.images is None:
+        raise ValueError("only array data sets have a train split and unlabelled images")
+    return ImageSet(labels=torch.cat([train.labels, extra.labels]), in_chans=train.in_chans,
+                    img_size=train.img_size, num_classes=train.num_classes,
+                    images=torch.cat([train.images, extra.images]))
 
 
 def load_dataset(name_or_dir: str, *, split: str) -> ImageSet:
@@ -282,10 +323,16 @@ class _SeededViews(Dataset):
 
     def __init__(self, images: ImageSet, *transforms, seed: int) -> None:
         self.images, self.transforms, self.seed = images, transforms, seed
-        self.epoch = 0
+        # In shared memory: persistent workers keep the copy of the dataset they started
+        # with, and must still see the epoch the main process sets.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -345,11 +392,41 @@ def make_loader(
     ``(seed, epoch)`` only (``sampler.set_epoch``); drop_last keeps batches equal across
     ranks, which the gathered loss needs.
     """
-    sampler = None
+    sampler, generator = None, None
     if train:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=seed, drop_last=True)
+        sampler = EpochSampler(dataset, batch_size=batch_size, num_replicas=world_size,
+                               rank=rank, seed=seed)
+        # The loader draws its workers' base seed at every epoch; from its own generator,
+        # not the training RNG, which then does not depend on when the workers started.
+        generator = torch.Generator().manual_seed(seed)
+    # Training workers persist across epochs (no restart per epoch); evaluation loaders are
+    # iterated once.
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train,
-        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
+        num_workers=num_workers, pin_memory=pin_memory, generator=generator,
+        persistent_workers=train and num_workers > 0,
     )
+
+
+class EpochSampler(DistributedSampler):
+    """The shuffled, sharded, drop-last order of an epoch, which can start at a batch.
+
+    ``set_epoch(epoch, start_batch=i)`` skips the epoch's first ``i`` batches of this rank
+    (a run resumed from a checkpoint written mid-epoch); the order itself is the epoch's.
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, num_replicas: int, rank: int,
+                 seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=True)
+        self.batch_size, self.start = batch_size, 0
+
+    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start_batch * self.batch_size
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start

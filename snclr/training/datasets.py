@@ -10,7 +10,7 @@ that rebuilds numpy arrays and plain containers only, and refuses anything else.
   ``cifar-100-python/``) version, in DIR or DIR itself being that folder. CIFAR-100 uses
   the 100 fine labels.
 - ``stl10:DIR``: ``stl10_binary/`` (``train_X.bin``, ``train_y.bin``, ``test_X.bin``,
-  ``test_y.bin``); the 100,000 unlabelled images are not read.
+  ``test_y.bin``), and the 100,000 unlabelled images of ``unlabeled_X.bin`` when it is there.
 - an image folder: every file with an image extension is opened and decoded once (JPEGs at
   1/8 scale, which still reads every byte) in threads before anything runs, so a zero-byte,
   truncated or fake image is a one-line error naming it, not a crash mid-epoch.
@@ -36,7 +36,8 @@ from torch import Tensor
 
 from snclr.training.errors import ConfigError
 
-__all__ = ["NAMED_DATASETS", "ArraySplits", "FolderScan", "read_named", "scan_folder"]
+__all__ = ["NAMED_DATASETS", "ArraySplits", "FolderScan", "has_images", "read_named",
+           "scan_folder", "scan_unlabelled"]
 
 NAMED_DATASETS = ("animal-mnist", "cifar10:DIR", "cifar100:DIR", "stl10:DIR")
 INSTALL_HINT = "pip install --no-deps animal-mnist==0.4"
@@ -48,7 +49,7 @@ class ArraySplits:
     """uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)`` per split.
 
     ``splits`` has ``"train"`` and ``"test"``, or only ``"all"`` when the data set ships no
-    split (the caller splits it).
+    split (the caller splits it); ``"unlabelled"`` images (labels -1) may come with them.
     """
 
     splits: dict[str, tuple[Tensor, Tensor]]
@@ -204,6 +205,15 @@ def _stl10(root: Path) -> ArraySplits:
         # Each image is stored column-major per channel: transpose to (C, H, W).
         images = raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2).copy()
         splits[split] = (torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64) - 1))
+    unlabelled = folder / "unlabeled_X.bin"
+    if unlabelled.is_file():
+        # 2.7 GB: mapped, then copied once into (C, H, W) order.
+        raw = np.memmap(unlabelled, dtype=np.uint8, mode="r")
+        if raw.size == 0 or raw.size % pixels:
+            raise ConfigError(f"{str(unlabelled)!r} holds {raw.size} bytes, not a whole number "
+                              "of 96x96 colour images")
+        images = torch.from_numpy(raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2).copy())
+        splits["unlabelled"] = (images, torch.full((len(images),), -1, dtype=torch.int64))
     return ArraySplits(splits, num_classes=10)
 
 
@@ -325,6 +335,40 @@ def scan_folder(path: Path, classes: list[str] | None = None) -> FolderScan:
     except (FileNotFoundError, NotADirectoryError, PermissionError) as err:
         raise ConfigError(f"cannot read image folder {str(path)!r}: {err}") from None
     files = [file for file, _ in samples]
+    return FolderScan(
+        files=np.array(files, dtype=object),
+        labels=np.array([label for _, label in samples], dtype=np.int64),
+        sides=_decode_all(files, path), classes=classes,
+    )
+
+
+def has_images(path: Path) -> bool:
+    """Whether ``path`` holds image files directly (an unlabelled, flat folder)."""
+    with os.scandir(path) as entries:
+        return any(not e.name.startswith(".") and e.name.lower().endswith(IMG_EXTENSIONS)
+                   and e.is_file() for e in entries)
+
+
+def scan_unlabelled(path: Path) -> FolderScan:
+    """Every image file under ``path``, sub-folders included, checked; labels -1, no classes.
+
+    Raises:
+        ConfigError: no images, or files that cannot be decoded (one line).
+    """
+    files = _walk_images(str(path), set(), set())
+    if not files:
+        raise ConfigError(f"image folder {str(path)!r} holds no images")
+    return FolderScan(files=np.array(files, dtype=object),
+                      labels=np.full(len(files), -1, dtype=np.int64),
+                      sides=_decode_all(files, path), classes=[])
+
+
+def _decode_all(files: list[str], path: Path) -> np.ndarray:
+    """The shorter side of every file, each decoded once in threads (:func:`_probe`).
+
+    Raises:
+        ConfigError: the count and the first of the files that cannot be decoded.
+    """
     threads = max(1, min(32, os.cpu_count() or 1))
     with ThreadPoolExecutor(threads) as pool:
         probes = [result for i in range(0, len(files), CHECK_CHUNK)
@@ -336,8 +380,4 @@ def scan_folder(path: Path, classes: list[str] | None = None) -> FolderScan:
             f"{len(bad)} of {len(files)} image files in {str(path)!r} cannot be read, e.g. "
             f"{file!r} ({reason}); remove or replace them"
         )
-    return FolderScan(
-        files=np.array(files, dtype=object),
-        labels=np.array([label for _, label in samples], dtype=np.int64),
-        sides=np.array([side for side, _ in probes], dtype=np.int64), classes=classes,
-    )
+    return np.array([side for side, _ in probes], dtype=np.int64)

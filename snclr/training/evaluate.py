@@ -35,9 +35,9 @@ from snclr.training.data import (
     EvalDataset,
     ImageSet,
     eval_transform,
+    labelled_splits,
     limit,
     linear_train_transform,
-    load_splits,
     make_loader,
 )
 from snclr.training.errors import ConfigError
@@ -285,7 +285,7 @@ def _encode(checkpoint: str, data: str, *, random_init: bool, num_workers: int,
             device: torch.device, limit_samples: int = 0) -> _Encoded:
     _check_counts(num_workers=num_workers, limit_samples=limit_samples)
     encoder, info = load_backbone(checkpoint, random_init=random_init)
-    splits = load_splits(data)
+    splits = labelled_splits(data)
     train, test = (limit(splits[split], limit_samples) for split in ("train", "test"))
     if train.in_chans != info["in_chans"]:
         raise ConfigError(f"the checkpoint expects {info['in_chans']}-channel images, {data!r} "

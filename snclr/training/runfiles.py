@@ -26,11 +26,13 @@ import yaml
 from snclr.training.config import Config
 from snclr.training.errors import ConfigError, WriteFailed
 
-__all__ = ["check_run_folder", "is_run_folder", "remove_stale", "write_atomically",
-           "write_failed", "write_text_atomically"]
+__all__ = ["check_run_folder", "is_run_folder", "remove_stale", "sync_folder",
+           "write_atomically", "write_failed", "write_text_atomically"]
 
-# Ours only: NAME.snclr-<pid>.tmp, and the fixed names earlier versions used.
-_STALE = re.compile(r".+\.snclr-\d+\.tmp|(checkpoint\.pt|metrics\.jsonl|cell\.json)\.tmp")
+# Ours only: NAME.snclr-<pid>.tmp, a checkpoint's .NAME.<pid>.link (keep_last), and the fixed
+# names earlier versions used.
+_STALE = re.compile(r".+\.snclr-\d+\.tmp|\..+\.pt\.\d+\.link"
+                    r"|(checkpoint\.pt|metrics\.jsonl|cell\.json)\.tmp")
 
 
 def write_failed(path: Path, err: BaseException) -> WriteFailed | None:
@@ -68,11 +70,16 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
         if failed is None:
             raise
         raise failed from None
-    folder = os.open(path.parent, os.O_RDONLY)
+    sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync ``folder``: a rename in it is durable once its folder is."""
+    handle = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(folder)
+        os.fsync(handle)
     finally:
-        os.close(folder)
+        os.close(handle)
 
 
 def write_text_atomically(path: Path, text: str) -> None:

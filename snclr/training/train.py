@@ -20,6 +20,7 @@ good checkpoint stays. A file that cannot be written (a full disk) stops the run
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from snclr import distributed
 from snclr.encoders import fit_img_size
 from snclr.kernels._common import interpreted as triton_interpreted
-from snclr.model import SNCLR, cosine_momentum
+from snclr.model import SNCLR, SNCLROutput, cosine_momentum
 from snclr.training import launch, runlock
 from snclr.training.checkpoint import (
     RESUME_KEYS,
@@ -46,8 +47,8 @@ from snclr.training.checkpoint import (
     load_model_state,
     non_finite,
     read_checkpoint,
+    save_checkpoint,
     set_rng_state,
-    write_checkpoint,
 )
 from snclr.training.config import (
     Config,
@@ -56,7 +57,14 @@ from snclr.training.config import (
     resumed_config,
     validate,
 )
-from snclr.training.data import TwoViewDataset, limit, load_splits, make_loader, two_view_transforms
+from snclr.training.data import (
+    TwoViewDataset,
+    limit,
+    load_splits,
+    make_loader,
+    pretraining_images,
+    two_view_transforms,
+)
 from snclr.training.errors import ConfigError, Interrupted, TrainingDiverged, WriteFailed
 from snclr.training.evaluate import extract_features, knn_accuracy
 from snclr.training.metrics import MetricsLog, clean
@@ -69,7 +77,8 @@ from snclr.training.runfiles import (
     write_text_atomically,
 )
 
-__all__ = ["Plan", "TrainingDiverged", "pretrain", "self_neighbor_warning", "train_one_epoch"]
+__all__ = ["Plan", "TrainingDiverged", "forward_backward", "pretrain", "self_neighbor_warning",
+           "train_one_epoch"]
 
 HISTOGRAM_BINS = 50  # weights cluster near 1/K (tau_a = 1): fine bins show the spread
 
@@ -88,6 +97,7 @@ class Plan:
     bank_dtype: torch.dtype  # the queue's storage dtype, which is also the search precision
     in_chans: int
     img_size: int
+    labelled: bool = True  # False: no labels (no kNN monitor, no neighbour purity)
 
 
 @dataclass
@@ -101,6 +111,10 @@ class State:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps completed
     saved_step: int | None = None  # step of the checkpoint on disk (None: no checkpoint yet)
+    # The running epoch's batches done and metric sums: a mid-epoch checkpoint holds them.
+    epoch_batches: int = 0
+    epoch_sums: torch.Tensor | None = None
+    epoch_histogram: torch.Tensor | None = None
 
     def kept(self) -> str:
         if self.saved_step is None:
@@ -115,7 +129,8 @@ def _set_threads(device: torch.device) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
-def _plan(config: Config, device: torch.device, train_size: int, in_chans: int) -> Plan:
+def _plan(config: Config, device: torch.device, train_size: int, in_chans: int, *,
+          labelled: bool = True) -> Plan:
     world = distributed.world_size()
     if config.backend == "triton" and device.type != "cuda" and not triton_interpreted():
         raise ConfigError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1); "
@@ -123,6 +138,9 @@ def _plan(config: Config, device: torch.device, train_size: int, in_chans: int) 
     if config.batch_size % world:
         raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {world} "
                           "processes")
+    if (config.batch_size // world) % config.accumulate:
+        raise ConfigError(f"accumulate={config.accumulate} does not divide the batch of "
+                          f"{config.batch_size // world} images per process")
     if config.batch_size > train_size:
         raise ConfigError(f"batch_size={config.batch_size} is larger than the {train_size} "
                           "training images")
@@ -137,6 +155,7 @@ def _plan(config: Config, device: torch.device, train_size: int, in_chans: int) 
         local_batch=config.batch_size // world,
         lr=config.lr * config.batch_size / 256, steps_per_epoch=train_size // config.batch_size,
         amp_dtype=amp, bank_dtype=bank_dtype, in_chans=in_chans, img_size=config.img_size,
+        labelled=labelled,
     )
 
 
@@ -148,7 +167,21 @@ def _checkpoint_payload(config: Config, plan: Plan, state: State) -> dict:
         "epoch": state.epoch, "step": state.step, "rng": get_rng_state(),
         "data_shape": {"in_chans": plan.in_chans, "img_size": plan.img_size},
         "rank_banks": state.model.bank.gather_rank_queues(),
+        "epoch_progress": _epoch_progress(state),
     }
+
+
+def _epoch_progress(state: State) -> dict | None:
+    """The running epoch's batches and metric sums (None at an epoch's end). Collective.
+
+    The sums are averaged and the histogram summed over ranks here, as the epoch's end
+    would; a resumed epoch continues from them (:func:`_resume_epoch`).
+    """
+    if not state.epoch_batches:
+        return None
+    return {"batches": state.epoch_batches,
+            "sums": distributed.all_reduce_mean(state.epoch_sums).cpu(),
+            "histogram": distributed.all_reduce_sum(state.epoch_histogram).cpu()}
 
 
 def self_neighbor_warning(queue_size: int, period: int, *, world_size: int = 1,
@@ -177,18 +210,60 @@ def self_neighbor_warning(queue_size: int, period: int, *, world_size: int = 1,
             + (" (on in this run: they are excluded)" if excluded else ""))
 
 
-def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: MetricsLog) -> dict:
-    """One pass over the loader; returns the epoch's statistics (synchronised over ranks)."""
-    model, device = state.model, plan.device
-    # loss, purity, entropy, similarity, purity-steps, self-neighbour fraction, purity without
-    # self-neighbours
-    sums = torch.zeros(7, device=device)
-    histogram = torch.zeros(HISTOGRAM_BINS, device=device)
-    bar = tqdm(loader, total=plan.steps_per_epoch, desc=f"epoch {state.epoch + 1}/{config.epochs}",
+def forward_backward(state: State, x1: torch.Tensor, x2: torch.Tensor, indices: torch.Tensor, *,
+                     micro_batches: int = 1,
+                     amp_dtype: torch.dtype | None = None) -> list[SNCLROutput]:
+    """Forward and backward of one optimiser step's batch, in ``micro_batches`` equal parts.
+
+    Each part's loss is divided by the number of parts, so the gradients are the mean of the
+    parts' gradients. Nothing is enqueued or EMA-updated here (the caller does both once per
+    optimiser step): every part searches the same queue snapshot. Each part contrasts its own
+    images (its keys are its in-batch targets) and BatchNorm normalises over the part, so
+    parts of B / n differ from one batch of B there. Under DDP the gradients are all-reduced
+    once, after the last part.
+
+    Shape:
+        ``x1``, ``x2``: ``(B, C, H, W)``; ``indices``: ``(B,)`` int64, B divisible by
+        ``micro_batches``.
+
+    Returns:
+        One output per part, in batch order.
+    """
+    outs = []
+    parts = list(zip(x1.chunk(micro_batches), x2.chunk(micro_batches),
+                     indices.chunk(micro_batches)))
+    for j, (a, b, part_indices) in enumerate(parts):
+        deferred = j + 1 < len(parts) and hasattr(state.wrapped, "no_sync")
+        with state.wrapped.no_sync() if deferred else contextlib.nullcontext():
+            with torch.autocast(x1.device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                out = state.wrapped(a, b, part_indices)
+            state.scaler.scale(out.loss / len(parts)).backward()
+        outs.append(out)
+    return outs
+
+
+def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: MetricsLog,
+                    checkpoint: Path | None = None) -> dict:
+    """One pass over the loader (from batch ``state.epoch_batches`` of a resumed epoch);
+    returns the epoch's statistics (synchronised over ranks). With ``save_every_steps``,
+    checkpoints due mid-epoch are written to ``checkpoint``."""
+    model, device, n = state.model, plan.device, config.accumulate
+    start = state.epoch_batches
+    if not start:
+        # loss, purity, entropy, similarity, purity-steps, self-neighbour fraction, purity
+        # without self-neighbours
+        state.epoch_sums = torch.zeros(7, device=device)
+        state.epoch_histogram = torch.zeros(HISTOGRAM_BINS, device=device)
+    sums, histogram = state.epoch_sums, state.epoch_histogram
+    bar = tqdm(loader, total=plan.steps_per_epoch, initial=start,
+               desc=f"epoch {state.epoch + 1}/{config.epochs}",
                disable=not distributed.is_main(), dynamic_ncols=True, leave=False)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     tic, seen = time.perf_counter(), 0
-    for i, (x1, x2, labels, indices) in enumerate(bar):
-        x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+    for i, (x1, x2, labels, indices) in enumerate(bar, start=start):
+        x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
+        x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         indices = indices.to(device, non_blocking=True)
         fraction = state.epoch + i / plan.steps_per_epoch
@@ -196,11 +271,8 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
                        epochs=config.epochs)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast(device.type, dtype=plan.amp_dtype or torch.float32,
-                            enabled=plan.amp_dtype is not None):
-            out = state.wrapped(x1, x2, indices)
         state.optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(out.loss).backward()
+        outs = forward_backward(state, x1, x2, indices, micro_batches=n, amp_dtype=plan.amp_dtype)
         if config.grad_clip > 0:
             state.scaler.unscale_(state.optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -209,29 +281,37 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
         momentum = cosine_momentum(fraction / config.epochs, base=config.momentum_base,
                                    final=config.momentum_final)
         model.momentum_update(momentum)
-        sums[0] += out.loss.detach().float()
-        if out.neighbor_indices is not None:
-            # Purity before enqueue: the indices refer to this step's queue snapshot.
-            # A self-neighbour is one of the sample's own past keys: it counts as correct in
-            # purity, which is also reported without them.
-            correct = model.bank.labels[out.neighbor_indices] == labels[:, None]
-            own = model.bank.sources[out.neighbor_indices] == indices[:, None]
-            sums[1] += correct.float().mean()
-            sums[5] += own.float().mean()
-            sums[6] += (correct & ~own).sum() / (~own).sum().clamp(min=1)
-            sums[3] += out.neighbor_similarity.float()
-            sums[4] += 1
+        step_loss = sum(out.loss.detach().float() for out in outs) / n
+        sums[0] += step_loss
+        for out, part_labels, part_indices in zip(outs, labels.chunk(n), indices.chunk(n)):
+            if out.neighbor_indices is None:
+                continue
+            # Purity before enqueue: the indices refer to this step's queue snapshot, over
+            # the pairs whose labels are known (-1: unlabelled). A self-neighbour is one of
+            # the sample's own past keys: it counts as correct in purity, which is also
+            # reported without them.
+            found = model.bank.labels[out.neighbor_indices]
+            known = (found >= 0) & (part_labels[:, None] >= 0)
+            correct = (found == part_labels[:, None]) & known
+            own = model.bank.sources[out.neighbor_indices] == part_indices[:, None]
+            sums[1] += correct.sum() / known.sum().clamp(min=1) / n
+            sums[5] += own.float().mean() / n
+            sums[6] += (correct & ~own).sum() / (known & ~own).sum().clamp(min=1) / n
+            sums[3] += out.neighbor_similarity.float() / n
+            sums[4] += 1 / n
             if out.positiveness is not None:
-                sums[2] += out.positiveness_entropy.float()
+                sums[2] += out.positiveness_entropy.float() / n
                 histogram += torch.histc(out.positiveness.float(), bins=HISTOGRAM_BINS,
                                          min=0, max=1)
-        model.enqueue(out.keys, labels, sources=indices)
+        # Once per optimiser step, after it: the parts' keys in batch order.
+        model.enqueue(torch.cat([out.keys for out in outs]), labels, sources=indices)
         state.step += 1
+        state.epoch_batches = i + 1
         seen += config.batch_size
         if state.step % config.log_every == 0 or i + 1 == plan.steps_per_epoch:
             # Periodic sync only. The mean over ranks is the same number on every rank, so
             # all ranks stop together on a non-finite one (none waits in a collective).
-            loss = distributed.all_reduce_mean(out.loss.detach().float()).item()
+            loss = distributed.all_reduce_mean(step_loss).item()
             rate = seen / max(time.perf_counter() - tic, 1e-9)
             tic, seen = time.perf_counter(), 0
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
@@ -241,20 +321,25 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
                 bar.close()
                 raise TrainingDiverged(f"training diverged: the loss is {loss} at step "
                                        f"{state.step} (epoch {state.epoch + 1}); {state.kept()}")
+        if (checkpoint is not None and config.save_every_steps and i + 1 < plan.steps_per_epoch
+                and state.step % config.save_every_steps == 0):
+            _save(config, plan, state, checkpoint)  # collective: all ranks
     bar.close()
+    state.epoch_batches = 0
     sums = distributed.all_reduce_mean(sums).tolist()
     if not math.isfinite(sums[0]):  # a step between two log steps
         raise TrainingDiverged(f"training diverged: a loss of epoch {state.epoch + 1} (steps up to "
                                f"{state.step}) is not finite; {state.kept()}")
     steps, nbr_steps = plan.steps_per_epoch, sums[4]
+    purity = bool(nbr_steps) and plan.labelled
     histogram = distributed.all_reduce_sum(histogram)
     return {
         "loss": sums[0] / steps,
-        "neighbor_purity": sums[1] / nbr_steps if nbr_steps else None,
+        "neighbor_purity": sums[1] / nbr_steps if purity else None,
         "positiveness_entropy": sums[2] / nbr_steps if nbr_steps and sums[2] else None,
         "neighbor_similarity": sums[3] / nbr_steps if nbr_steps else None,
         "self_neighbor_fraction": sums[5] / nbr_steps if nbr_steps else None,
-        "neighbor_purity_without_self": sums[6] / nbr_steps if nbr_steps else None,
+        "neighbor_purity_without_self": sums[6] / nbr_steps if purity else None,
         "histogram": histogram.tolist(),
     }
 
@@ -360,6 +445,24 @@ def _restore_training_state(state: State, payload: dict, saved: Config, config: 
     return reset
 
 
+def _resume_epoch(state: State, progress: dict | None, plan: Plan, source: str) -> None:
+    """Continue an epoch a checkpoint was written in (``save_every_steps``) where it stopped.
+
+    Every rank starts from the mean sums over ranks and rank 0 from the summed histogram:
+    the epoch's end then averages and sums to what an uninterrupted epoch gives.
+    """
+    if progress is None:
+        return
+    if progress["batches"] >= plan.steps_per_epoch:
+        raise ConfigError(f"{source} was written after {progress['batches']} batches of epoch "
+                          f"{state.epoch + 1}, which now has {plan.steps_per_epoch}")
+    state.epoch_batches = progress["batches"]
+    state.epoch_sums = progress["sums"].to(plan.device)
+    state.epoch_histogram = progress["histogram"].to(plan.device)
+    if plan.rank:
+        state.epoch_histogram.zero_()
+
+
 def _save(config: Config, plan: Plan, state: State, path: Path) -> None:
     """Write the checkpoint unless any rank's state holds NaN or infinity (collective); a
     failed write stops every rank."""
@@ -372,7 +475,7 @@ def _save(config: Config, plan: Plan, state: State, path: Path) -> None:
     failed = None
     if distributed.is_main():
         try:
-            write_checkpoint(path, payload)
+            save_checkpoint(path, payload, keep_last=config.keep_last)
         except WriteFailed as err:
             failed = err
     if _any_rank(failed is not None, plan.device):  # every rank stops, none waits at a barrier
@@ -400,8 +503,11 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
     device = launch.resolve_device(config.device)
     _set_threads(device)
     splits = load_splits(config.data)
-    train_set = limit(splits["train"], config.limit_samples)
-    test_set = splits["test"] if config.knn_every else None
+    # The kNN monitor needs labels: off for unlabelled data (the run says so).
+    labelled = "test" in splits
+    knn_train = limit(splits["train"], config.limit_samples) if labelled else None
+    test_set = splits["test"] if config.knn_every and labelled else None
+    train_set = limit(pretraining_images(splits), config.limit_samples)
     size_source = "set in the config"
     if not config.img_size:
         config = replace(config, img_size=fit_img_size(config.encoder, train_set.img_size))
@@ -412,7 +518,10 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
         if config.epochs < payload["epoch"]:
             raise ConfigError(f"epochs={config.epochs} is fewer than the {payload['epoch']} "
                               "epochs this run folder has completed")
-    plan = _plan(config, device, len(train_set), train_set.in_chans)
+    plan = _plan(config, device, len(train_set), train_set.in_chans, labelled=labelled)
+    unlabelled_note = None if labelled else (
+        f"{config.data}: {len(train_set)} images without labels; the kNN monitor and neighbour "
+        "purity are off")
     data_shape = {"in_chans": plan.in_chans, "img_size": plan.img_size}
     if payload is not None and payload["data_shape"] != data_shape:
         raise ConfigError(f"{ckpt_path} was trained on {payload['data_shape']}, this run feeds "
@@ -436,6 +545,8 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
         load_model_state(model, payload["model"], source=f"checkpoint {str(ckpt_path)!r}")
         model.bank.load_rank_queue(payload.get("rank_banks"), plan.rank)
     model.to(device)
+    if config.channels_last:  # the 4-D weights in NHWC, as the inputs (train_one_epoch)
+        model.to(memory_format=torch.channels_last)
     wrapped: nn.Module = model
     if plan.world_size > 1:
         if device.type == "cuda":
@@ -446,10 +557,18 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=model.attention_head is not None, broadcast_buffers=False)
+    if config.compile:
+        # The encoders hold the bulk of the compute and have no data-dependent branches; the
+        # rest (queue search, loss) changes with the queue's fill and stays eager. In place:
+        # the state dict (and so the checkpoint) keeps its names.
+        model.encoder.compile()
+        model.momentum_encoder.compile()
     optimizer = create_optimizer(model, config.optimizer, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.amp_dtype == torch.float16)
     state = State(model=model, wrapped=wrapped, optimizer=optimizer, scaler=scaler)
     optimizer_reset = payload is not None and _restore_training_state(state, payload, saved, config)
+    if payload is not None:
+        _resume_epoch(state, payload.get("epoch_progress"), plan, str(ckpt_path))
 
     # Everything is checked: from here on the run folder changes.
     main = distributed.is_main()
@@ -461,7 +580,7 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
         try:
             write_report(run_dir, config.to_dict(), histogram=histogram,
                          wall_s=time.perf_counter() - wall,
-                         warnings=[line for line in (warning, *notes) if line])
+                         warnings=[line for line in (warning, unlabelled_note, *notes) if line])
         except OSError as err:
             raise write_failed(Path(err.filename or run_dir / "report.md"), err) from None
 
@@ -470,6 +589,8 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
             write_text_atomically(run_dir / "config.yaml",
                                   yaml.safe_dump(config.to_dict(), sort_keys=False))
             print(f"image size {plan.img_size} px ({size_source})", flush=True)
+            if unlabelled_note:
+                print(unlabelled_note, flush=True)
             if warning:
                 print(warning, file=sys.stderr, flush=True)
         log = MetricsLog(run_dir, enabled=main, resume_step=state.step)
@@ -493,20 +614,21 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
         last: dict = {"kind": "epoch", "epoch": state.epoch, "step": state.step}
         stop = config.epochs if not config.stop_after else min(config.epochs, config.stop_after)
         while state.epoch < stop:
-            loader.sampler.set_epoch(state.epoch)
+            loader.sampler.set_epoch(state.epoch, start_batch=state.epoch_batches)
             dataset.set_epoch(state.epoch)
-            stats = train_one_epoch(config, plan, state, loader, log)
+            stats = train_one_epoch(config, plan, state, loader, log, checkpoint=ckpt_path)
             state.epoch += 1
             histogram = stats.pop("histogram")
             knn = None
-            due = bool(config.knn_every) and (state.epoch % config.knn_every == 0
-                                              or state.epoch == config.epochs)
+            due = test_set is not None and (state.epoch % config.knn_every == 0
+                                            or state.epoch == config.epochs)
             if due:
-                knn = _knn(config, plan, model, train_set, test_set) if main else None
+                knn = _knn(config, plan, model, knn_train, test_set) if main else None
             last = {"kind": "epoch", "epoch": state.epoch, "step": state.step, "knn_top1": knn,
                     **stats}
             log.write(last)
-            if state.epoch % config.save_every == 0 or state.epoch == stop:
+            steps_due = bool(config.save_every_steps) and state.step % config.save_every_steps == 0
+            if state.epoch % config.save_every == 0 or state.epoch == stop or steps_due:
                 _save(config, plan, state, ckpt_path)  # collective: all ranks
             distributed.barrier()  # ranks wait for rank 0's evaluation and checkpoint
         if main:
