@@ -99,9 +99,9 @@ class SNCLR(nn.Module):
             can hold (:func:`snclr.bank.max_self_rows`). None: the queue size (no bound
             beyond N). The training loop sets it.
 
-    Until the queue holds K rows the neighbour terms are left out (the MoCo v3 loss); when
-    excluding self rows, until it holds K + E rows, E the self rows the filled queue can
-    hold for one image, so K non-excluded rows always exist.
+    Until the queue holds K rows the neighbour terms are left out (the MoCo v3 loss; the rule
+    is :meth:`MemoryBank.ready`); when excluding self rows, until it holds K + E rows, E the
+    self rows the filled queue can hold for one image, so K non-excluded rows always exist.
 
     Example:
         >>> from snclr.encoders import create_encoder
