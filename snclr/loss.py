@@ -38,7 +38,8 @@ def direction_loss(
 ) -> tuple[Tensor, ops.SoftNeighbors | None, Tensor | None]:
     """One direction ``L(z, y, key)`` with ``key``'s ``k`` neighbours from ``bank``.
 
-    ``k = 0`` is the MoCo v3 loss whatever the attention (the queue warming up).
+    ``key`` ``(B, D)`` is the normalised float momentum key (no gradient); ``k = 0`` is the
+    MoCo v3 loss whatever the attention (the queue warming up).
 
     Returns:
         ``(loss, found, weights)``: the scalar loss, the search result and the weights the
