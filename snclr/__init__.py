@@ -1,8 +1,8 @@
 """snclr: fast soft-neighbour contrastive self-supervised learning (SNCLR).
 
-The model and queue are importable from the top level; the ops live in ``snclr.ops``, the
-loss in ``snclr.functional``. The top-level names load on first use, so ``import snclr.ops``
-loads the ops alone.
+The model, the queue and the module loss are importable from the top level; the ops live in
+``snclr.ops``, the functional loss in ``snclr.functional``. The top-level names load on first
+use, so ``import snclr.ops`` loads the ops alone.
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from snclr.bank import MemoryBank
+    from snclr.loss import SoftNeighborLoss
     from snclr.model import SNCLR, SNCLROutput, create_model
 
 __version__ = "0.1.0"
-__all__ = ["SNCLR", "MemoryBank", "SNCLROutput", "__version__", "create_model"]
+__all__ = ["SNCLR", "MemoryBank", "SNCLROutput", "SoftNeighborLoss", "__version__",
+           "create_model"]
 
 _HOMES = {"MemoryBank": "snclr.bank", "SNCLR": "snclr.model", "SNCLROutput": "snclr.model",
-          "create_model": "snclr.model"}
+          "SoftNeighborLoss": "snclr.loss", "create_model": "snclr.model"}
 
 
 def __getattr__(name: str) -> Any:

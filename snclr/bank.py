@@ -34,6 +34,14 @@ class MemoryBank(nn.Module):
     buffers, so ``state_dict`` carries the queue into checkpoints. Searching reads only;
     :meth:`enqueue` is the one mutation in training, :meth:`restore_rows` the one on resume
     (:meth:`gather_rank_queues` and :meth:`load_rank_queue` carry a per-rank queue over ranks).
+    Calling the bank searches it (``bank(key, online, k)`` is :meth:`search`); it never
+    enqueues by itself.
+
+    An empty or partly filled queue: only filled rows are searched (unless
+    ``search_unfilled``), so a search for more neighbours than there are searchable rows is a
+    ``ValueError`` saying so. :meth:`ready` is the warm-up rule: until it holds, leave the
+    neighbour terms out (:class:`snclr.SNCLR` and :class:`snclr.SoftNeighborLoss` then
+    compute the MoCo v3 loss).
 
     Args:
         size: number of rows N.
@@ -99,6 +107,20 @@ class MemoryBank(nn.Module):
         # Filled rows are always the prefix [0, filled) until the ring wraps, then all rows.
         return self.queue if self.search_unfilled else self.queue[: self._filled]
 
+    def ready(self, k: int, *, excluded: int = 0) -> bool:
+        """Whether a search can give every sample ``k`` neighbours: the searchable rows
+        number at least ``k + excluded`` (``excluded``: the rows a search may exclude per
+        sample). A host-side count: no device sync.
+
+        Example:
+            >>> bank = MemoryBank(8, 2)
+            >>> bank.ready(3), bank.ready(0)
+            (False, True)
+            >>> bank.enqueue(torch.randn(3, 2)); bank.ready(3), bank.ready(3, excluded=1)
+            (True, False)
+        """
+        return self.num_searchable >= k + excluded
+
     def search(self, key: Tensor, online: Tensor, k: int, *,
                attention_temperature: float = ATTENTION_TEMPERATURE,
                **options) -> ops.SoftNeighbors:
@@ -106,9 +128,20 @@ class MemoryBank(nn.Module):
 
         ``attention_temperature`` is tau_a; it and the other options (``threshold``,
         ``exclude``, ``backend``) pass to the op by name.
+
+        Raises:
+            ValueError: fewer than ``k`` searchable rows (see :meth:`ready`).
         """
+        if not self.ready(k):
+            raise ValueError(f"k={k} exceeds the {self.num_searchable} searchable rows of the "
+                             f"queue ({self._filled} of {self.size} filled): search once "
+                             "bank.ready(k) holds (the MoCo v3 loss needs no neighbours)")
         return ops.soft_neighbors(key, online, self.rows(), k,
                                   attention_temperature=attention_temperature, **options)
+
+    def forward(self, key: Tensor, online: Tensor, k: int, **options) -> ops.SoftNeighbors:
+        """:meth:`search` (read-only): a module call never changes the queue."""
+        return self.search(key, online, k, **options)
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor, labels: Tensor | None = None, *,

@@ -19,6 +19,7 @@ from snclr import functional
 from snclr.bank import MemoryBank, max_self_rows
 from snclr.encoders import create_encoder, projector_depth
 from snclr.heads import LearnedAttention, predictor, projector
+from snclr.loss import direction_loss
 from snclr.ops._checks import check_positive
 
 __all__ = ["METHODS", "SNCLR", "SNCLROutput", "cosine_momentum", "create_model",
@@ -99,9 +100,9 @@ class SNCLR(nn.Module):
             can hold (:func:`snclr.bank.max_self_rows`). None: the queue size (no bound
             beyond N). The training loop sets it.
 
-    Until the queue holds K rows the neighbour terms are left out (the MoCo v3 loss); when
-    excluding self rows, until it holds K + E rows, E the self rows the filled queue can
-    hold for one image, so K non-excluded rows always exist.
+    Until the queue holds K rows the neighbour terms are left out (the MoCo v3 loss; the rule
+    is :meth:`MemoryBank.ready`); when excluding self rows, until it holds K + E rows, E the
+    self rows the filled queue can hold for one image, so K non-excluded rows always exist.
 
     Example:
         >>> from snclr.encoders import create_encoder
@@ -210,40 +211,25 @@ class SNCLR(nn.Module):
             k1 = F.normalize(self.momentum_projector(self.momentum_encoder(x1)).float(), dim=1)
             k2 = F.normalize(self.momentum_projector(self.momentum_encoder(x2)).float(), dim=1)
         # Neighbour terms wait until the queue can supply K rows (host-side count, no sync).
-        exclude, needed = None, self.num_neighbors
+        exclude, excluded = None, 0
         if self.exclude_self_neighbors and indices is not None and self.num_neighbors:
             # (B, E) rows with a static E: no host sync, no B x N mask. The warm-up needs
             # K rows beyond the E an image can hold in the filled queue (host-side count).
             exclude = self.bank.self_rows(indices, max_rows=self.self_rows_bound())
-            needed += self.self_rows_bound(self.bank.num_filled)
-        k = self.num_neighbors if self.bank.num_searchable >= needed else 0
+            excluded = self.self_rows_bound(self.bank.num_filled)
+        k = self.num_neighbors if self.bank.ready(self.num_neighbors, excluded=excluded) else 0
         loss_12, stats = self._direction(z1, y1, k2, k, exclude)
         loss_21, _ = self._direction(z2, y2, k1, k, exclude)
         return SNCLROutput(loss=loss_12 + loss_21, keys=k2, **stats)
 
     def _direction(self, z: Tensor, y: Tensor, key: Tensor, k: int,
                    exclude: Tensor | None = None) -> tuple[Tensor, dict]:
-        # Given weights are already thresholded; uniform and nearest have none to threshold.
-        options = dict(temperature=self.temperature, detach_positiveness=self.detach_positiveness,
-                       attention=self.attention, backend=self.backend)
-        if k == 0:
-            # MoCo v3 terms only, whatever the attention (NNCLR included) while the queue fills.
-            neighbors = key.new_zeros(key.shape[0], 0, key.shape[1])
-            options["attention"] = "cosine"
-            return functional.soft_neighbor_loss(z, y, key, neighbors, **options), {}
-        # The queue's storage dtype sets the precision of the search only: the winners'
-        # values and their positiveness are computed in fp32 from key and y as they are.
-        found = self.bank.search(key, y.float(), k,
-                                 attention_temperature=self.attention_temperature,
-                                 exclude=exclude, backend=self.backend)
-        weights = None
-        if self.attention in ("cosine", "learned"):
-            weights = (found.positiveness if self.attention == "cosine"
-                       else self.attention_head(y, found.neighbors))
-            weights = functional.thresholded_weights(weights, attention=self.attention,
-                                                     threshold=self.threshold)
-        loss = functional.soft_neighbor_loss(z, y, key, found.neighbors, weights=weights, **options)
-        return loss, self._statistics(found, weights)
+        loss, found, weights = direction_loss(
+            z, y, key, self.bank, k, temperature=self.temperature, attention=self.attention,
+            attention_temperature=self.attention_temperature, threshold=self.threshold,
+            detach_positiveness=self.detach_positiveness, attention_head=self.attention_head,
+            exclude=exclude, backend=self.backend)
+        return loss, ({} if found is None else self._statistics(found, weights))
 
     @torch.no_grad()
     def _statistics(self, found, weights: Tensor | None) -> dict:

@@ -190,3 +190,31 @@ def test_max_self_rows_bound():
     assert max_self_rows(3, 100) == 2  # the end of one epoch and the start of the next
     assert max_self_rows(1, 100) == 1
     assert max_self_rows(4, 1) == 4
+
+
+def test_calling_the_bank_searches_it_and_changes_nothing():
+    bank = MemoryBank(16, 8)
+    bank.enqueue(torch.randn(10, 8))
+    key, online = torch.randn(3, 8), torch.randn(3, 8)
+    before = {name: buffer.clone() for name, buffer in bank.state_dict().items()}
+    called, searched = bank(key, online, 4, threshold=True), bank.search(key, online, 4,
+                                                                         threshold=True)
+    assert torch.equal(called.indices, searched.indices)
+    torch.testing.assert_close(called.positiveness, searched.positiveness)
+    assert all(torch.equal(before[n], b) for n, b in bank.state_dict().items())
+
+
+def test_ready_is_the_warm_up_rule_and_an_early_search_says_why_it_cannot():
+    bank = MemoryBank(16, 8)
+    key = torch.randn(2, 8)
+    assert bank.ready(0) and not bank.ready(1)
+    with pytest.raises(ValueError, match=r"^k=3 exceeds the 0 searchable rows of the queue "
+                                         r"\(0 of 16 filled\): search once bank\.ready\(k\)"):
+        bank(key, key, 3)
+    bank.enqueue(torch.randn(3, 8))
+    assert bank.ready(3) and not bank.ready(4) and not bank.ready(3, excluded=1)
+    with pytest.raises(ValueError, match=r"k=4 exceeds the 3 searchable rows of the queue \(3 of"):
+        bank.search(key, key, 4)
+    assert bank(key, key, 3).indices.shape == (2, 3)
+    unfilled = MemoryBank(16, 8, search_unfilled=True)  # the reference: all rows at once
+    assert unfilled.ready(16) and unfilled(key, key, 16).indices.shape == (2, 16)

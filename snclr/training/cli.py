@@ -1,6 +1,7 @@
 """The ``snclr`` command: parse arguments into a frozen config, then train or evaluate.
 
-Subcommands: ``pretrain``, ``knn``, ``linear``, ``demo`` (pretrain the demo preset, then
+Subcommands: ``pretrain``, ``knn``, ``linear``, ``export`` (a checkpoint's backbone as a state
+dict, :mod:`snclr.training.export`), ``demo`` (pretrain the demo preset, then
 kNN of the trained and of a random encoder, side by side) and ``compare`` (methods x seeds,
 one table with error bars; :mod:`snclr.training.compare`).
 
@@ -95,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--protocol", default="cached",
                            help="cached (default: features once, no augmentation) or augmented "
                                 "(MoCo v3: random-resized crop + flip every epoch)")
+
+    x = sub.add_parser(
+        "export", help="write a checkpoint's backbone as a state dict (timm / torchvision names)",
+        description="Write the encoder of a checkpoint as a plain state dict under its source "
+                    "library's parameter names, and print the code that builds the module it "
+                    "loads into.")
+    x.add_argument("--checkpoint", required=True, help="checkpoint.pt written by pretrain")
+    x.add_argument("--output", required=True,
+                   help="backbone.pt, or backbone.safetensors (needs the safetensors package)")
+    x.add_argument("--momentum", action="store_true",
+                   help="export the momentum encoder instead of the online one")
+    x.add_argument("--json", action="store_true", help="print one JSON object")
 
     d = sub.add_parser(
         "demo", help="pretrain the demo preset, then kNN of trained vs random encoder",
@@ -197,6 +210,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "compare":
         return _compare(args)
+    if args.command == "export":
+        return _export(args)
     # demo
     config = apply_overrides(preset("demo"), {"data": args.data, "output_dir": args.output_dir})
     try:
@@ -237,6 +252,21 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"snclr compare: stopped: {len(diverged)} of {len(cells)} cells diverged "
               f"({', '.join(diverged)}); the table leaves them out", file=sys.stderr)
         return 3
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from snclr.training.export import export_backbone
+
+    result = export_backbone(args.checkpoint, args.output, momentum=args.momentum)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        branch = "momentum encoder" if args.momentum else "encoder"
+        print(f"wrote {result['output']}: the {branch} {result['encoder']}, {result['tensors']} "
+              f"tensors, {result['parameters']:,} parameters; it loads strictly into:")
+        print(result["recipe"])
+        print(result["load"])
     return 0
 
 

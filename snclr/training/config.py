@@ -239,12 +239,14 @@ def load_config_file(path: str | Path) -> dict:
 def validate(config: Config) -> None:
     """Checks that need no data or model; raises :class:`ConfigError` with one line."""
     from snclr.bank import BANK_MODES
-    from snclr.encoders import encoder_spec, list_encoders
+    from snclr.encoders import encoder_spec
     from snclr.model import METHODS
     from snclr.training.methods import num_neighbors_used
 
-    if config.encoder not in list_encoders():
-        raise ConfigError(f"unknown encoder {config.encoder!r}; choose one of {list_encoders()}")
+    try:  # a registered name, or any timm model name
+        encoder_spec(config.encoder)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if config.method not in METHODS:
         raise ConfigError(f"unknown method {config.method!r}; choose one of {sorted(METHODS)}")
     k = num_neighbors_used(config.method, config.num_neighbors)

@@ -239,21 +239,24 @@ def linear_probe_augmented(encoder: nn.Module, train_set: ImageSet, test_feature
     return _head_accuracy(head, (test_features - mean) / std, test_labels)
 
 
-def load_backbone(checkpoint: str, *, random_init: bool = False,
-                  seed: int = 0) -> tuple[nn.Module, dict]:
-    """The online encoder of a checkpoint (or the same architecture untrained) and its config."""
+def load_backbone(checkpoint: str, *, random_init: bool = False, seed: int = 0,
+                  momentum: bool = False) -> tuple[nn.Module, dict]:
+    """The online encoder of a checkpoint (``momentum``: the momentum encoder), or the same
+    architecture untrained, and its config."""
     payload = read_checkpoint(checkpoint)
     config = config_of(payload)
     shape = payload["data_shape"]
     torch.manual_seed(seed)
     model = build_model(config, in_chans=shape["in_chans"], img_size=shape["img_size"])
+    encoder = model.momentum_encoder if momentum else model.encoder
     if not random_init:
         load_model_state(model, payload["model"], source=f"checkpoint {checkpoint!r}")
-        bad = non_finite(model.encoder.state_dict())
+        bad = non_finite(encoder.state_dict())
         if bad:
+            which = "momentum encoder" if momentum else "encoder"
             raise ConfigError(f"checkpoint {checkpoint!r} holds non-finite weights (NaN or "
-                              f"infinity in {len(bad)} tensors of the encoder, e.g. {bad[0]})")
-    return model.encoder, {"config": config, **shape}
+                              f"infinity in {len(bad)} tensors of the {which}, e.g. {bad[0]})")
+    return encoder, {"config": config, **shape}
 
 
 def _check_counts(**counts: int) -> None:
