@@ -44,6 +44,12 @@ def _kernel_tests_on_the_gpu(request):
 
 
 @pytest.fixture(autouse=True)
+def _scan_cache(tmp_path_factory, monkeypatch):
+    """Folder scans are cached in a fresh folder per test, never in the user's cache."""
+    monkeypatch.setenv("SNCLR_CACHE_DIR", str(tmp_path_factory.mktemp("scan-cache")))
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield

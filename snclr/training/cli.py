@@ -5,8 +5,9 @@ kNN of the trained and of a random encoder, side by side) and ``compare`` (metho
 one table with error bars; :mod:`snclr.training.compare`).
 
 Exit status: 0 done; 2 bad configuration, data, checkpoint or run folder (one line on stderr,
-found before the run folder changes); 3 training diverged (one line; the last good checkpoint
-is kept). Any other exception is a bug and keeps its traceback.
+found before the run folder changes); 3 training diverged or met more unreadable image
+files than ``--max-bad-images`` allows (one line; the last good checkpoint is kept). Any
+other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from snclr.model import METHODS
 from snclr.training import launch
 from snclr.training.config import PRESETS, Config, apply_overrides, load_config_file, preset
-from snclr.training.errors import ConfigError, TrainingDiverged
+from snclr.training.errors import ConfigError, TrainingDiverged, UnreadableImages
 
 __all__ = ["build_parser", "config_from_args", "given_fields", "main"]
 
@@ -85,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--random-init", action="store_true",
                        help="evaluate the same architecture untrained")
         e.add_argument("--limit-samples", type=int, default=0, help=argparse.SUPPRESS)  # tests
+        if name == "knn":
+            e.add_argument("--k", default="20,200",
+                           help="comma-separated neighbour counts (default 20,200); top1 is the "
+                                "first's")
+            e.add_argument("--temperature", type=float, default=0.07,
+                           help="vote weight exp(cos / temperature) (default 0.07)")
         if name == "linear":
             e.add_argument("--epochs", type=int, default=100,
                            help="classifier epochs (default 100)")
@@ -184,13 +191,15 @@ def _run(args: argparse.Namespace) -> int:
         common = dict(random_init=args.random_init, num_workers=args.num_workers,
                       device=args.device, limit_samples=args.limit_samples)
         if args.command == "knn":
-            result = evaluate.run_knn(args.checkpoint, data, **common)
+            result = evaluate.run_knn(args.checkpoint, data, ks=_neighbour_counts(args.k),
+                                      temperature=args.temperature, **common)
         else:
             result = evaluate.run_linear(args.checkpoint, data, epochs=args.epochs, lr=args.lr,
                                          protocol=args.protocol, **common)
             result["protocol"] = args.protocol
         label = f"{args.command} ({'random init' if args.random_init else 'trained'})"
-        _print_result(result, as_json=args.json, label=label)
+        if launch.launch_rank() == 0:  # every rank holds the same result
+            _print_result(result, as_json=args.json, label=label)
         return 0
     if args.command == "compare":
         return _compare(args)
@@ -234,6 +243,16 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _neighbour_counts(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        ks = ()
+    if not ks or min(ks) < 1:
+        raise ConfigError(f"--k must be comma-separated integers >= 1, got {text!r}")
+    return ks
+
+
 def _stopped(command: str, err: Exception) -> int:
     # Every rank stops at the same step; one line is enough.
     if launch.launch_rank() == 0:
@@ -252,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
+    except UnreadableImages as err:
+        return _stopped(args.command, err)
     except ConfigError as err:
         print(f"snclr {args.command}: error: {err}", file=sys.stderr)
         return 2

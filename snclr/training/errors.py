@@ -7,7 +7,7 @@ stopped on non-finite values (exit 3). Anything else is a bug and keeps its trac
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "TrainingDiverged"]
+__all__ = ["ConfigError", "TrainingDiverged", "UnreadableImages"]
 
 
 class ConfigError(ValueError):
@@ -18,4 +18,12 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or weights: the run stopped, the last good checkpoint is kept.
 
     Every rank raises it at the same step (the values tested are reduced over ranks).
+    """
+
+
+class UnreadableImages(RuntimeError):
+    """More image files failed to decode than ``max_bad_images`` allows: the run stopped
+    (exit 3, like a diverged run; the last checkpoint is kept).
+
+    Every rank raises it at the same step (the files found are gathered over ranks).
     """

@@ -56,7 +56,14 @@ from snclr.training.config import (
     resumed_config,
     validate,
 )
-from snclr.training.data import TwoViewDataset, limit, load_splits, make_loader, two_view_transforms
+from snclr.training.data import (
+    TwoViewDataset,
+    UnreadableFiles,
+    limit,
+    load_splits,
+    make_loader,
+    two_view_transforms,
+)
 from snclr.training.errors import ConfigError, TrainingDiverged
 from snclr.training.evaluate import extract_features, knn_accuracy
 from snclr.training.metrics import MetricsLog, clean
@@ -95,6 +102,7 @@ class State:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps completed
     saved_step: int | None = None  # step of the checkpoint on disk (None: no checkpoint yet)
+    unreadable: UnreadableFiles | None = None  # training files that failed to decode
 
     def kept(self) -> str:
         if self.saved_step is None:
@@ -205,7 +213,9 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
     bar = tqdm(loader, total=plan.steps_per_epoch, desc=f"epoch {state.epoch + 1}/{config.epochs}",
                disable=not distributed.is_main(), dynamic_ncols=True, leave=False)
     tic, seen = time.perf_counter(), 0
-    for i, (x1, x2, labels, indices) in enumerate(bar):
+    for i, (x1, x2, labels, indices, bad) in enumerate(bar):
+        if state.unreadable is not None:
+            state.unreadable.add(bad)
         x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         indices = indices.to(device, non_blocking=True)
@@ -259,6 +269,8 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
                 bar.close()
                 raise TrainingDiverged(f"training diverged: the loss is {loss} at step "
                                        f"{state.step} (epoch {state.epoch + 1}); {state.kept()}")
+            if state.unreadable is not None:
+                state.unreadable.sync()  # collective, like the loss: every rank stops together
     bar.close()
     sums = distributed.all_reduce_mean(sums).tolist()
     if not math.isfinite(sums[0]):  # a step between two log steps
@@ -401,7 +413,8 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
     validate(config)
     device = launch.resolve_device(config.device)
     _set_threads(device)
-    splits = load_splits(config.data)
+    splits = load_splits(config.data, check=config.check_images,
+                         max_bad_fraction=config.max_bad_images)
     train_set = limit(splits["train"], config.limit_samples)
     test_set = splits["test"] if config.knn_every else None
     size_source = "set in the config"
@@ -450,7 +463,8 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
             find_unused_parameters=model.attention_head is not None, broadcast_buffers=False)
     optimizer = create_optimizer(model, config.optimizer, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.amp_dtype == torch.float16)
-    state = State(model=model, wrapped=wrapped, optimizer=optimizer, scaler=scaler)
+    state = State(model=model, wrapped=wrapped, optimizer=optimizer, scaler=scaler,
+                  unreadable=UnreadableFiles(train_set, config.max_bad_images, device))
     optimizer_reset = payload is not None and _restore_training_state(state, payload, saved, config)
 
     # Everything is checked: from here on the run folder changes.
@@ -494,7 +508,7 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
             if due:
                 knn = _knn(config, plan, model, train_set, test_set) if main else None
             last = {"kind": "epoch", "epoch": state.epoch, "step": state.step, "knn_top1": knn,
-                    **stats}
+                    "unreadable_images": state.unreadable.count, **stats}
             log.write(last)
             if state.epoch % config.save_every == 0 or state.epoch == stop:
                 _save(config, plan, state, ckpt_path)  # collective: all ranks
@@ -502,8 +516,12 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
     finally:
         log.close()
     if main:
+        unreadable = state.unreadable.summary()
+        lines = [line for line in (warning, unreadable) if line]
+        if unreadable:
+            print(f"warning: {unreadable}", file=sys.stderr, flush=True)
         write_report(run_dir, config.to_dict(), histogram=histogram,
-                     wall_s=time.perf_counter() - wall, warnings=[warning] if warning else [])
+                     wall_s=time.perf_counter() - wall, warnings=lines)
     return clean(last)
 
 
