@@ -284,7 +284,7 @@ def _walk_images(top: str, seen_dirs: set[str], seen_files: set[str]) -> list[st
     to a folder already walked (a loop such as ``loop -> .``), and a file reached twice
     through links is listed once, so it cannot land in both splits.
     """
-    folders: list[tuple[str, list[str]]] = []
+    folders: list[tuple[str, list[tuple[str, str]]]] = []
     stack = [top]
     while stack:
         folder = stack.pop()
@@ -301,15 +301,17 @@ def _walk_images(top: str, seen_dirs: set[str], seen_files: set[str]) -> list[st
                     if entry.is_dir():
                         subfolders.append(entry.path)
                     elif entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS):
-                        images.append(entry.path)
+                        # Only a link needs realpath (lstat per path component): any other
+                        # entry's real path is its name in the folder's real path.
+                        images.append((entry.path, os.path.realpath(entry.path)
+                                       if entry.is_symlink() else os.path.join(real, entry.name)))
                 except OSError:  # a dangling or unreadable link: not an image of the folder
                     continue
         folders.append((folder, sorted(images)))
         stack.extend(sorted(subfolders, reverse=True))
     files = []
     for _, images in sorted(folders):
-        for file in images:
-            real = os.path.realpath(file)
+        for file, real in images:
             if real not in seen_files:
                 seen_files.add(real)
                 files.append(file)
