@@ -67,7 +67,7 @@ LINEAR_PROTOCOLS = ("cached", "augmented")
 KNN_TRITON_MAX_K = 64
 # Per query chunk, the search's transient rows: k gathered bank rows of D floats per query
 # (the reference's values; the kernels keep fewer bytes a query).
-KNN_CHUNK_BYTES = 64 << 20
+KNN_CHUNK_BYTES = 256 << 20
 
 
 @torch.no_grad()
