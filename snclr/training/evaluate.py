@@ -9,7 +9,8 @@
   bank size. The Triton kernels hold k <= ``KNN_TRITON_MAX_K``; a larger k runs the op's
   exact reference search (``backend="torch"``, chunked matmul and top-k) on the same device.
 - Under ``torchrun`` every rank extracts the features of its shard of each split and they
-  are gathered, so every rank holds all of them and computes the same result.
+  are gathered, so every rank holds all of them and computes the same result; the augmented
+  probe encodes each rank's share of every batch and gathers the features before each step.
 - linear probe: a BN-free linear classifier on standardised features of the frozen backbone
   (eval mode, no gradient), trained with SGD and a cosine schedule, under one of two
   protocols: ``cached`` (the default, fast) encodes every image once without augmentation;
@@ -293,19 +294,47 @@ def linear_probe_augmented(encoder: nn.Module, train_set: ImageSet, test_feature
                       leave=False, dynamic_ncols=True):
         dataset.set_epoch(epoch)
         order = torch.randperm(len(dataset), generator=generator).tolist()
-        # The sampler is the epoch's order: no drop_last, so a small set still trains.
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order,
+        # The batches are the epoch's order (no drop_last, so a small set still trains);
+        # each rank encodes its share of every batch and the shares are gathered.
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        shares = [_share(batch) for batch in batches]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[rows for rows, _ in shares],
                                              num_workers=num_workers,
                                              pin_memory=device.type == "cuda")
-        for x, y in loader:
+        for batch, (_, real), (x, y) in zip(batches, shares, loader):
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
                                                  enabled=device.type == "cuda"):
                 features = encoder(x.to(device, non_blocking=True)).float()
-            _sgd_step(head, optimizer, (features - mean) / std, y.to(device), base_lr=lr,
+            features, labels = _gather_share(features, y.to(device), real,
+                                             -(-len(batch) // distributed.world_size()))
+            _sgd_step(head, optimizer, (features - mean) / std, labels, base_lr=lr,
                       step=step, total=total)
             step += 1
     encoder.train(was_training)
     return _head_accuracy(head, (test_features - mean) / std, test_labels)
+
+
+def _share(batch: list[int]) -> tuple[list[int], int]:
+    """This rank's contiguous share of ``batch`` and how many of its rows are real: a rank
+    whose share is empty encodes the batch's first row, then drops it."""
+    world = distributed.world_size()
+    per_rank = -(-len(batch) // world)
+    rows = batch[distributed.rank() * per_rank:][:per_rank]
+    return (rows, len(rows)) if rows else (batch[:1], 0)
+
+
+def _gather_share(features: Tensor, labels: Tensor, real: int,
+                  per_rank: int) -> tuple[Tensor, Tensor]:
+    """Every rank's share of a batch, in batch order (padded to ``per_rank`` for the gather)."""
+    if distributed.world_size() == 1:
+        return features, labels
+    features, labels = features[:real], labels[:real]
+    pad = per_rank - real
+    features = torch.cat([features, features.new_zeros(pad, features.shape[1])])
+    labels = torch.cat([labels, labels.new_full((pad,), -1)])
+    features, labels = distributed.gather_no_grad(features), distributed.gather_no_grad(labels)
+    keep = labels >= 0
+    return features[keep], labels[keep]
 
 
 def load_backbone(checkpoint: str, *, random_init: bool = False,
