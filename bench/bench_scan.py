@@ -81,7 +81,7 @@ def time_to_first_step(root: Path, run_dir: Path, cache: Path,
     env = {**os.environ, "SNCLR_CACHE_DIR": str(cache)}
     metrics = run_dir / "metrics.jsonl"
     tic = time.perf_counter()
-    # A session of its own: the loader's worker processes are stopped with it.
+    # A process group of its own: the loader's worker processes are stopped with it.
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     first_line: list[float] = []

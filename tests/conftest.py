@@ -11,7 +11,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Folder scans of the whole session (module fixtures too) are cached in a fresh folder,
+# Folder scans of the whole test run (module fixtures too) are cached in a fresh folder,
 # never in the user's cache; each test gets its own (_scan_cache below).
 os.environ["SNCLR_CACHE_DIR"] = tempfile.mkdtemp(prefix="snclr-scan-cache-")
 
