@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "report) instead of refusing them")
     _add_config_flags(p)
 
-    for name, text in (("knn", "weighted kNN accuracy (k=20, 200) of a checkpoint's backbone"),
+    for name, text in (("knn", "weighted kNN top-1 (default k=20, 200) of a checkpoint's backbone"),
                        ("linear", "linear-probe accuracy of a checkpoint's frozen backbone")):
         e = sub.add_parser(name, help=text, description=text)
         e.add_argument("--checkpoint", required=True, help="checkpoint.pt written by pretrain")
