@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_mean", "all_reduce_sum", "barrier", "destroy", "gather_no_grad", "is_main",
-           "rank", "world_size"]
+__all__ = ["all_reduce_mean", "all_reduce_sum", "barrier", "broadcast_object", "destroy",
+           "gather_no_grad", "gather_objects", "is_main", "rank", "world_size"]
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -77,4 +77,32 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     out = tensor.detach().clone()
     if world_size() > 1:
         dist.all_reduce(out)
+    return out
+
+
+def _object_device(device: torch.device | None) -> torch.device | None:
+    # NCCL moves the pickled bytes through this rank's GPU; gloo through the CPU.
+    return device if dist.get_backend() == "nccl" else None
+
+
+def broadcast_object(obj: object, *, device: torch.device | None = None, src: int = 0) -> object:
+    """``obj`` of rank ``src`` on every rank (pickled; ``obj`` itself on one process).
+
+    ``device``: this rank's GPU under NCCL (ignored with gloo).
+    """
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_object_device(device))
+    return box[0]
+
+
+def gather_objects(obj: object, *, device: torch.device | None = None) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (pickled; ``[obj]`` on one process)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    if _object_device(device) is not None:
+        torch.cuda.set_device(device)  # all_gather_object stages through the current device
+    dist.all_gather_object(out, obj)
     return out

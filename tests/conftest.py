@@ -5,11 +5,15 @@ here, before the tests import snclr. On a CUDA machine the kernels run compiled 
 """
 
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Folder scans of the whole test run (module fixtures too) are cached in a fresh folder,
+# never in the user's cache; each test gets its own (_scan_cache below).
+os.environ["SNCLR_CACHE_DIR"] = tempfile.mkdtemp(prefix="snclr-scan-cache-")
 
 import pytest  # noqa: E402
 
@@ -41,6 +45,12 @@ def _kernel_tests_on_the_gpu(request):
             yield
     else:
         yield
+
+
+@pytest.fixture(autouse=True)
+def _scan_cache(tmp_path_factory, monkeypatch):
+    """Folder scans are cached in a fresh folder per test, never in the user's cache."""
+    monkeypatch.setenv("SNCLR_CACHE_DIR", str(tmp_path_factory.mktemp("scan-cache")))
 
 
 @pytest.fixture(autouse=True)

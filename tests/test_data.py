@@ -85,7 +85,7 @@ def test_image_folder_without_val_is_split_80_20(tmp_path):
     train, test = load_dataset(str(root), split="train"), load_dataset(str(root), split="test")
     assert (len(train), len(test), train.in_chans, train.num_classes) == (8, 2, 3, 2)
     view1, view2 = two_view_transforms("byol", img_size=16, crop_scale_min=0.5, in_chans=3)
-    x1, x2, label, index = TwoViewDataset(train, view1, view2, seed=0)[0]
+    x1, x2, label, index, _ = TwoViewDataset(train, view1, view2, seed=0)[0]
     assert index == 0
     assert x1.shape == x2.shape == (3, 16, 16) and label.item() == 0
     x, _ = EvalDataset(test, eval_transform(img_size=16, native_size=224, in_chans=3))[0]
@@ -193,27 +193,29 @@ def test_mixed_size_folder_is_resized_for_evaluation_at_the_native_size(tmp_path
     loader = make_loader(EvalDataset(images, transform), batch_size=8, train=False)
     assert next(iter(loader))[0].shape == (8, 3, 40, 40)  # one batch of mixed sources
     views = two_view_transforms("byol", img_size=40, crop_scale_min=0.4, in_chans=3)
-    x1, x2, _, index = TwoViewDataset(images, *views, seed=0)[2]
-    assert index == 2
+    x1, x2, _, index, bad = TwoViewDataset(images, *views, seed=0)[2]
+    assert (index, bad) == (2, -1)
     assert x1.shape == x2.shape == (3, 40, 40)
 
 
 @pytest.mark.parametrize(
-    "damage, reason",
+    "damage, reason, check",
     [
-        (lambda p: p.write_bytes(b""), "UnidentifiedImageError"),
-        (lambda p: p.write_bytes(p.read_bytes()[:200]), "OSError: image file is truncated"),
-        (lambda p: p.write_text("not an image at all"), "UnidentifiedImageError"),
+        (lambda p: p.write_bytes(b""), "UnidentifiedImageError", "header"),
+        # A sound header over truncated pixels: only the full decode check sees it up front.
+        (lambda p: p.write_bytes(p.read_bytes()[:200]), "OSError: image file is truncated",
+         "decode"),
+        (lambda p: p.write_text("not an image at all"), "UnidentifiedImageError", "header"),
     ],
     ids=["zero-byte", "truncated", "fake"],
 )
-def test_unreadable_image_files_are_one_error_naming_them(tmp_path, damage, reason):
+def test_unreadable_image_files_are_one_error_naming_them(tmp_path, damage, reason, check):
     write_images(tmp_path / "train" / "a", [32] * 4)
     write_images(tmp_path / "train" / "b", [32] * 4)
     damage(tmp_path / "train" / "b" / "2.png")
     with pytest.raises(ConfigError, match=f"1 of 8 image files in .* cannot be read, e.g. "
                                           f".*b/2.png' \\({reason}") as err:
-        load_splits(str(tmp_path))
+        load_splits(str(tmp_path), check=check)
     assert "\n" not in str(err.value)
 
 

@@ -39,9 +39,10 @@ def test_knn_votes_are_weighted_by_similarity():
     memory = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     labels = torch.tensor([1, 0, 0])
     query = torch.tensor([[1.0, 0.05]])
-    scores = weighted_knn_predict(memory, labels, query, k=3, num_classes=2)
+    scores = weighted_knn_predict(memory, labels, query, ks=(3,), num_classes=2)[3]
     assert scores.argmax(1).item() == 1
-    uniform = weighted_knn_predict(memory, labels, query, k=3, num_classes=2, temperature=1e3)
+    uniform = weighted_knn_predict(memory, labels, query, ks=(3,), num_classes=2,
+                                   temperature=1e3)[3]
     assert uniform.argmax(1).item() == 0  # near-uniform weights: majority wins
 
 

@@ -335,9 +335,8 @@ def test_an_output_dir_that_cannot_be_a_folder_exits_2(tmp_path, capsys, where, 
 @pytest.mark.parametrize(
     "damage, reason",
     [(lambda p: p.write_bytes(b""), "UnidentifiedImageError"),
-     (lambda p: p.write_bytes(p.read_bytes()[:300]), "OSError: image file is truncated"),
      (lambda p: p.write_text("<html>not a picture</html>"), "UnidentifiedImageError")],
-    ids=["zero-byte", "truncated", "fake"],
+    ids=["zero-byte", "fake"],  # a truncated file with a sound header: tests/test_scan.py
 )
 def test_an_unreadable_image_stops_pretrain_and_knn_before_they_start(folder_32, base_run, tmp_path,
                                                                       capsys, damage, reason):

@@ -6,9 +6,10 @@ kNN of the trained and of a random encoder, side by side) and ``compare`` (metho
 one table with error bars; :mod:`snclr.training.compare`).
 
 Exit status: 0 done; 2 bad configuration, data, checkpoint or run folder (one line on stderr,
-found before the run folder changes); 3 training diverged or a file could not be written (one
-line; the last good checkpoint is kept); 130 Ctrl-C, 143 SIGTERM (one line saying what was
-kept). Any other exception is a bug and keeps its traceback.
+found before the run folder changes); 3 training diverged, met more unreadable image files
+than ``--max-bad-images`` allows, or a file could not be written (one line; the last good
+checkpoint is kept); 130 Ctrl-C, 143 SIGTERM (one line saying what was kept). Any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ from pathlib import Path
 from snclr.model import METHODS
 from snclr.training import launch
 from snclr.training.config import PRESETS, Config, apply_overrides, load_config_file, preset
-from snclr.training.errors import ConfigError, Interrupted, TrainingDiverged, WriteFailed
+from snclr.training.errors import (
+    ConfigError,
+    Interrupted,
+    TrainingDiverged,
+    UnreadableImages,
+    WriteFailed,
+)
 
 __all__ = ["build_parser", "config_from_args", "given_fields", "main"]
 
@@ -77,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "report) instead of refusing them")
     _add_config_flags(p)
 
-    for name, text in (("knn", "weighted kNN accuracy (k=20, 200) of a checkpoint's backbone"),
+    for name, text in (("knn", "weighted kNN top-1 (default k=20, 200) of a checkpoint's backbone"),
                        ("linear", "linear-probe accuracy of a checkpoint's frozen backbone")):
         e = sub.add_parser(name, help=text, description=text)
         e.add_argument("--checkpoint", required=True, help="checkpoint.pt written by pretrain")
@@ -89,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--random-init", action="store_true",
                        help="evaluate the same architecture untrained")
         e.add_argument("--limit-samples", type=int, default=0, help=argparse.SUPPRESS)  # tests
+        if name == "knn":
+            e.add_argument("--k", default="20,200",
+                           help="comma-separated neighbour counts (default 20,200); top1 is the "
+                                "first's")
+            e.add_argument("--temperature", type=float, default=0.07,
+                           help="vote weight exp(cos / temperature) (default 0.07)")
         if name == "linear":
             e.add_argument("--epochs", type=int, default=100,
                            help="classifier epochs (default 100)")
@@ -200,13 +213,15 @@ def _run(args: argparse.Namespace) -> int:
         common = dict(random_init=args.random_init, num_workers=args.num_workers,
                       device=args.device, limit_samples=args.limit_samples)
         if args.command == "knn":
-            result = evaluate.run_knn(args.checkpoint, data, **common)
+            result = evaluate.run_knn(args.checkpoint, data, ks=_neighbour_counts(args.k),
+                                      temperature=args.temperature, **common)
         else:
             result = evaluate.run_linear(args.checkpoint, data, epochs=args.epochs, lr=args.lr,
                                          protocol=args.protocol, **common)
             result["protocol"] = args.protocol
         label = f"{args.command} ({'random init' if args.random_init else 'trained'})"
-        _print_result(result, as_json=args.json, label=label)
+        if launch.launch_rank() == 0:  # every rank holds the same result
+            _print_result(result, as_json=args.json, label=label)
         return 0
     if args.command == "compare":
         return _compare(args)
@@ -270,6 +285,16 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _neighbour_counts(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        ks = ()
+    if not ks or min(ks) < 1:
+        raise ConfigError(f"--k must be comma-separated integers >= 1, got {text!r}")
+    return ks
+
+
 def _stopped(command: str, err: Exception) -> int:
     # Every rank stops at the same step; one line is enough.
     if launch.launch_rank() == 0:
@@ -295,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if handles else None
     try:
         return _run(args)
+    except UnreadableImages as err:
+        return _stopped(args.command, err)
     except ConfigError as err:
         print(f"snclr {args.command}: error: {err}", file=sys.stderr)
         return 2

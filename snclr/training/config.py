@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from snclr.functional import ATTENTION_TEMPERATURE, TEMPERATURE
+from snclr.training.datasets import CHECKS
 from snclr.training.errors import ConfigError
 from snclr.training.launch import DEVICES
 
@@ -45,6 +46,8 @@ class Config:
     crop_scale_min: float = 0.4
     num_workers: int = 2
     limit_samples: int = 0  # 0: all; >0: a fixed stratified subset of the train split (tests)
+    check_images: str = "header"  # header (cheap, cached) | decode (every file, up front)
+    max_bad_images: float = 0.001  # share of unreadable image files skipped before a run stops
     # model
     encoder: str = "small_cnn"
     method: str = "snclr"
@@ -256,7 +259,7 @@ def validate(config: Config) -> None:
         "optimizer": ("adamw", "lars"), "precision": ("auto", "fp32", "bf16", "fp16"),
         "augmentation": ("auto", "byol", "greyscale"), "bank_mode": BANK_MODES,
         "bank_dtype": ("auto", "fp32", "bf16", "fp16"),
-        "device": DEVICES, "backend": ("auto", "torch", "triton"),
+        "device": DEVICES, "backend": ("auto", "torch", "triton"), "check_images": CHECKS,
     }
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
@@ -278,6 +281,8 @@ def validate(config: Config) -> None:
     for name in ("lr", "temperature", "attention_temperature"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be > 0, got {getattr(config, name)}")
+    if not 0 <= config.max_bad_images <= 1:
+        raise ConfigError(f"max_bad_images must be in [0, 1], got {config.max_bad_images}")
     if not 0 < config.crop_scale_min <= 1:
         raise ConfigError(f"crop_scale_min must be in (0, 1], got {config.crop_scale_min}")
     if not 0 <= config.momentum_base <= config.momentum_final <= 1:
@@ -298,7 +303,7 @@ def validate(config: Config) -> None:
 # INVOCATION_ONLY fields describe this invocation and never come from the checkpoint.
 RESUME_FREE = ("output_dir", "num_workers", "device", "backend", "log_every", "knn_every",
                "knn_k", "save_every", "stop_after", "save_every_steps", "keep_last",
-               "channels_last", "compile")
+               "channels_last", "compile", "check_images", "max_bad_images")
 RESUME_RECORDED = ("epochs",)
 INVOCATION_ONLY = ("output_dir", "stop_after")
 

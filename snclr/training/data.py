@@ -12,7 +12,12 @@
 - ``cifar10:DIR``, ``cifar100:DIR``, ``stl10:DIR``: the official archives extracted in DIR,
   with their own train/test splits.
 - a directory with ``train/`` (and optionally ``val/``) class sub-folders; without
-  ``val/`` the same stratified 80/20 rule splits ``train/``. Every file is checked first.
+  ``val/`` the same stratified 80/20 rule splits ``train/``. Every file's image header is
+  checked first, once: rank 0 scans, the other ranks receive the scan, and it is cached
+  (:func:`snclr.training.datasets.scan_folder`). A file that fails to decode later is
+  skipped: training takes the next readable image in its place and counts the file
+  (:class:`UnreadableFiles`, which stops the run past ``max_bad_images``); evaluation leaves
+  the row out.
 
 Each split knows its native image size: the arrays' size, or for folders the median shorter
 side of the images (:func:`snclr.encoders.fit_img_size` turns it into the input size).
@@ -36,23 +41,30 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
+from snclr import distributed
+from snclr.training import launch
 from snclr.training.datasets import (
+    DECODE_ERRORS,
     NAMED_DATASETS,
+    bad_budget,
+    error_reason,
     has_images,
     read_named,
     scan_folder,
     scan_unlabelled,
 )
-from snclr.training.errors import ConfigError
+from snclr.training.errors import ConfigError, UnreadableImages
 
 __all__ = [
     "BUILTIN_DATASETS", "ImageSet", "TwoViewDataset", "EvalDataset", "AugmentedDataset",
-    "EpochSampler", "eval_transform", "labelled_splits", "linear_train_transform",
-    "load_dataset", "load_splits", "make_loader", "pretraining_images",
+    "EpochSampler", "MAX_BAD_IMAGES", "UnreadableFile", "UnreadableFiles", "on_rank_zero",
+    "eval_transform", "labelled_splits", "linear_train_transform", "load_dataset",
+    "load_splits", "make_loader", "pretraining_images",
     "stratified_split", "to_rgb", "two_view_transforms",
 ]
 
 BUILTIN_DATASETS = NAMED_DATASETS
+MAX_BAD_IMAGES = 0.001  # Config.max_bad_images: the share of unreadable files a run skips
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
@@ -98,6 +110,7 @@ class ImageSet:
         same_size: every image is ``img_size`` square (arrays); files may differ.
         images: ``(N, C, H, W)`` uint8 tensor, or None for files.
         files: ``(N,)`` image paths (files only), opened as RGB.
+        left_out: ``(file, reason)`` of the folder's files whose header could not be read.
     """
 
     labels: Tensor
@@ -107,15 +120,24 @@ class ImageSet:
     same_size: bool = True
     images: Tensor | None = None
     files: np.ndarray | None = None
+    left_out: tuple[tuple[str, str], ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def image(self, i: int):
+        """Image ``i``: a uint8 tensor, or a file opened as RGB.
+
+        Raises:
+            UnreadableFile: the file does not decode (it changed, or only its header is sound).
+        """
         if self.images is not None:
             return self.images[i]
-        with Image.open(self.files[i]) as image:
-            return to_rgb(image)
+        try:
+            with Image.open(self.files[i]) as image:
+                return to_rgb(image)
+        except DECODE_ERRORS as err:
+            raise UnreadableFile(i, error_reason(err)) from None
 
     def subset(self, rows: np.ndarray) -> ImageSet:
         rows_t = torch.as_tensor(rows, dtype=torch.long)
@@ -123,8 +145,62 @@ class ImageSet:
             labels=self.labels[rows_t], in_chans=self.in_chans, img_size=self.img_size,
             num_classes=self.num_classes, same_size=self.same_size,
             images=None if self.images is None else self.images[rows_t],
-            files=None if self.files is None else self.files[rows],
+            files=None if self.files is None else self.files[rows], left_out=self.left_out,
         )
+
+
+class UnreadableFile(Exception):
+    """Image ``index`` of a set failed to decode (``reason``: one line)."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(index, reason)
+        self.index, self.reason = index, reason
+
+
+class UnreadableFiles:
+    """The training files that failed to decode, over every rank; the run stops past the budget.
+
+    The budget is ``bad_budget(N, max_fraction)`` files of the N in the set, counting those
+    the scan left out. :meth:`add` takes a batch's ``bad`` column (-1: none); :meth:`sync`
+    (collective) gathers what every rank found and raises :class:`UnreadableImages`, on
+    every rank alike, once the count passes the budget.
+    """
+
+    def __init__(self, images: ImageSet, max_fraction: float, device: torch.device) -> None:
+        self.images, self.device, self.max_fraction = images, device, max_fraction
+        self.total = len(images) + len(images.left_out)
+        self.budget = bad_budget(self.total, max_fraction)
+        self.found: set[int] = set()  # every rank's, after sync
+        self.new: set[int] = set()  # this rank's since the last sync
+
+    def add(self, bad: Tensor) -> None:
+        self.new.update(i for i in bad.tolist() if i >= 0 and i not in self.found)
+
+    @property
+    def count(self) -> int:
+        return len(self.found) + len(self.images.left_out)
+
+    def sync(self) -> None:
+        for found in distributed.gather_objects(sorted(self.new), device=self.device):
+            self.found.update(found)
+        self.new.clear()
+        if self.count > self.budget:
+            raise UnreadableImages(
+                f"{self.count} of {self.total} image files cannot be decoded, more than the "
+                f"{self.budget} that max_bad_images={self.max_fraction:g} allows; first: "
+                f"{', '.join(repr(f) for f in self.first())}; remove or replace them")
+
+    def first(self, count: int = 3) -> list[str]:
+        """The first files found unreadable, by name (then those the scan left out)."""
+        names = sorted(str(self.images.files[i]) for i in self.found)
+        return (names + [file for file, _ in self.images.left_out])[:count]
+
+    def summary(self) -> str | None:
+        """The report's line, or None when every file decoded."""
+        if not self.count:
+            return None
+        return (f"{self.count} of {self.total} image files could not be decoded and were "
+                f"skipped (e.g. {', '.join(repr(f) for f in self.first())})")
 
 
 def stratified_split(labels: np.ndarray, *,
@@ -158,19 +234,44 @@ def _array_set(images: Tensor, labels: Tensor, num_classes: int) -> ImageSet:
                     img_size=images.shape[-1], num_classes=num_classes)
 
 
-def _folder_set(path: Path, classes: list[str] | None = None) -> tuple[ImageSet, list[str]]:
-    scan = scan_folder(path, classes)
+def on_rank_zero(compute):
+    """``compute()`` on rank 0, its result (or its ConfigError) shared with every rank."""
+    if distributed.world_size() == 1:
+        return compute()
+    outcome = None
+    if distributed.is_main():
+        try:
+            outcome = (True, compute())
+        except ConfigError as err:
+            outcome = (False, str(err))
+    ok, value = distributed.broadcast_object(outcome, device=launch.resolve_device())
+    if not ok:
+        raise ConfigError(value)
+    return value
+
+
+def _folder_set(path: Path, classes: list[str] | None = None, *, check: str,
+                max_bad_fraction: float) -> tuple[ImageSet, list[str]]:
+    scan = on_rank_zero(lambda: scan_folder(path, classes, check=check,
+                                            max_bad_fraction=max_bad_fraction))
     num_classes = len(classes) if classes is not None else len(scan.classes)
+    return _scanned_set(path, scan, num_classes), scan.classes
+
+
+def _unlabelled_folder_set(path: Path, *, check: str, max_bad_fraction: float) -> ImageSet:
+    scan = on_rank_zero(lambda: scan_unlabelled(path, check=check,
+                                                max_bad_fraction=max_bad_fraction))
+    return _scanned_set(path, scan, 0)
+
+
+def _scanned_set(path: Path, scan, num_classes: int) -> ImageSet:
+    if scan.left_out and distributed.is_main():
+        file, reason = scan.left_out[0]
+        print(f"warning: left out {len(scan.left_out)} image files of {str(path)!r} whose "
+              f"header cannot be read, e.g. {file!r} ({reason})", file=sys.stderr)
     return ImageSet(labels=torch.from_numpy(scan.labels), in_chans=3,
                     img_size=int(np.median(scan.sides)), num_classes=num_classes,
-                    same_size=False, files=scan.files), scan.classes
-
-
-def _unlabelled_folder_set(path: Path) -> ImageSet:
-    scan = scan_unlabelled(path)
-    return ImageSet(labels=torch.from_numpy(scan.labels), in_chans=3,
-                    img_size=int(np.median(scan.sides)), num_classes=0, same_size=False,
-                    files=scan.files)
+                    same_size=False, files=scan.files, left_out=scan.left_out)
 
 
 def _split(full: ImageSet) -> dict[str, ImageSet]:
@@ -178,10 +279,14 @@ def _split(full: ImageSet) -> dict[str, ImageSet]:
     return {"train": full.subset(train_rows), "test": full.subset(test_rows)}
 
 
-def load_splits(name_or_dir: str) -> dict[str, ImageSet]:
+def load_splits(name_or_dir: str, *, check: str = "header",
+                max_bad_fraction: float = MAX_BAD_IMAGES) -> dict[str, ImageSet]:
     """``{"train": ..., "test": ...}`` of a named data set or an image folder, and
     ``"unlabelled"`` images (labels -1) where there are some: STL-10's ``unlabeled_X.bin``,
     or a folder holding images directly (no ``train/``), which has only those.
+
+    ``check`` and ``max_bad_fraction`` are the folder scan's (``Config.check_images`` and
+    ``max_bad_images``, :func:`snclr.training.datasets.scan_folder`).
 
     Raises:
         ConfigError: unknown name, missing folder or files, unreadable images, or the
@@ -199,24 +304,26 @@ def load_splits(name_or_dir: str) -> dict[str, ImageSet]:
             f"dataset {name_or_dir!r} is neither a built-in ({', '.join(BUILTIN_DATASETS)}) "
             "nor an existing directory"
         )
+    checks = dict(check=check, max_bad_fraction=max_bad_fraction)
     if not (root_dir / "train").is_dir() and has_images(root_dir):
-        return {"unlabelled": _unlabelled_folder_set(root_dir)}
+        return {"unlabelled": _unlabelled_folder_set(root_dir, **checks)}
     if not (root_dir / "train").is_dir():
         raise ConfigError(f"dataset directory {name_or_dir!r} has no train/ sub-folder of class "
                           "folders")
     if (root_dir / "val").is_dir():
-        train, classes = _folder_set(root_dir / "train")
+        train, classes = _folder_set(root_dir / "train", **checks)
         missing = [name for name in classes if not (root_dir / "val" / name).is_dir()]
-        if missing:
+        if missing and distributed.is_main():
             print(f"warning: val/ lacks {len(missing)} of train/'s classes, e.g. {missing[0]!r}; "
                   "kNN is measured on the others", file=sys.stderr)
-        return {"train": train, "test": _folder_set(root_dir / "val", classes)[0]}
-    return _split(_folder_set(root_dir / "train")[0])
+        return {"train": train, "test": _folder_set(root_dir / "val", classes, **checks)[0]}
+    return _split(_folder_set(root_dir / "train", **checks)[0])
 
 
-def labelled_splits(name_or_dir: str) -> dict[str, ImageSet]:
-    """:func:`load_splits`, refusing a data set without a labelled train and test split."""
-    splits = load_splits(name_or_dir)
+def labelled_splits(name_or_dir: str, **checks) -> dict[str, ImageSet]:
+    """:func:`load_splits` (``checks``: its scan options), refusing a data set without a
+    labelled train and test split."""
+    splits = load_splits(name_or_dir, **checks)
     if "test" not in splits:
         raise ConfigError(f"dataset {name_or_dir!r} has no labels (a folder of images without "
                           "train/<class>/): kNN and linear evaluation need labelled data")
@@ -337,40 +444,56 @@ class _SeededViews(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def _readable(self, i: int):
+        """``(image, index, bad)``: image ``i``, or when its file does not decode the next
+        readable one (``index``) in its place, and ``bad`` the index skipped (-1: none)."""
+        for step in range(len(self.images)):
+            j = (i + step) % len(self.images)
+            try:
+                return self.images.image(j), j, (i if step else -1)
+            except UnreadableFile:
+                continue
+        raise RuntimeError("not one image of the data set decodes")
+
     def __getitem__(self, i: int):
-        image = self.images.image(i)
+        image, j, bad = self._readable(i)
         # A private RNG stream per (seed, epoch, sample): reproducible across workers/resume.
         with torch.random.fork_rng(devices=[]):
             # default_generator only: torch.manual_seed would also seed CUDA (slow, and
             # must not touch the training RNG).
             torch.default_generator.manual_seed(_sample_seed(self.seed, self.epoch, i))
             views = tuple(transform(image) for transform in self.transforms)
-        return (*views, self.images.labels[i])
+        return (*views, self.images.labels[j], j, bad)
 
 
 class TwoViewDataset(_SeededViews):
-    """``(view1, view2, label, index)`` for pretraining.
+    """``(view1, view2, label, index, bad)`` for pretraining.
 
-    ``index`` is the sample's position in ``images`` (the same on every rank): the model
-    records it as the source of the sample's key in the queue.
+    ``index`` is the image's position in ``images`` (the same on every rank): the model
+    records it as the source of the sample's key in the queue. It is the sample's own unless
+    that file failed to decode: then ``bad`` is the sample's index (for
+    :class:`UnreadableFiles`) and the image is the next readable one; otherwise ``bad`` is -1.
     """
 
     def __init__(self, images: ImageSet, transform1, transform2, *, seed: int) -> None:
         super().__init__(images, transform1, transform2, seed=seed)
 
-    def __getitem__(self, i: int):
-        return (*super().__getitem__(i), i)
-
 
 class AugmentedDataset(_SeededViews):
-    """``(image, label)`` pairs under a random transform (the augmented linear probe)."""
+    """``(image, label)`` pairs under a random transform (the augmented linear probe); a file
+    that does not decode is replaced by the next readable one."""
 
     def __init__(self, images: ImageSet, transform, *, seed: int) -> None:
         super().__init__(images, transform, seed=seed)
 
+    def __getitem__(self, i: int):
+        image, label, _, _ = super().__getitem__(i)
+        return image, label
+
 
 class EvalDataset(Dataset):
-    """``(image, label)`` pairs under a deterministic transform."""
+    """``(image, label)`` pairs under a deterministic transform; a file that does not decode
+    gives a black image and the label -1 (the caller drops the row)."""
 
     def __init__(self, images: ImageSet, transform) -> None:
         self.images, self.transform = images, transform
@@ -379,7 +502,11 @@ class EvalDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        return self.transform(self.images.image(i)), self.images.labels[i]
+        try:
+            return self.transform(self.images.image(i)), self.images.labels[i]
+        except UnreadableFile:
+            side = self.images.img_size
+            return self.transform(Image.new("RGB", (side, side))), torch.tensor(-1)
 
 
 def make_loader(

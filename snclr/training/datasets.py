@@ -11,19 +11,26 @@ that rebuilds numpy arrays and plain containers only, and refuses anything else.
   the 100 fine labels.
 - ``stl10:DIR``: ``stl10_binary/`` (``train_X.bin``, ``train_y.bin``, ``test_X.bin``,
   ``test_y.bin``), and the 100,000 unlabelled images of ``unlabeled_X.bin`` when it is there.
-- an image folder: every file with an image extension is opened and decoded once (JPEGs at
-  1/8 scale, which still reads every byte) in threads before anything runs, so a zero-byte,
-  truncated or fake image is a one-line error naming it, not a crash mid-epoch.
+- an image folder: every file with an image extension is checked cheaply before anything
+  runs (it exists and its image header gives a format and a size), in threads, and the
+  result is cached, keyed by every file's name, size and modification time. A file that
+  fails to decode later is counted and skipped by the training loop. ``check="decode"``
+  decodes every file up front instead (JPEGs at 1/8 scale) and refuses any failure.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import importlib.resources
 import io
+import json
 import os
 import pickle
 import struct
+import sys
+import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,8 +43,9 @@ from torch import Tensor
 
 from snclr.training.errors import ConfigError
 
-__all__ = ["NAMED_DATASETS", "ArraySplits", "FolderScan", "has_images", "read_named",
-           "scan_folder", "scan_unlabelled"]
+__all__ = ["CHECKS", "DECODE_ERRORS", "NAMED_DATASETS", "ArraySplits", "FolderScan", "bad_budget",
+           "error_reason", "has_images", "read_named", "scan_cache_dir", "scan_folder",
+           "scan_unlabelled"]
 
 NAMED_DATASETS = ("animal-mnist", "cifar10:DIR", "cifar100:DIR", "stl10:DIR")
 INSTALL_HINT = "pip install --no-deps animal-mnist==0.4"
@@ -222,28 +230,48 @@ def _stl10(root: Path) -> ArraySplits:
 
 @dataclass(frozen=True)
 class FolderScan:
-    """A checked image folder: ``files[i]`` of class ``labels[i]`` has shorter side ``sides[i]``."""
+    """A checked image folder: ``files[i]`` of class ``labels[i]`` has shorter side ``sides[i]``.
+
+    ``left_out`` holds ``(file, reason)`` of the files whose header could not be read: they
+    are not in ``files``.
+    """
 
     files: np.ndarray  # (N,) str
     labels: np.ndarray  # (N,) int64
     sides: np.ndarray  # (N,) int64
     classes: list[str]
+    left_out: tuple[tuple[str, str], ...] = ()
 
 
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
-                  Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
+                 Image.DecompressionBombError)
+CHECKS = ("header", "decode")
+# Scans cached under SNCLR_CACHE_DIR (default: $XDG_CACHE_HOME/snclr, else ~/.cache/snclr;
+# empty: no cache). Bump the version when the cached content changes meaning.
+CACHE_ENV = "SNCLR_CACHE_DIR"
+_CACHE_VERSION = 1
 
 
-def _probe(path: str) -> tuple[int, str | None]:
-    """``(shorter side, None)`` for a decodable image, ``(0, reason)`` otherwise."""
+def error_reason(err: BaseException) -> str:
+    """``"Type: first line"`` of an exception, short enough for a one-line message."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:100]}"
+
+
+def _probe(path: str, decode: bool) -> tuple[int, str | None]:
+    """``(shorter side, None)`` for a readable image, ``(0, reason)`` otherwise.
+
+    Without ``decode`` only the header is read (format and size: PIL's lazy open), a few
+    hundred bytes; with it the pixels too (JPEGs at 1/8 scale, which still reads every byte).
+    """
     try:
         with Image.open(path) as image:
             side = min(image.size)
-            image.draft(None, (1, 1))  # JPEG: decode at 1/8 scale (every byte is still read)
-            image.load()
+            if decode:
+                image.draft(None, (1, 1))
+                image.load()
         return side, None
-    except _DECODE_ERRORS as err:
-        return 0, f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:100]}"
+    except DECODE_ERRORS as err:
+        return 0, error_reason(err)
 
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -266,7 +294,7 @@ def _walk_images(top: str, seen_dirs: set[str], seen_files: set[str]) -> list[st
     to a folder already walked (a loop such as ``loop -> .``), and a file reached twice
     through links is listed once, so it cannot land in both splits.
     """
-    folders: list[tuple[str, list[str]]] = []
+    folders: list[tuple[str, list[tuple[str, str]]]] = []
     stack = [top]
     while stack:
         folder = stack.pop()
@@ -283,22 +311,30 @@ def _walk_images(top: str, seen_dirs: set[str], seen_files: set[str]) -> list[st
                     if entry.is_dir():
                         subfolders.append(entry.path)
                     elif entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS):
-                        images.append(entry.path)
+                        # Only a link needs realpath (lstat per path component): any other
+                        # entry's real path is its name in the folder's real path.
+                        images.append((entry.path, os.path.realpath(entry.path)
+                                       if entry.is_symlink() else os.path.join(real, entry.name)))
                 except OSError:  # a dangling or unreadable link: not an image of the folder
                     continue
         folders.append((folder, sorted(images)))
         stack.extend(sorted(subfolders, reverse=True))
     files = []
     for _, images in sorted(folders):
-        for file in images:
-            real = os.path.realpath(file)
+        for file, real in images:
             if real not in seen_files:
                 seen_files.add(real)
                 files.append(file)
     return files
 
 
-def scan_folder(path: Path, classes: list[str] | None = None) -> FolderScan:
+def bad_budget(total: int, max_fraction: float) -> int:
+    """Unreadable files a data set of ``total`` may hold before a run stops: past this many."""
+    return int(max_fraction * total)
+
+
+def scan_folder(path: Path, classes: list[str] | None = None, *, check: str = "header",
+                max_bad_fraction: float = 0.0) -> FolderScan:
     """Class sub-folders of ``path`` (torchvision ``ImageFolder`` order), every file checked.
 
     Dot-folders, dot-files and non-regular files are skipped, looping directory links are
@@ -306,10 +342,19 @@ def scan_folder(path: Path, classes: list[str] | None = None) -> FolderScan:
     With ``classes`` (train's list), ``path`` is indexed by those classes, so a ``val/``
     lacking one of them keeps train's labels; its sub-folders must be among them.
 
+    ``check="header"`` reads each file's image header only (format and size); a file that
+    fails to decode later is the training loop's to skip. Up to
+    ``bad_budget(N, max_bad_fraction)`` files with an unreadable header are left out
+    (``FolderScan.left_out``). ``check="decode"`` decodes every file and refuses any failure.
+    The result is cached (:func:`scan_cache_dir`), keyed by the folder, ``classes``, the check
+    and every file's name, size and modification time: a changed folder is scanned again.
+
     Raises:
-        ConfigError: no class folders or images, a class not in ``classes``, or any file
-            that cannot be decoded (the count and the first such file, one line).
+        ConfigError: no class folders or images, a class not in ``classes``, or more
+            unreadable files than allowed (the count and the first such file, one line).
     """
+    if check not in CHECKS:
+        raise ConfigError(f"check_images must be one of {CHECKS}, got {check!r}")
     try:
         own = _class_folders(path)
         if classes is not None:
@@ -335,11 +380,8 @@ def scan_folder(path: Path, classes: list[str] | None = None) -> FolderScan:
     except (FileNotFoundError, NotADirectoryError, PermissionError) as err:
         raise ConfigError(f"cannot read image folder {str(path)!r}: {err}") from None
     files = [file for file, _ in samples]
-    return FolderScan(
-        files=np.array(files, dtype=object),
-        labels=np.array([label for _, label in samples], dtype=np.int64),
-        sides=_decode_all(files, path), classes=classes,
-    )
+    return _checked_scan(path, files, [label for _, label in samples], classes, check,
+                         max_bad_fraction)
 
 
 def has_images(path: Path) -> bool:
@@ -349,35 +391,122 @@ def has_images(path: Path) -> bool:
                    and e.is_file() for e in entries)
 
 
-def scan_unlabelled(path: Path) -> FolderScan:
-    """Every image file under ``path``, sub-folders included, checked; labels -1, no classes.
+def scan_unlabelled(path: Path, *, check: str = "header",
+                    max_bad_fraction: float = 0.0) -> FolderScan:
+    """Every image file under ``path``, sub-folders included, checked as :func:`scan_folder`
+    checks; labels -1, no classes.
 
     Raises:
-        ConfigError: no images, or files that cannot be decoded (one line).
+        ConfigError: no images, or more unreadable files than allowed (one line).
     """
+    if check not in CHECKS:
+        raise ConfigError(f"check_images must be one of {CHECKS}, got {check!r}")
     files = _walk_images(str(path), set(), set())
     if not files:
         raise ConfigError(f"image folder {str(path)!r} holds no images")
-    return FolderScan(files=np.array(files, dtype=object),
-                      labels=np.full(len(files), -1, dtype=np.int64),
-                      sides=_decode_all(files, path), classes=[])
+    return _checked_scan(path, files, [-1] * len(files), [], check, max_bad_fraction)
 
 
-def _decode_all(files: list[str], path: Path) -> np.ndarray:
-    """The shorter side of every file, each decoded once in threads (:func:`_probe`).
-
-    Raises:
-        ConfigError: the count and the first of the files that cannot be decoded.
-    """
-    threads = max(1, min(32, os.cpu_count() or 1))
-    with ThreadPoolExecutor(threads) as pool:
-        probes = [result for i in range(0, len(files), CHECK_CHUNK)
-                  for result in pool.map(_probe, files[i : i + CHECK_CHUNK])]
+def _checked_scan(path: Path, files: list[str], labels: list[int], classes: list[str],
+                  check: str, max_bad_fraction: float) -> FolderScan:
+    """Probe every file (cached, :class:`_ScanCache`), in threads; leave out up to the bad
+    budget of unreadable ones, refuse more (any with ``check="decode"``)."""
+    cache = _ScanCache(path, classes, check, files)
+    probes = cache.read()
+    if probes is None:
+        threads = max(1, min(32, os.cpu_count() or 1))
+        with ThreadPoolExecutor(threads) as pool:
+            probe = functools.partial(_probe, decode=check == "decode")
+            probes = [result for i in range(0, len(files), CHECK_CHUNK)
+                      for result in pool.map(probe, files[i : i + CHECK_CHUNK])]
+        cache.write(probes)
     bad = [(file, reason) for file, (_, reason) in zip(files, probes) if reason is not None]
-    if bad:
+    if bad and (check == "decode" or len(bad) > bad_budget(len(files), max_bad_fraction)):
         file, reason = bad[0]
         raise ConfigError(
             f"{len(bad)} of {len(files)} image files in {str(path)!r} cannot be read, e.g. "
             f"{file!r} ({reason}); remove or replace them"
         )
-    return np.array([side for side, _ in probes], dtype=np.int64)
+    keep = [i for i, (_, reason) in enumerate(probes) if reason is None]
+    return FolderScan(
+        files=np.array([files[i] for i in keep], dtype=object),
+        labels=np.array([labels[i] for i in keep], dtype=np.int64),
+        sides=np.array([probes[i][0] for i in keep], dtype=np.int64), classes=classes,
+        left_out=tuple(bad),
+    )
+
+
+def scan_cache_dir() -> Path | None:
+    """Where folder scans are cached: ``$SNCLR_CACHE_DIR`` (empty: nowhere), else
+    ``$XDG_CACHE_HOME/snclr``, else ``~/.cache/snclr``."""
+    if CACHE_ENV in os.environ:
+        value = os.environ[CACHE_ENV]
+        return Path(value) if value else None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "snclr"
+
+
+class _ScanCache:
+    """One folder's cached probes: a JSON file named by the folder, its classes and the check.
+
+    The file holds a key over every file's name, size and modification time; a file whose
+    key differs (a changed folder) or that cannot be parsed is ignored and rewritten. It is
+    written to a temporary file and renamed into place, so a concurrent reader sees the old
+    file or the new one, never a part.
+    """
+
+    def __init__(self, path: Path, classes: list[str], check: str, files: list[str]) -> None:
+        folder = Path(path).resolve()
+        skip = len(str(path)) + 1  # every file is str(path)/...: names relative to it
+        digest = hashlib.sha256()
+        for file in files:
+            try:
+                stat = os.stat(file)
+                digest.update(f"{file[skip:]}\0{stat.st_size}\0"
+                              f"{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            except OSError:  # vanished since the walk: never matches, and the probe says why
+                digest.update(f"{file}\0missing\n".encode("utf-8", "surrogateescape"))
+        self.key = digest.hexdigest()
+        self.count = len(files)
+        name = hashlib.sha256(json.dumps([_CACHE_VERSION, str(folder), classes, check])
+                              .encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        base = scan_cache_dir()
+        self.file = None if base is None else base / "scans" / f"{name}.json"
+
+    def read(self) -> list[tuple[int, str | None]] | None:
+        if self.file is None:
+            return None
+        try:
+            cached = json.loads(self.file.read_text())
+            if cached["version"] != _CACHE_VERSION or cached["key"] != self.key:
+                return None
+            sides, reasons = cached["sides"], cached["reasons"]
+            if len(sides) != self.count:
+                return None
+            return [(int(side), reasons.get(str(i))) for i, side in enumerate(sides)]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def write(self, probes: list[tuple[int, str | None]]) -> None:
+        if self.file is None:
+            return
+        payload = {"version": _CACHE_VERSION, "key": self.key,
+                   "sides": [side for side, _ in probes],
+                   "reasons": {str(i): reason for i, (_, reason) in enumerate(probes)
+                               if reason is not None}}
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.file.parent, prefix=".scan-", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as out:
+                    json.dump(payload, out)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, self.file)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as err:  # a read-only cache costs a rescan next time, nothing else
+            print(f"warning: cannot write the scan cache {str(self.file)!r} "
+                  f"({err.strerror or type(err).__name__}); the next launch scans again",
+                  file=sys.stderr)

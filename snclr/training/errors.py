@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import signal
 
-__all__ = ["ConfigError", "Interrupted", "TrainingDiverged", "WriteFailed"]
+__all__ = ["ConfigError", "Interrupted", "TrainingDiverged", "UnreadableImages", "WriteFailed"]
 
 
 class ConfigError(ValueError):
@@ -49,3 +49,11 @@ class Interrupted(KeyboardInterrupt):
     def of(cls, err: KeyboardInterrupt, message: str) -> Interrupted:
         """``err`` (a plain Ctrl-C or an Interrupted) restated with ``message``."""
         return cls(getattr(err, "signum", signal.SIGINT), message)
+
+
+class UnreadableImages(RuntimeError):
+    """More image files failed to decode than ``max_bad_images`` allows: the run stopped
+    (exit 3, like a diverged run; the last checkpoint is kept).
+
+    Every rank raises it at the same step (the files found are gathered over ranks).
+    """

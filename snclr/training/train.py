@@ -59,6 +59,7 @@ from snclr.training.config import (
 )
 from snclr.training.data import (
     TwoViewDataset,
+    UnreadableFiles,
     limit,
     load_splits,
     make_loader,
@@ -115,6 +116,7 @@ class State:
     epoch_batches: int = 0
     epoch_sums: torch.Tensor | None = None
     epoch_histogram: torch.Tensor | None = None
+    unreadable: UnreadableFiles | None = None  # training files that failed to decode
 
     def kept(self) -> str:
         if self.saved_step is None:
@@ -261,7 +263,9 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
                disable=not distributed.is_main(), dynamic_ncols=True, leave=False)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     tic, seen = time.perf_counter(), 0
-    for i, (x1, x2, labels, indices) in enumerate(bar, start=start):
+    for i, (x1, x2, labels, indices, bad) in enumerate(bar, start=start):
+        if state.unreadable is not None:
+            state.unreadable.add(bad)
         x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
         x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
@@ -321,6 +325,8 @@ def train_one_epoch(config: Config, plan: Plan, state: State, loader, log: Metri
                 bar.close()
                 raise TrainingDiverged(f"training diverged: the loss is {loss} at step "
                                        f"{state.step} (epoch {state.epoch + 1}); {state.kept()}")
+            if state.unreadable is not None:
+                state.unreadable.sync()  # collective, like the loss: every rank stops together
         if (checkpoint is not None and config.save_every_steps and i + 1 < plan.steps_per_epoch
                 and state.step % config.save_every_steps == 0):
             _save(config, plan, state, checkpoint)  # collective: all ranks
@@ -502,7 +508,8 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
     validate(config)
     device = launch.resolve_device(config.device)
     _set_threads(device)
-    splits = load_splits(config.data)
+    splits = load_splits(config.data, check=config.check_images,
+                         max_bad_fraction=config.max_bad_images)
     # The kNN monitor needs labels: off for unlabelled data (the run says so).
     labelled = "test" in splits
     knn_train = limit(splits["train"], config.limit_samples) if labelled else None
@@ -565,7 +572,8 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
         model.momentum_encoder.compile()
     optimizer = create_optimizer(model, config.optimizer, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.amp_dtype == torch.float16)
-    state = State(model=model, wrapped=wrapped, optimizer=optimizer, scaler=scaler)
+    state = State(model=model, wrapped=wrapped, optimizer=optimizer, scaler=scaler,
+                  unreadable=UnreadableFiles(train_set, config.max_bad_images, device))
     optimizer_reset = payload is not None and _restore_training_state(state, payload, saved, config)
     if payload is not None:
         _resume_epoch(state, payload.get("epoch_progress"), plan, str(ckpt_path))
@@ -625,14 +633,17 @@ def _pretrain(config: Config, *, resume: bool, given: Iterable[str] | None,
             if due:
                 knn = _knn(config, plan, model, knn_train, test_set) if main else None
             last = {"kind": "epoch", "epoch": state.epoch, "step": state.step, "knn_top1": knn,
-                    **stats}
+                    "unreadable_images": state.unreadable.count, **stats}
             log.write(last)
             steps_due = bool(config.save_every_steps) and state.step % config.save_every_steps == 0
             if state.epoch % config.save_every == 0 or state.epoch == stop or steps_due:
                 _save(config, plan, state, ckpt_path)  # collective: all ranks
             distributed.barrier()  # ranks wait for rank 0's evaluation and checkpoint
         if main:
-            report()
+            unreadable = state.unreadable.summary()
+            if unreadable:
+                print(f"warning: {unreadable}", file=sys.stderr, flush=True)
+            report(unreadable)
     except WriteFailed as err:
         raise WriteFailed(f"{err}; {state.kept()}") from None
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM through the command line's handler
