@@ -7,7 +7,16 @@ stopped on non-finite values (exit 3). Anything else is a bug and keeps its trac
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "TrainingDiverged"]
+import reprlib
+
+__all__ = ["ConfigError", "TrainingDiverged", "clip", "short_repr", "shown"]
+
+SHOWN_CHARS = 80  # a user value in a message: at most this many characters of its repr
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = SHOWN_CHARS
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 2, 4, 4
+# repr() of an int past 4300 digits raises (Python's int-to-string limit): give its size.
+_MAX_SHOWN_BITS = 256
 
 
 class ConfigError(ValueError):
@@ -19,3 +28,26 @@ class TrainingDiverged(RuntimeError):
 
     Every rank raises it at the same step (the values tested are reduced over ranks).
     """
+
+
+def clip(text: str) -> str:
+    """``text`` cut to :data:`SHOWN_CHARS` characters (``...`` marks a cut)."""
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
+def short_repr(value: object) -> str:
+    """A repr of at most :data:`SHOWN_CHARS` characters, whatever the value (a 10 MB
+    string, a list expanded from YAML aliases, a 5000-digit integer)."""
+    if isinstance(value, int) and value.bit_length() > _MAX_SHOWN_BITS:
+        return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    return clip(_REPR.repr(value))
+
+
+def shown(value: object) -> str:
+    """A user's value for a one-line message: its :func:`short_repr` and type name.
+
+    Example:
+        >>> shown("fast"), shown(True), shown(list(range(1000)))
+        ("'fast' (str)", 'True (bool)', '[0, 1, 2, 3, ...] (list)')
+    """
+    return f"{short_repr(value)} ({type(value).__name__})"
