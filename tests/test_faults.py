@@ -570,3 +570,85 @@ def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_white(tmp_path):
                               ("F", np.array([[-1.0, np.nan, 3.0]], np.float32), 255)]:
         image = Image.frombytes(mode, (values.shape[1], 1), values.tobytes())
         assert np.asarray(to_rgb(image))[0, :, 0].max() == top, mode
+
+
+# ------------------------------------------ round two, 10. hostile values, files and streams
+
+
+def _crafted_copy(run_dir: Path, change) -> dict:
+    """Rewrite run_dir's checkpoint with ``change(payload)`` applied; the folder's snapshot."""
+    payload = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    change(payload)
+    torch.save(payload, run_dir / "checkpoint.pt")
+    return snapshot(run_dir)
+
+
+def _set(*path, value):
+    def change(payload):
+        entry = payload
+        for key in path[:-1]:
+            entry = entry[key]
+        entry[path[-1]] = value
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (_set("optimizer", value={}), "is malformed: optimizer must hold state and param_groups, "
+                                  "got {} (dict)"),
+    (lambda p: p["rng"].pop("numpy"), "is malformed: rng must hold the torch, numpy and python "
+                                      "states"),
+    (_set("epoch", value="1"), "is malformed: epoch must be an integer >= 0, got '1' (str)"),
+    (_set("step", value=-3), "is malformed: step must be an integer >= 0, got -3 (int)"),
+    (_set("data_shape", "img_size", value=-5), "is malformed: data_shape must hold in_chans "
+                                               "(1 to 64) and img_size (1 to 4096)"),
+    (_set("data_shape", "img_size", value=100_000), "img_size (1 to 4096), got {'img_size': "
+                                                    "100000, 'in_chans': 1} (dict)"),
+    (_set("model", "bank.pointer", value=torch.tensor(10**6)),
+     "bank.pointer must be one integer from 0 to 31, got 1000000"),
+    (_set("model", "bank.filled", value=torch.tensor(2.5)),
+     "bank.filled must be one integer from 0 to 32, got 2.5"),
+    (_set("optimizer", "param_groups", value=[{"params": [0]}]),
+     "the checkpoint's optimizer state does not fit this model ("),
+    (lambda p: p["optimizer"]["state"][0].update(exp_avg=torch.zeros(3)),
+     "optimizer state does not fit this model (exp_avg of shape (3,) for a parameter of shape"),
+    (_set("rng", "python", "internal", value=[0] * 3), "rng.python must hold version, internal"),
+], ids=["optimizer-empty", "rng-no-numpy", "epoch-str", "step-negative", "img-size-negative",
+        "img-size-huge", "bank-pointer", "bank-filled-float", "optimizer-groups",
+        "optimizer-moment-shape", "rng-python"])
+def test_a_crafted_checkpoint_exits_2_before_the_run_folder_changes(run_copy, capsys, change,
+                                                                    message):
+    before = _crafted_copy(run_copy, change)
+    code, _, err = run(["pretrain", "--output-dir", run_copy, "--epochs", "2"], capsys)
+    assert code == 2 and message in one_line(err)
+    assert snapshot(run_copy) == before
+
+
+def test_knn_refuses_a_checkpoint_with_a_huge_img_size(run_copy, capsys):
+    _crafted_copy(run_copy, _set("data_shape", "img_size", value=100_000))
+    code, out, err = run(["knn", "--checkpoint", run_copy / "checkpoint.pt"], capsys)
+    assert code == 2 and out == "" and "is malformed: data_shape must hold" in one_line(err)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--queue-size", "100000000000"], "queue_size must be <= 67108864, got 100000000000 (int)"),
+    (["--queue-size", "1e30"], "queue_size must be int, got '1e30' (str)"),
+    (["--seed", "99999999999999999999999"], "seed must be <= 4294967295"),
+    (["--epochs", "9" * 5000], "epochs has 5000 digits, more than any valid value"),
+    (["--device", "x" * 5000], "device must be one of"),
+])
+def test_huge_option_values_exit_2_with_a_short_line(tmp_path, capsys, argv, message):
+    code, _, err = run(["pretrain", *TINY, *argv, "--output-dir", tmp_path / "run"], capsys)
+    line = one_line(err)
+    assert code == 2 and message in line and len(line) < 250
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_yaml_alias_bomb_exits_2_with_a_short_line_and_no_run_folder(tmp_path, capsys):
+    levels = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    (tmp_path / "bomb.yaml").write_text("\n".join([*levels, "epochs: *a8"]) + "\n")  # 9**9
+    code, _, err = run(["pretrain", *TINY, "--config", tmp_path / "bomb.yaml",
+                        "--output-dir", tmp_path / "run"], capsys)
+    line = one_line(err)
+    assert code == 2 and "aliases expand to more than 1000 values" in line and len(line) < 250
+    assert not (tmp_path / "run").exists()
