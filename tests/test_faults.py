@@ -652,3 +652,23 @@ def test_a_yaml_alias_bomb_exits_2_with_a_short_line_and_no_run_folder(tmp_path,
     line = one_line(err)
     assert code == 2 and "aliases expand to more than 1000 values" in line and len(line) < 250
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("labels, kind", [
+    (["3"] * 8, "str32"), ([[1, 2]] * 8, "nested"), ([[1], [2, 3]] * 4, "nested"),
+    ([1.0, 2.7] * 4, "float64"), ([True, False] * 4, "bool")],
+    ids=["strings", "nested", "ragged", "floats", "bools"])
+def test_cifar_labels_that_are_not_integers_exit_2_naming_the_file(tmp_path, capsys, labels,
+                                                                   kind):
+    import pickle
+
+    write_cifar(tmp_path / "cifar", "cifar10", "py")
+    batch_file = tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_3"
+    batch = pickle.loads(batch_file.read_bytes())
+    batch_file.write_bytes(pickle.dumps({**batch, "labels": labels}, protocol=2))
+    code, _, err = run(["pretrain", "--data", f"cifar10:{tmp_path / 'cifar'}", *TINY,
+                        "--output-dir", tmp_path / "run"], capsys)
+    assert code == 2
+    assert (f"data_batch_3' is not a CIFAR python batch: 'labels' must be one integer per "
+            f"image, got {kind} values") in one_line(err)
+    assert not (tmp_path / "run").exists()
