@@ -672,3 +672,22 @@ def test_cifar_labels_that_are_not_integers_exit_2_naming_the_file(tmp_path, cap
     assert (f"data_batch_3' is not a CIFAR python batch: 'labels' must be one integer per "
             f"image, got {kind} values") in one_line(err)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["pretrain", *TINY, "--output-dir", "{long}"], ["pretrain", *TINY, "--output-dir", "{long}/x"],
+    ["pretrain", *TINY, "--data", "{long}", "--output-dir", "{tmp}/run"],
+    ["pretrain", *TINY, "--config", "{long}", "--output-dir", "{tmp}/run"],
+    ["knn", "--checkpoint", "{long}"], ["linear", "--checkpoint", "{tmp}/c.pt", "--data", "{long}"],
+    ["compare", "--methods", "snclr", "--output-dir", "{long}"],
+], ids=["output-dir", "under-output-dir", "data", "config", "checkpoint", "eval-data", "compare"])
+def test_a_path_name_too_long_for_the_file_system_exits_2_in_one_line(base_run, tmp_path, capsys,
+                                                                     command):
+    shutil.copy(base_run / "checkpoint.pt", tmp_path / "c.pt")
+    long = str(tmp_path / ("a" * 300))
+    argv = [str(a).format(long=long, tmp=tmp_path) for a in command]
+    code, _, err = run(argv, capsys)
+    line = one_line(err)
+    assert code == 2 and "is too long: a name of 300 bytes (at most 255)" in line
+    assert len(line) < 250
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]

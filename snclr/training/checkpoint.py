@@ -21,7 +21,7 @@ import torch
 
 from snclr.encoders import MAX_IMG_SIZE
 from snclr.model import SNCLR, create_model
-from snclr.training.config import Config
+from snclr.training.config import Config, check_path
 from snclr.training.errors import ConfigError, shown
 
 __all__ = ["EVAL_KEYS", "RESUME_KEYS", "build_model", "checkpoint_problem", "get_rng_state",
@@ -124,6 +124,7 @@ def read_checkpoint(path: str | Path, *, keys: tuple[str, ...] = EVAL_KEYS) -> d
             objects other than tensors and plain values, a foreign or incomplete checkpoint
             (one line, no traceback).
     """
+    check_path("checkpoint", path)
     path = Path(path)
     name = repr(str(path))
     if path.is_dir():

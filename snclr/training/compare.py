@@ -52,6 +52,7 @@ from snclr.training.config import (
     RESUME_FREE,
     Config,
     apply_overrides,
+    check_path,
     check_resume_changes,
     config_changes,
     resumed_config,
@@ -240,6 +241,7 @@ def plan_comparison(base: Config, *, methods: str, seeds: str, output_dir: str,
         raise ConfigError(f"--baseline {short_repr(baseline)} is not one of the variants "
                           f"({', '.join(labels)})")
     _check_evaluation(evaluation)
+    check_path("--output-dir", output_dir)
     comparison = Comparison(base, variants, parse_seeds(seeds), Path(output_dir), baseline,
                             evaluation, allow_config_change)
     if comparison.output_dir.exists() and not comparison.output_dir.is_dir():

@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
+from snclr.training.config import check_path
 from snclr.training.datasets import NAMED_DATASETS, read_named, scan_folder
 from snclr.training.errors import ConfigError
 
@@ -170,6 +171,7 @@ def load_splits(name_or_dir: str) -> dict[str, ImageSet]:
         ConfigError: unknown name, missing folder or files, unreadable images, or the
             built-in package not installed (one line).
     """
+    check_path("data", name_or_dir)
     name, colon, root = name_or_dir.partition(":")
     named = name in ("cifar10", "cifar100", "stl10") and (colon or not Path(name_or_dir).exists())
     if name_or_dir == "animal-mnist" or named:

@@ -51,6 +51,7 @@ from snclr.training.checkpoint import (
 )
 from snclr.training.config import (
     Config,
+    check_path,
     check_resume_changes,
     config_changes,
     resumed_config,
@@ -311,6 +312,7 @@ def pretrain(config: Config, *, resume: bool = False, given: Iterable[str] | Non
 
 def _check_run_dir(run_dir: Path) -> None:
     """Refuse an output folder that is a file, lies under a file or cannot be created."""
+    check_path("output_dir", run_dir)
     name = repr(str(run_dir))
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output_dir {name} is a file, not a folder")
