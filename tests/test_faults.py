@@ -691,3 +691,17 @@ def test_a_path_name_too_long_for_the_file_system_exits_2_in_one_line(base_run, 
     assert code == 2 and "is too long: a name of 300 bytes (at most 255)" in line
     assert len(line) < 250
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+def test_a_non_utf8_data_path_trains_and_writes_its_report(folder_32, tmp_path, capsys):
+    import os
+
+    data = Path(os.fsdecode(os.fsencode(tmp_path) + b"/data\xff"))  # as argv decodes it
+    shutil.copytree(folder_32, data)
+    run_dir = tmp_path / "run"
+    code, _, _ = run(["pretrain", "--data", data, "--batch-size", "16", "--epochs", "1", *MODEL,
+                      "--output-dir", run_dir], capsys)
+    assert code == 0
+    report = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert "data: " + str(tmp_path) + "/data\\udcff" in report
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"] == str(data)
