@@ -705,3 +705,20 @@ def test_a_non_utf8_data_path_trains_and_writes_its_report(folder_32, tmp_path, 
     report = (run_dir / "report.md").read_text(encoding="utf-8")
     assert "data: " + str(tmp_path) + "/data\\udcff" in report
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"] == str(data)
+
+
+def test_stdout_closed_by_its_reader_exits_quietly_and_the_run_resumes(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "snclr", "pretrain", *TINY, "--output-dir", str(run_dir)]
+    # `snclr pretrain ... | true`: the reader is gone before the first line is printed.
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    assert child.wait() == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception" not in err
+    code, out, _ = run(["pretrain", *TINY, "--output-dir", run_dir], capsys)
+    assert code == 0 and "finished 1 epochs" in out
+    assert read_checkpoint(run_dir / "checkpoint.pt")["data_shape"]["img_size"] == 28

@@ -6,13 +6,16 @@ one table with error bars; :mod:`snclr.training.compare`).
 
 Exit status: 0 done; 2 bad configuration, data, checkpoint or run folder (one line on stderr,
 found before the run folder changes); 3 training diverged (one line; the last good checkpoint
-is kept). Any other exception is a bug and keeps its traceback.
+is kept); 141 stdout was closed by its reader (``| head``), quietly, as a SIGPIPE would. Any
+other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -255,6 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"snclr {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of stdout has gone (`snclr ... | head`): stop quietly with the status a
+        # SIGPIPE gives, and point stdout at /dev/null so the flush at exit cannot fail again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file (captured)
+            pass
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":
