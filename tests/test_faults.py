@@ -722,3 +722,29 @@ def test_stdout_closed_by_its_reader_exits_quietly_and_the_run_resumes(tmp_path,
     code, out, _ = run(["pretrain", *TINY, "--output-dir", run_dir], capsys)
     assert code == 0 and "finished 1 epochs" in out
     assert read_checkpoint(run_dir / "checkpoint.pt")["data_shape"]["img_size"] == 28
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_an_image_deleted_mid_run_stops_with_exit_3_naming_it(folder_32, tmp_path, capsys,
+                                                              monkeypatch, workers):
+    from snclr.training import train
+
+    data = tmp_path / "data"
+    shutil.copytree(folder_32, data)
+    real = train.train_one_epoch
+
+    def then_delete(config, plan, state, *args):
+        stats = real(config, plan, state, *args)
+        for image in (data / "train" / "class1").iterdir():  # after epoch 1
+            image.unlink()
+        return stats
+
+    monkeypatch.setattr(train, "train_one_epoch", then_delete)
+    run_dir = tmp_path / "run"
+    code, _, err = run(["pretrain", "--data", data, "--batch-size", "16", "--epochs", "2",
+                        *MODEL, "--num-workers", workers, "--output-dir", run_dir], capsys)
+    assert code == 3
+    assert re.fullmatch(r"snclr pretrain: stopped: image file '.*/class1/\d+\.png' disappeared "
+                        r"during the run; restore it \(or remove it and start a new run\)",
+                        one_line(err))
+    assert read_checkpoint(run_dir / "checkpoint.pt", keys=("epoch",))["epoch"] == 1

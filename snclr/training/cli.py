@@ -5,9 +5,10 @@ kNN of the trained and of a random encoder, side by side) and ``compare`` (metho
 one table with error bars; :mod:`snclr.training.compare`).
 
 Exit status: 0 done; 2 bad configuration, data, checkpoint or run folder (one line on stderr,
-found before the run folder changes); 3 training diverged (one line; the last good checkpoint
-is kept); 141 stdout was closed by its reader (``| head``), quietly, as a SIGPIPE would. Any
-other exception is a bug and keeps its traceback.
+found before the run folder changes); 3 training diverged, or a data file disappeared mid-run
+(one line; the last good checkpoint is kept); 141 stdout was closed by its reader
+(``| head``), quietly, as a SIGPIPE would. Any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from snclr.model import METHODS
 from snclr.training import launch
 from snclr.training.config import PRESETS, Config, apply_overrides, load_config_file, preset
-from snclr.training.errors import ConfigError, TrainingDiverged
+from snclr.training.errors import ConfigError, DataFileVanished, TrainingDiverged
 
 __all__ = ["build_parser", "config_from_args", "given_fields", "main"]
 
@@ -258,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"snclr {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except DataFileVanished as err:
+        return _stopped(args.command, err)
     except BrokenPipeError:
         # The reader of stdout has gone (`snclr ... | head`): stop quietly with the status a
         # SIGPIPE gives, and point stdout at /dev/null so the flush at exit cannot fail again.

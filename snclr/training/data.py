@@ -37,7 +37,7 @@ from torchvision.transforms import v2
 
 from snclr.training.config import check_path
 from snclr.training.datasets import NAMED_DATASETS, read_named, scan_folder
-from snclr.training.errors import ConfigError
+from snclr.training.errors import ConfigError, DataFileVanished
 
 __all__ = [
     "BUILTIN_DATASETS", "ImageSet", "TwoViewDataset", "EvalDataset", "AugmentedDataset",
@@ -107,7 +107,12 @@ class ImageSet:
     def image(self, i: int):
         if self.images is not None:
             return self.images[i]
-        with Image.open(self.files[i]) as image:
+        try:
+            opened = Image.open(self.files[i])
+        except FileNotFoundError:  # every file was checked at the start: it vanished since
+            raise DataFileVanished(f"image file {self.files[i]!r} disappeared during the run; "
+                                   "restore it (or remove it and start a new run)") from None
+        with opened as image:
             return to_rgb(image)
 
     def subset(self, rows: np.ndarray) -> ImageSet:

@@ -2,14 +2,15 @@
 
 The command line maps each to an exit status (:mod:`snclr.training.cli`): :class:`ConfigError` is a
 refusal found before the run folder changes (exit 2), :class:`TrainingDiverged` a run that
-stopped on non-finite values (exit 3). Anything else is a bug and keeps its traceback.
+stopped on non-finite values and :class:`DataFileVanished` one whose data file disappeared
+(exit 3). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import reprlib
 
-__all__ = ["ConfigError", "TrainingDiverged", "clip", "short_repr", "shown"]
+__all__ = ["ConfigError", "DataFileVanished", "TrainingDiverged", "clip", "short_repr", "shown"]
 
 SHOWN_CHARS = 80  # a user value in a message: at most this many characters of its repr
 _REPR = reprlib.Repr()
@@ -28,6 +29,19 @@ class TrainingDiverged(RuntimeError):
 
     Every rank raises it at the same step (the values tested are reduced over ranks).
     """
+
+
+class DataFileVanished(RuntimeError):
+    """A data file that was checked at the start is gone mid-run (deleted, unmounted).
+
+    Raised in a DataLoader worker, it reaches the main process rebuilt by torch from the
+    worker's traceback text, whose last line is the original message: that line is kept.
+    """
+
+    def __init__(self, message: str) -> None:
+        lines = [line for line in str(message).splitlines() if line.strip()]
+        last = lines[-1] if lines else str(message)
+        super().__init__(last.split(f"{type(self).__name__}: ", 1)[-1])
 
 
 def clip(text: str) -> str:
