@@ -748,3 +748,9 @@ def test_an_image_deleted_mid_run_stops_with_exit_3_naming_it(folder_32, tmp_pat
                         r"during the run; restore it \(or remove it and start a new run\)",
                         one_line(err))
     assert read_checkpoint(run_dir / "checkpoint.pt", keys=("epoch",))["epoch"] == 1
+
+
+def test_knn_bounds_num_workers_as_pretrain_does(base_run, capsys):
+    code, out, err = run(["knn", "--checkpoint", base_run / "checkpoint.pt", "--num-workers",
+                          "99999"], capsys)
+    assert code == 2 and out == "" and "num_workers must be <= 1024, got 99999" in one_line(err)

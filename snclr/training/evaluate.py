@@ -30,6 +30,7 @@ from snclr.training.checkpoint import (
     non_finite,
     read_checkpoint,
 )
+from snclr.training.config import INT_RANGES
 from snclr.training.data import (
     AugmentedDataset,
     EvalDataset,
@@ -40,7 +41,7 @@ from snclr.training.data import (
     load_splits,
     make_loader,
 )
-from snclr.training.errors import ConfigError
+from snclr.training.errors import ConfigError, short_repr
 from snclr.training.optim import cosine_lr
 
 __all__ = ["LINEAR_PROTOCOLS", "extract_features", "knn_accuracy", "linear_probe",
@@ -259,7 +260,9 @@ def load_backbone(checkpoint: str, *, random_init: bool = False,
 def _check_counts(**counts: int) -> None:
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+            raise ConfigError(f"{name} must be an integer >= 0, got {short_repr(value)}")
+        if value > INT_RANGES[name][1]:  # the bound pretrain's option has
+            raise ConfigError(f"{name} must be <= {INT_RANGES[name][1]}, got {short_repr(value)}")
 
 
 @dataclass
@@ -318,12 +321,12 @@ def _probe(encoded: _Encoded, *, protocol: str, epochs: int, lr: float, seed: in
 
 def _check_linear(epochs, lr, protocol) -> None:
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
+        raise ConfigError(f"epochs must be an integer >= 1, got {short_repr(epochs)}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"lr must be a finite number > 0, got {lr!r}")
+        raise ConfigError(f"lr must be a finite number > 0, got {short_repr(lr)}")
     if protocol not in LINEAR_PROTOCOLS:
         raise ConfigError(f"the linear protocol must be one of {LINEAR_PROTOCOLS}, got "
-                          f"{protocol!r}")
+                          f"{short_repr(protocol)}")
 
 
 def run_knn(checkpoint: str, data: str, *, random_init: bool = False,
