@@ -21,8 +21,8 @@ import torch
 
 from snclr.encoders import MAX_IMG_SIZE
 from snclr.model import SNCLR, create_model
-from snclr.training.config import Config, check_path
-from snclr.training.errors import ConfigError, shown
+from snclr.training.config import Config
+from snclr.training.errors import ConfigError, check_path, shown
 
 __all__ = ["EVAL_KEYS", "RESUME_KEYS", "build_model", "checkpoint_problem", "get_rng_state",
            "model_fields",

@@ -52,14 +52,13 @@ from snclr.training.config import (
     RESUME_FREE,
     Config,
     apply_overrides,
-    check_path,
     check_resume_changes,
     config_changes,
     resumed_config,
     validate,
 )
 from snclr.training.data import limit, load_splits
-from snclr.training.errors import ConfigError, TrainingDiverged, short_repr, shown
+from snclr.training.errors import ConfigError, TrainingDiverged, check_path, short_repr, shown
 from snclr.training.evaluate import LINEAR_PROTOCOLS, run_evaluation
 from snclr.training.methods import fixed_options
 from snclr.training.train import pretrain

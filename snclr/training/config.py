@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -25,11 +24,11 @@ import yaml
 
 from snclr.encoders import MAX_IMG_SIZE
 from snclr.functional import ATTENTION_TEMPERATURE, TEMPERATURE
-from snclr.training.errors import ConfigError, clip, short_repr, shown
+from snclr.training.errors import ConfigError, check_path, clip, short_repr, shown
 from snclr.training.launch import DEVICES
 
 __all__ = ["PRESETS", "RESUME_FREE", "RESUME_RECORDED", "Config", "ConfigError", "apply_overrides",
-           "check_path", "check_resume_changes", "config_changes", "load_config_file", "preset",
+           "check_resume_changes", "config_changes", "load_config_file", "preset",
            "resumed_config"]
 
 
@@ -306,22 +305,6 @@ def load_config_file(path: str | Path) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of option: value")
     return values
-
-
-# Longer names fail in every file call with ENAMETOOLONG (Linux, macOS and Windows file
-# systems alike allow 255 bytes a name; Linux 4096 a path).
-MAX_NAME_BYTES, MAX_PATH_BYTES = 255, 4095
-
-
-def check_path(option: str, path: str | os.PathLike) -> None:
-    """Refuse a path with a name or a total length no file system takes (ConfigError)."""
-    raw = os.fsencode(path)
-    longest = max(raw.split(b"/"), key=len)
-    if len(longest) > MAX_NAME_BYTES or len(raw) > MAX_PATH_BYTES:
-        what = (f"a name of {len(longest)} bytes (at most {MAX_NAME_BYTES})"
-                if len(longest) > MAX_NAME_BYTES
-                else f"{len(raw)} bytes (at most {MAX_PATH_BYTES})")
-        raise ConfigError(f"{option} {short_repr(os.fsdecode(raw))} is too long: {what}")
 
 
 def validate(config: Config) -> None:

@@ -35,9 +35,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from snclr.training.config import check_path
 from snclr.training.datasets import NAMED_DATASETS, read_named, scan_folder
-from snclr.training.errors import ConfigError, DataFileVanished
+from snclr.training.errors import ConfigError, DataFileVanished, check_path
 
 __all__ = [
     "BUILTIN_DATASETS", "ImageSet", "TwoViewDataset", "EvalDataset", "AugmentedDataset",

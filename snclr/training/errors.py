@@ -4,13 +4,19 @@ The command line maps each to an exit status (:mod:`snclr.training.cli`): :class
 refusal found before the run folder changes (exit 2), :class:`TrainingDiverged` a run that
 stopped on non-finite values and :class:`DataFileVanished` one whose data file disappeared
 (exit 3). Anything else is a bug and keeps its traceback.
+
+Below them, what keeps every such message one short line: :func:`shown` (a user's value as
+a repr of at most 80 characters with its type) and :func:`check_path` (a path no file
+system takes is refused before any file call fails on it).
 """
 
 from __future__ import annotations
 
+import os
 import reprlib
 
-__all__ = ["ConfigError", "DataFileVanished", "TrainingDiverged", "clip", "short_repr", "shown"]
+__all__ = ["ConfigError", "DataFileVanished", "TrainingDiverged", "check_path", "clip",
+           "short_repr", "shown"]
 
 SHOWN_CHARS = 80  # a user value in a message: at most this many characters of its repr
 _REPR = reprlib.Repr()
@@ -65,3 +71,19 @@ def shown(value: object) -> str:
         ("'fast' (str)", 'True (bool)', '[0, 1, 2, 3, ...] (list)')
     """
     return f"{short_repr(value)} ({type(value).__name__})"
+
+
+# Longer names fail in every file call with ENAMETOOLONG (Linux, macOS and Windows file
+# systems alike allow 255 bytes a name; Linux 4096 a path).
+MAX_NAME_BYTES, MAX_PATH_BYTES = 255, 4095
+
+
+def check_path(option: str, path: str | os.PathLike) -> None:
+    """Refuse a path with a name or a total length no file system takes (ConfigError)."""
+    raw = os.fsencode(path)
+    longest = max(raw.split(b"/"), key=len)
+    if len(longest) > MAX_NAME_BYTES or len(raw) > MAX_PATH_BYTES:
+        what = (f"a name of {len(longest)} bytes (at most {MAX_NAME_BYTES})"
+                if len(longest) > MAX_NAME_BYTES
+                else f"{len(raw)} bytes (at most {MAX_PATH_BYTES})")
+        raise ConfigError(f"{option} {short_repr(os.fsdecode(raw))} is too long: {what}")

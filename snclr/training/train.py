@@ -51,14 +51,13 @@ from snclr.training.checkpoint import (
 )
 from snclr.training.config import (
     Config,
-    check_path,
     check_resume_changes,
     config_changes,
     resumed_config,
     validate,
 )
 from snclr.training.data import TwoViewDataset, limit, load_splits, make_loader, two_view_transforms
-from snclr.training.errors import ConfigError, TrainingDiverged
+from snclr.training.errors import ConfigError, TrainingDiverged, check_path
 from snclr.training.evaluate import extract_features, knn_accuracy
 from snclr.training.metrics import MetricsLog, clean
 from snclr.training.optim import cosine_lr, create_optimizer
