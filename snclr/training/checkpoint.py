@@ -25,8 +25,7 @@ from snclr.training.config import Config
 from snclr.training.errors import ConfigError, check_path, shown
 
 __all__ = ["EVAL_KEYS", "RESUME_KEYS", "build_model", "checkpoint_problem", "get_rng_state",
-           "model_fields",
-           "non_finite", "read_checkpoint", "set_rng_state", "write_checkpoint"]
+           "model_fields", "non_finite", "read_checkpoint", "set_rng_state", "write_checkpoint"]
 
 FORMAT = "snclr-checkpoint-v1"
 

@@ -11,9 +11,9 @@ evaluations (kNN k = 20 and 200, the linear probe). The variant's folder is its 
   ``img_size`` and ``limit_samples`` are set for all variants, never per variant; so are
   the fields that only observe or place a run (``RESUME_FREE``: ``device``,
   ``num_workers``, ``backend``, ``knn_k``, ``log_every``, ...), which would train
-  identical cells under two names; a flag
-  that a method fixes or never reads (:func:`snclr.training.methods.fixed_options`, e.g. K for
-  ``mocov3``) is refused, per variant and as an explicit command-line flag alike.
+  identical cells under two names; a flag that a method fixes or never reads
+  (:func:`snclr.training.methods.fixed_options`, e.g. K for ``mocov3``) is refused, per
+  variant and as an explicit command-line flag alike.
 - Everything is checked before any cell runs (variants, seeds, every variant's model,
   the folders of existing cells against the settings now); a refusal is one
   :class:`~snclr.training.errors.ConfigError` line.
