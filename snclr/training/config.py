@@ -394,7 +394,8 @@ def check_resume_changes(changes: dict[str, tuple], *, allow: bool) -> dict[str,
     refused = {name: change for name, change in changes.items()
                if name not in RESUME_FREE + RESUME_RECORDED}
     if refused and not allow:
-        listing = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in refused.items())
+        listing = ", ".join(f"{name} {short_repr(old)} -> {short_repr(new)}"
+                            for name, (old, new) in refused.items())
         raise ConfigError(f"this run folder was trained with other settings ({listing}); omit "
                           "those options to resume as saved, or pass --allow-config-change")
     return {name: change for name, change in changes.items() if name not in RESUME_FREE}
