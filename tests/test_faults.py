@@ -754,3 +754,13 @@ def test_knn_bounds_num_workers_as_pretrain_does(base_run, capsys):
     code, out, err = run(["knn", "--checkpoint", base_run / "checkpoint.pt", "--num-workers",
                           "99999"], capsys)
     assert code == 2 and out == "" and "num_workers must be <= 1024, got 99999" in one_line(err)
+
+
+def test_crafted_rank_queues_of_another_shape_exit_2(run_copy, capsys):
+    queue = torch.zeros(2, 32, 16)
+    banks = {"queue": queue, "labels": torch.zeros(2, 31, dtype=torch.long),
+             "sources": torch.zeros(2, 32, dtype=torch.long)}
+    before = _crafted_copy(run_copy, _set("rank_banks", value=banks))
+    code, _, err = run(["pretrain", "--output-dir", run_copy, "--epochs", "2"], capsys)
+    assert code == 2 and "is malformed: rank_banks must hold a (W, N, D) queue" in one_line(err)
+    assert snapshot(run_copy) == before

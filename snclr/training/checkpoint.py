@@ -227,11 +227,20 @@ def checkpoint_problem(payload: dict, keys: tuple[str, ...] = EVAL_KEYS) -> str 
         if problem:
             return problem
     banks = payload.get("rank_banks")
-    if banks is not None and not (isinstance(banks, dict) and _is_tensor(banks.get("queue"))
-                                  and banks["queue"].dim() == 3
-                                  and all(_is_tensor(banks.get(k), torch.int64)
-                                          for k in banks if k != "queue")):
-        return "rank_banks must hold a (W, N, D) queue and (W, N) int64 labels and sources"
+    if banks is not None:
+        # Each rank's rows must fit the model's own queue (the model's shapes are checked
+        # against the config when it is loaded).
+        rows = {name: model.get(f"bank.{name}") for name in ("queue", "labels", "sources")}
+        fits = (isinstance(banks, dict) and "labels" in banks
+                and _is_tensor(banks.get("queue")) and banks["queue"].dim() == 3
+                and all(_is_tensor(tensor) and tensor.dim() >= 2
+                        and tensor.shape[0] == banks["queue"].shape[0]
+                        and (rows.get(name) is None or tensor.shape[1:] == rows[name].shape)
+                        and (name == "queue" or tensor.dtype == torch.int64)
+                        for name, tensor in banks.items()))
+        if not fits:
+            return ("rank_banks must hold a (W, N, D) queue and (W, N) int64 labels and "
+                    "sources of the model's queue shape")
     return None
 
 
