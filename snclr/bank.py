@@ -261,6 +261,14 @@ class MemoryBank(nn.Module):
         if prefix + "sources" not in state_dict and prefix + "queue" in state_dict:
             # A checkpoint from before sources were recorded: every key's source is unknown.
             state_dict[prefix + "sources"] = torch.full_like(self.sources, -1)
+        # A pointer or fill count outside the queue would fail at the first enqueue: refuse
+        # it now, before anything is loaded.
+        for name, high in (("pointer", self.size - 1), ("filled", self.size)):
+            value = state_dict.get(prefix + name)
+            if isinstance(value, Tensor) and (value.numel() != 1 or value.is_floating_point()
+                                              or not 0 <= int(value) <= high):
+                got = value.item() if value.numel() == 1 else f"shape {tuple(value.shape)}"
+                raise ValueError(f"{prefix}{name} must be one integer from 0 to {high}, got {got}")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # One host read at load time keeps the mirrors in step with the restored buffers.
         self._pointer = int(self.pointer)

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["DEFAULT_PROJECTOR_LAYERS", "MAX_NATIVE_SIZE", "TORCHVISION_RESNETS",
-           "VIT_PROJECTOR_LAYERS", "EncoderSpec", "backbone_recipe", "create_encoder",
-           "encoder_spec", "fit_img_size", "is_vision_transformer", "list_encoders",
-           "projector_depth", "register_encoder"]
+__all__ = ["DEFAULT_PROJECTOR_LAYERS", "MAX_IMG_SIZE", "MAX_NATIVE_SIZE", "TORCHVISION_RESNETS",
+           "VIT_PROJECTOR_LAYERS", "EncoderSpec", "backbone_recipe", "check_img_size",
+           "create_encoder", "encoder_spec", "fit_img_size", "is_vision_transformer",
+           "list_encoders", "projector_depth", "register_encoder"]
 
 MAX_NATIVE_SIZE = 224  # a data set's native size is used up to this (the ImageNet recipes')
+MAX_IMG_SIZE = 4096  # larger inputs are a mistake (a ViT-S at 4096 px has 65,536 tokens)
 # MoCo v3's projector depth: 2 layers for ResNets and any other encoder, 3 for a ViT.
 DEFAULT_PROJECTOR_LAYERS = 2
 VIT_PROJECTOR_LAYERS = 3
@@ -109,6 +110,31 @@ def _is_timm_model(arch: str) -> bool:
     return timm.is_model(arch)
 
 
+def check_img_size(name: str, img_size: int) -> None:
+    """Refuse an input size the encoder cannot take: not an integer from 1 to
+    :data:`MAX_IMG_SIZE`, or not a multiple of its ``size_multiple`` (a ViT's patch: 4 px
+    below 64, 16 from 64 on).
+
+    Raises:
+        ValueError: naming ``img_size``, the multiple and the encoder.
+
+    Example:
+        >>> check_img_size("vit_tiny", 32)
+        >>> check_img_size("vit_tiny", 30)
+        Traceback (most recent call last):
+        ...
+        ValueError: img_size=30 is not a multiple of 4, the patch size of vit_tiny at that size
+    """
+    if isinstance(img_size, bool) or not isinstance(img_size, int) \
+            or not 1 <= img_size <= MAX_IMG_SIZE:
+        raise ValueError(f"img_size must be an integer from 1 to {MAX_IMG_SIZE}, got "
+                         f"{img_size!r}")
+    multiple = encoder_spec(name).size_multiple(img_size)
+    if img_size % multiple:
+        raise ValueError(f"img_size={img_size} is not a multiple of {multiple}, the patch size "
+                         f"of {name} at that size")
+
+
 def fit_img_size(name: str, native: int) -> int:
     """The input size for images of ``native`` pixels: at most :data:`MAX_NATIVE_SIZE`, and
     the nearest size the encoder accepts (a multiple of a ViT's patch, at least one patch).
@@ -135,7 +161,8 @@ def create_encoder(name: str, *, in_chans: int = 3, img_size: int = 224) -> nn.M
         name: one of :func:`list_encoders`.
         in_chans: image channels (1 for greyscale data).
         img_size: input resolution (ViTs size their position embedding from it; ResNets
-            switch to a CIFAR-style stem below 64 pixels).
+            switch to a CIFAR-style stem below 64 pixels); :func:`check_img_size` refuses a
+            size the encoder cannot take.
 
     Example:
         >>> import torch
@@ -144,6 +171,7 @@ def create_encoder(name: str, *, in_chans: int = 3, img_size: int = 224) -> nn.M
         True
     """
     spec = encoder_spec(name)
+    check_img_size(name, img_size)
     encoder = spec.factory(in_chans=in_chans, img_size=img_size)
     if spec.projector_layers is not None:
         encoder.projector_layers = spec.projector_layers  # read by projector_depth

@@ -9,8 +9,10 @@ from snclr.training import checkpoint, runfiles
 from snclr.training.checkpoint import RESUME_KEYS, non_finite, read_checkpoint, write_checkpoint
 from snclr.training.config import ConfigError
 
-COMPLETE = {"config": {}, "model": {"w": torch.ones(2)}, "optimizer": {}, "scaler": {},
-            "data_shape": {"in_chans": 1, "img_size": 28}, "epoch": 1, "step": 4, "rng": {}}
+COMPLETE = {"config": {}, "model": {"w": torch.ones(2)},
+            "optimizer": {"state": {}, "param_groups": [{"params": [0]}]}, "scaler": {},
+            "data_shape": {"in_chans": 1, "img_size": 28}, "epoch": 1, "step": 4,
+            "rng": checkpoint.get_rng_state()}
 
 
 def test_checkpoint_is_fsynced_before_the_rename_and_its_folder_after(tmp_path, monkeypatch):

@@ -197,3 +197,57 @@ def test_a_diverged_cell_is_left_out_exits_3_and_is_not_retried(tmp_path, monkey
     assert "Diverged cells, left out of the statistics: mocov3:lr=1e30 seed 0" in text
     _forbid_work(monkeypatch)
     assert run(tmp_path / "cmp", methods="mocov3,mocov3:lr=1e30", seeds="0") == 3
+
+
+# ------------------------------------------------------ hostile inputs (issue 18, cases 10, 13)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("device", "cpu"), ("num_workers", "1"), ("knn_k", "5"), ("log_every", "2"),
+    ("backend", "torch"), ("knn_every", "2"), ("save_every", "2")])
+def test_a_variant_differing_only_in_a_free_field_is_refused(field, value, tmp_path, monkeypatch,
+                                                             capsys):
+    _forbid_work(monkeypatch)
+    argv = ["compare", "--output-dir", str(tmp_path / "cmp"), *TINY,
+            "--methods", f"snclr,snclr:{field}={value}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"snclr compare: error: variant 'snclr:{field}={value}': {field} does not "
+                   "change what a cell trains (it only observes or places the run), so the "
+                   "variant would repeat another; give "
+                   f"--{field.replace('_', '-')} for all")
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_a_huge_seed_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    _forbid_work(monkeypatch)
+    for seeds, message in (("9" * 5000, "--seeds must be comma-separated integers >= 0"),
+                           ("99999999999999999999", "seed must be <= 4294967295")):
+        assert run(tmp_path / "cmp", methods="mocov3", seeds=seeds) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and len(err) < 200
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize("record, problem", [
+    ({"evaluations": "x"}, "evaluations is 'x' (str)"),
+    ({"evaluations": ["x"]}, "an evaluation is 'x' (str), not settings, results and wall_s"),
+    ({"evaluations": [{"settings": {}, "results": {"top1_k20": "1"}, "wall_s": 1}]},
+     "an evaluation is {"),
+    ({"sessions": "2"}, "sessions is '2' (str)"),
+    ([1, 2], "it holds [1, 2] (list), not an object"),
+])
+def test_a_cell_record_of_the_wrong_shape_exits_2_naming_it(compared, tmp_path, monkeypatch,
+                                                            capsys, record, problem):
+    import shutil
+
+    copy = tmp_path / "cmp"
+    shutil.copytree(compared, copy)
+    (copy / "mocov3" / "1" / "cell.json").write_text(json.dumps(record))
+    _forbid_work(monkeypatch)
+    before = (copy / "compare.md").read_text()
+    assert run(copy) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"mocov3/1/cell.json' is not a cell record of snclr compare: " \
+        f"{problem}" in err and err.endswith("; remove it to re-evaluate the cell")
+    assert (copy / "compare.md").read_text() == before

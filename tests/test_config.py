@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from snclr.training.config import (
+    PRESETS,
     RESUME_FREE,
     RESUME_RECORDED,
     Config,
@@ -13,6 +14,7 @@ from snclr.training.config import (
     check_resume_changes,
     config_changes,
     load_config_file,
+    preset,
     resumed_config,
     validate,
 )
@@ -126,3 +128,88 @@ def test_the_temperatures_are_stated_once():
                         ("attention_temperature", functional.ATTENTION_TEMPERATURE)):
         assert getattr(Config(), name) == model[name].default == loss[name].default == value
     assert (functional.TEMPERATURE, functional.ATTENTION_TEMPERATURE) == (0.2, 1.0)
+
+
+# ------------------------------------------------------------- hostile values (issue 18)
+
+
+def _billion_laughs(levels: int) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join([*lines, f"epochs: *a{levels - 1}"]) + "\n"
+
+
+@pytest.mark.parametrize("text, match", [
+    (_billion_laughs(10), "aliases expand to more than 1000 values"),  # 9**10 strings
+    ("epochs: &x [1, *x]\n", "an alias refers to a value that contains it"),
+    ("epochs: " + "9" * 5000 + "\n", "it holds an integer of more than 4300 digits"),
+])
+def test_alias_bombs_and_huge_integers_are_refused_by_the_loader(tmp_path, text, match):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config_file(tmp_path / "c.yaml")
+
+
+def test_a_few_aliases_still_load(tmp_path):
+    (tmp_path / "c.yaml").write_text("base: &lr 0.01\nlr: *lr\n")
+    assert load_config_file(tmp_path / "c.yaml") == {"base": 0.01, "lr": 0.01}
+
+
+@pytest.mark.parametrize("value", ["x" * 100_000, list(range(100_000)), [[[[1]] * 50] * 50],
+                                   {"k" * 500: 1}, 10**5000],
+                         ids=["long-str", "long-list", "nested-list", "long-key", "5000-digits"])
+def test_messages_show_a_short_repr_and_the_type_of_a_value(value):
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(Config(), {"threshold": value}, source="file")
+    message = str(err.value)
+    assert message.startswith("file: threshold must be bool, got ")
+    assert message.endswith(f" ({type(value).__name__})") and len(message) < 140
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"queue_size": 100_000_000_000}, r"queue_size must be <= 67108864, got 100000000000 \(int\)"),
+    ({"queue_size": 2**25, "projector_dim": 256}, "more than the 4294967296 queue elements"),
+    ({"seed": 99999999999999999999999}, r"seed must be <= 4294967295, got 9+ \(int\)"),
+    ({"seed": -1}, r"seed must be >= 0, got -1 \(int\)"),
+    ({"epochs": 10**1000}, r"epochs must be <= 1000000, got <an integer of about 1001 digits>"),
+    ({"batch_size": 2**40}, "batch_size must be <= 16777216"),
+    ({"img_size": 100_000}, "img_size must be <= 4096"),
+    ({"num_workers": 99_999}, "num_workers must be <= 1024"),
+    ({"projector_hidden": 10**9}, "projector_hidden must be <= 65536"),
+    ({"projector_layers": 0}, "projector_layers must be >= 1"),
+    ({"device": "x" * 10_000}, r"device must be one of .*, got 'xxx.*\.\.\..*' \(str\)$"),
+])
+def test_every_int_option_has_a_range(values, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(apply_overrides(Config(), values))
+
+
+def test_the_range_table_covers_every_int_option():
+    from snclr.training.config import INT_RANGES
+
+    ints = {f.name for f in dataclasses.fields(Config) if f.type.split(" ")[0] == "int"}
+    assert set(INT_RANGES) == ints
+    for name in PRESETS:  # the published recipes are inside the ranges
+        validate(preset(name))
+
+
+def test_digit_strings_too_long_for_any_option_are_refused_before_int_reads_them():
+    with pytest.raises(ConfigError, match="command line: queue_size has 5000 digits, more than"):
+        apply_overrides(Config(), {"queue_size": "9" * 5000}, source="command line")
+
+
+def test_the_img_size_rule_is_the_librarys():
+    from snclr.encoders import check_img_size
+    from snclr.model import create_model
+
+    for size, match in ((30, "img_size=30 is not a multiple of 4"),
+                        (100, "img_size=100 is not a multiple of 16"),
+                        (0, "img_size must be an integer from 1 to 4096, got 0")):
+        with pytest.raises(ValueError, match=match):
+            create_model("vit_tiny", img_size=size)
+        with pytest.raises(ValueError, match=match):
+            check_img_size("vit_tiny", size)
+        if size:
+            with pytest.raises(ConfigError, match=match):
+                validate(apply_overrides(Config(), {"encoder": "vit_tiny", "img_size": size}))
+    check_img_size("small_cnn", 30)

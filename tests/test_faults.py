@@ -835,3 +835,197 @@ def test_an_interrupted_compare_names_the_cell_and_what_it_kept(tmp_path):
     assert json.loads((folder / "mocov3" / "0" / "cell.json").read_text())["status"] == \
         "interrupted"
     assert not (folder / "compare.md").exists() and not (folder / "mocov3" / "1").exists()
+
+
+# ------------------------------------------ round two, 10. hostile values, files and streams
+
+
+def _crafted_copy(run_dir: Path, change) -> dict:
+    """Rewrite run_dir's checkpoint with ``change(payload)`` applied; the folder's snapshot."""
+    payload = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    change(payload)
+    torch.save(payload, run_dir / "checkpoint.pt")
+    return snapshot(run_dir)
+
+
+def _set(*path, value):
+    def change(payload):
+        entry = payload
+        for key in path[:-1]:
+            entry = entry[key]
+        entry[path[-1]] = value
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (_set("optimizer", value={}), "is malformed: optimizer must hold state and param_groups, "
+                                  "got {} (dict)"),
+    (lambda p: p["rng"].pop("numpy"), "is malformed: rng must hold the torch, numpy and python "
+                                      "states"),
+    (_set("epoch", value="1"), "is malformed: epoch must be an integer >= 0, got '1' (str)"),
+    (_set("step", value=-3), "is malformed: step must be an integer >= 0, got -3 (int)"),
+    (_set("data_shape", "img_size", value=-5), "is malformed: data_shape must hold in_chans "
+                                               "(1 to 64) and img_size (1 to 4096)"),
+    (_set("data_shape", "img_size", value=100_000), "img_size (1 to 4096), got {'img_size': "
+                                                    "100000, 'in_chans': 1} (dict)"),
+    (_set("model", "bank.pointer", value=torch.tensor(10**6)),
+     "bank.pointer must be one integer from 0 to 31, got 1000000"),
+    (_set("model", "bank.filled", value=torch.tensor(2.5)),
+     "bank.filled must be one integer from 0 to 32, got 2.5"),
+    (_set("optimizer", "param_groups", value=[{"params": [0]}]),
+     "the checkpoint's optimizer state does not fit this model ("),
+    (lambda p: p["optimizer"]["state"][0].update(exp_avg=torch.zeros(3)),
+     "optimizer state does not fit this model (exp_avg of shape (3,) for a parameter of shape"),
+    (_set("rng", "python", "internal", value=[0] * 3), "rng.python must hold version, internal"),
+], ids=["optimizer-empty", "rng-no-numpy", "epoch-str", "step-negative", "img-size-negative",
+        "img-size-huge", "bank-pointer", "bank-filled-float", "optimizer-groups",
+        "optimizer-moment-shape", "rng-python"])
+def test_a_crafted_checkpoint_exits_2_before_the_run_folder_changes(run_copy, capsys, change,
+                                                                    message):
+    before = _crafted_copy(run_copy, change)
+    code, _, err = run(["pretrain", "--output-dir", run_copy, "--epochs", "2"], capsys)
+    assert code == 2 and message in one_line(err)
+    assert snapshot(run_copy) == before
+
+
+def test_knn_refuses_a_checkpoint_with_a_huge_img_size(run_copy, capsys):
+    _crafted_copy(run_copy, _set("data_shape", "img_size", value=100_000))
+    code, out, err = run(["knn", "--checkpoint", run_copy / "checkpoint.pt"], capsys)
+    assert code == 2 and out == "" and "is malformed: data_shape must hold" in one_line(err)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--queue-size", "100000000000"], "queue_size must be <= 67108864, got 100000000000 (int)"),
+    (["--queue-size", "1e30"], "queue_size must be int, got '1e30' (str)"),
+    (["--seed", "99999999999999999999999"], "seed must be <= 4294967295"),
+    (["--epochs", "9" * 5000], "epochs has 5000 digits, more than any valid value"),
+    (["--device", "x" * 5000], "device must be one of"),
+])
+def test_huge_option_values_exit_2_with_a_short_line(tmp_path, capsys, argv, message):
+    code, _, err = run(["pretrain", *TINY, *argv, "--output-dir", tmp_path / "run"], capsys)
+    line = one_line(err)
+    assert code == 2 and message in line and len(line) < 250
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_yaml_alias_bomb_exits_2_with_a_short_line_and_no_run_folder(tmp_path, capsys):
+    levels = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    (tmp_path / "bomb.yaml").write_text("\n".join([*levels, "epochs: *a8"]) + "\n")  # 9**9
+    code, _, err = run(["pretrain", *TINY, "--config", tmp_path / "bomb.yaml",
+                        "--output-dir", tmp_path / "run"], capsys)
+    line = one_line(err)
+    assert code == 2 and "aliases expand to more than 1000 values" in line and len(line) < 250
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("labels, kind", [
+    (["3"] * 8, "str32"), ([[1, 2]] * 8, "nested"), ([[1], [2, 3]] * 4, "nested"),
+    ([1.0, 2.7] * 4, "float64"), ([True, False] * 4, "bool")],
+    ids=["strings", "nested", "ragged", "floats", "bools"])
+def test_cifar_labels_that_are_not_integers_exit_2_naming_the_file(tmp_path, capsys, labels,
+                                                                   kind):
+    import pickle
+
+    write_cifar(tmp_path / "cifar", "cifar10", "py")
+    batch_file = tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_3"
+    batch = pickle.loads(batch_file.read_bytes())
+    batch_file.write_bytes(pickle.dumps({**batch, "labels": labels}, protocol=2))
+    code, _, err = run(["pretrain", "--data", f"cifar10:{tmp_path / 'cifar'}", *TINY,
+                        "--output-dir", tmp_path / "run"], capsys)
+    assert code == 2
+    assert (f"data_batch_3' is not a CIFAR python batch: 'labels' must be one integer per "
+            f"image, got {kind} values") in one_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["pretrain", *TINY, "--output-dir", "{long}"], ["pretrain", *TINY, "--output-dir", "{long}/x"],
+    ["pretrain", *TINY, "--data", "{long}", "--output-dir", "{tmp}/run"],
+    ["pretrain", *TINY, "--config", "{long}", "--output-dir", "{tmp}/run"],
+    ["knn", "--checkpoint", "{long}"], ["linear", "--checkpoint", "{tmp}/c.pt", "--data", "{long}"],
+    ["compare", "--methods", "snclr", "--output-dir", "{long}"],
+], ids=["output-dir", "under-output-dir", "data", "config", "checkpoint", "eval-data", "compare"])
+def test_a_path_name_too_long_for_the_file_system_exits_2_in_one_line(base_run, tmp_path, capsys,
+                                                                     command):
+    shutil.copy(base_run / "checkpoint.pt", tmp_path / "c.pt")
+    long = str(tmp_path / ("a" * 300))
+    argv = [str(a).format(long=long, tmp=tmp_path) for a in command]
+    code, _, err = run(argv, capsys)
+    line = one_line(err)
+    assert code == 2 and "is too long: a name of 300 bytes (at most 255)" in line
+    assert len(line) < 250
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+def test_a_non_utf8_data_path_trains_and_writes_its_report(folder_32, tmp_path, capsys):
+    import os
+
+    data = Path(os.fsdecode(os.fsencode(tmp_path) + b"/data\xff"))  # as argv decodes it
+    shutil.copytree(folder_32, data)
+    run_dir = tmp_path / "run"
+    code, _, _ = run(["pretrain", "--data", data, "--batch-size", "16", "--epochs", "1", *MODEL,
+                      "--output-dir", run_dir], capsys)
+    assert code == 0
+    report = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert "data: " + str(tmp_path) + "/data\\udcff" in report
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"] == str(data)
+
+
+def test_stdout_closed_by_its_reader_exits_quietly_and_the_run_resumes(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "snclr", "pretrain", *TINY, "--output-dir", str(run_dir)]
+    # `snclr pretrain ... | true`: the reader is gone before the first line is printed.
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    assert child.wait() == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception" not in err
+    code, out, _ = run(["pretrain", *TINY, "--output-dir", run_dir], capsys)
+    assert code == 0 and "finished 1 epochs" in out
+    assert read_checkpoint(run_dir / "checkpoint.pt")["data_shape"]["img_size"] == 28
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_an_image_deleted_mid_run_stops_with_exit_3_naming_it(folder_32, tmp_path, capsys,
+                                                              monkeypatch, workers):
+    from snclr.training import train
+
+    data = tmp_path / "data"
+    shutil.copytree(folder_32, data)
+    real = train.train_one_epoch
+
+    def then_delete(config, plan, state, *args):
+        stats = real(config, plan, state, *args)
+        for image in (data / "train" / "class1").iterdir():  # after epoch 1
+            image.unlink()
+        return stats
+
+    monkeypatch.setattr(train, "train_one_epoch", then_delete)
+    run_dir = tmp_path / "run"
+    code, _, err = run(["pretrain", "--data", data, "--batch-size", "16", "--epochs", "2",
+                        *MODEL, "--num-workers", workers, "--output-dir", run_dir], capsys)
+    assert code == 3
+    assert re.fullmatch(r"snclr pretrain: stopped: image file '.*/class1/\d+\.png' disappeared "
+                        r"during the run; restore it \(or remove it and start a new run\)",
+                        one_line(err))
+    assert read_checkpoint(run_dir / "checkpoint.pt", keys=("epoch",))["epoch"] == 1
+
+
+def test_knn_bounds_num_workers_as_pretrain_does(base_run, capsys):
+    code, out, err = run(["knn", "--checkpoint", base_run / "checkpoint.pt", "--num-workers",
+                          "99999"], capsys)
+    assert code == 2 and out == "" and "num_workers must be <= 1024, got 99999" in one_line(err)
+
+
+def test_crafted_rank_queues_of_another_shape_exit_2(run_copy, capsys):
+    queue = torch.zeros(2, 32, 16)
+    banks = {"queue": queue, "labels": torch.zeros(2, 31, dtype=torch.long),
+             "sources": torch.zeros(2, 32, dtype=torch.long)}
+    before = _crafted_copy(run_copy, _set("rank_banks", value=banks))
+    code, _, err = run(["pretrain", "--output-dir", run_copy, "--epochs", "2"], capsys)
+    assert code == 2 and "is malformed: rank_banks must hold a (W, N, D) queue" in one_line(err)
+    assert snapshot(run_copy) == before

@@ -98,7 +98,7 @@ def test_auto_backend_on_cpu_is_the_reference():
     "module",
     ["snclr.ops.knn_topk", "snclr.ops.soft_neighbors", "snclr.ops.soft_target_contrastive_loss",
      "snclr.functional", "snclr.bank", "snclr.model", "snclr.encoders", "snclr.training.stats",
-     "snclr.training.compare", "snclr.training.train"],
+     "snclr.training.compare", "snclr.training.train", "snclr.training.errors"],
 )
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)

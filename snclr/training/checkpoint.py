@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from snclr.encoders import MAX_IMG_SIZE
 from snclr.model import SNCLR, create_model
 from snclr.training.config import Config
-from snclr.training.errors import ConfigError
+from snclr.training.errors import ConfigError, check_path, shown
 from snclr.training.runfiles import sync_folder, write_atomically
 
-__all__ = ["EVAL_KEYS", "RESUME_KEYS", "build_model", "get_rng_state", "model_fields",
-           "non_finite", "read_checkpoint", "save_checkpoint", "set_rng_state",
+__all__ = ["EVAL_KEYS", "RESUME_KEYS", "build_model", "checkpoint_problem", "get_rng_state",
+           "model_fields", "non_finite", "read_checkpoint", "save_checkpoint", "set_rng_state",
            "step_checkpoint_path", "write_checkpoint"]
 
 FORMAT = "snclr-checkpoint-v1"
@@ -155,6 +156,7 @@ def read_checkpoint(path: str | Path, *, keys: tuple[str, ...] = EVAL_KEYS) -> d
             objects other than tensors and plain values, a foreign or incomplete checkpoint
             (one line, no traceback).
     """
+    check_path("checkpoint", path)
     path = Path(path)
     name = repr(str(path))
     if path.is_dir():
@@ -181,16 +183,98 @@ def read_checkpoint(path: str | Path, *, keys: tuple[str, ...] = EVAL_KEYS) -> d
     if missing:
         listing = ", ".join(map(repr, missing))
         raise ConfigError(f"checkpoint {name} is incomplete: it has no {listing}")
-    shape, model = payload["data_shape"], payload["model"]
-    well_formed = (
-        isinstance(payload["config"], dict) and isinstance(model, dict)
-        and all(isinstance(t, torch.Tensor) for t in model.values()) and isinstance(shape, dict)
-        and all(type(shape.get(k)) is int for k in ("in_chans", "img_size"))
-    )
-    if not well_formed:
-        raise ConfigError(f"checkpoint {name} is malformed: its config, model or data_shape "
-                          "has the wrong type")
+    problem = checkpoint_problem(payload, keys)
+    if problem:
+        raise ConfigError(f"checkpoint {name} is malformed: {problem}")
     return payload
+
+
+MAX_COUNTER = 2**62  # epochs and steps: any real run is far below, and int64 holds it
+MAX_CHANNELS = 64
+
+
+def _is_int(value, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def _is_tensor(value, dtype: torch.dtype | None = None, numel: int | None = None) -> bool:
+    return (isinstance(value, torch.Tensor) and (dtype is None or value.dtype == dtype)
+            and (numel is None or value.numel() == numel))
+
+
+def _rng_problem(rng) -> str | None:
+    """What :func:`set_rng_state` would trip on in a crafted ``rng`` entry (None: nothing)."""
+    if not isinstance(rng, dict) or not all(key in rng for key in ("torch", "numpy", "python")):
+        return "rng must hold the torch, numpy and python states"
+    numpy_state, python = rng["numpy"], rng["python"]
+    if not _is_tensor(rng["torch"], torch.uint8):
+        return "rng.torch must be a uint8 tensor"
+    if not (isinstance(numpy_state, dict) and _is_tensor(numpy_state.get("key"), torch.int64, 624)
+            and _is_int(numpy_state.get("pos"), 0, 624)
+            and _is_int(numpy_state.get("has_gauss"), 0, 1)
+            and type(numpy_state.get("gauss")) is float):
+        return "rng.numpy must hold key (624 int64), pos, has_gauss and gauss"
+    internal = python.get("internal") if isinstance(python, dict) else None
+    if not (isinstance(internal, (list, tuple)) and len(internal) == 625
+            and all(_is_int(v, 0, 2**32) for v in internal)
+            and _is_int(python.get("version"), 1, 3)
+            and (python.get("gauss") is None or type(python.get("gauss")) is float)):
+        return "rng.python must hold version, internal (625 ints) and gauss"
+    cuda = rng.get("cuda", [])
+    if not (isinstance(cuda, (list, tuple)) and all(_is_tensor(t, torch.uint8) for t in cuda)):
+        return "rng.cuda must be a list of uint8 tensors"
+    return None
+
+
+def checkpoint_problem(payload: dict, keys: tuple[str, ...] = EVAL_KEYS) -> str | None:
+    """The first entry of ``payload`` among ``keys`` with a wrong type or value (None: none).
+
+    Every entry is checked before anything uses it, so a crafted checkpoint is refused before
+    the run folder changes (the model's own names and shapes are checked when it is loaded,
+    :func:`load_model_state`, and the queue's positions by :class:`snclr.bank.MemoryBank`).
+    """
+    config, model, shape = payload["config"], payload["model"], payload["data_shape"]
+    if not isinstance(config, dict):
+        return f"config is {shown(config)}, not a mapping"
+    if not (isinstance(model, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                            for k, t in model.items())):
+        return "model must map names to tensors"
+    if not (isinstance(shape, dict) and _is_int(shape.get("in_chans"), 1, MAX_CHANNELS)
+            and _is_int(shape.get("img_size"), 1, MAX_IMG_SIZE)):
+        return (f"data_shape must hold in_chans (1 to {MAX_CHANNELS}) and img_size (1 to "
+                f"{MAX_IMG_SIZE}), got {shown(shape)}")
+    if "optimizer" in keys:
+        optimizer = payload["optimizer"]
+        entries = optimizer if isinstance(optimizer, dict) else {}
+        groups = entries.get("param_groups")
+        if not (isinstance(entries.get("state"), dict) and isinstance(groups, list) and groups
+                and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+            return f"optimizer must hold state and param_groups, got {shown(optimizer)}"
+    if "scaler" in keys and not isinstance(payload["scaler"], dict):
+        return f"scaler is {shown(payload['scaler'])}, not a mapping"
+    for counter in ("epoch", "step"):
+        if counter in keys and not _is_int(payload[counter], 0, MAX_COUNTER):
+            return f"{counter} must be an integer >= 0, got {shown(payload[counter])}"
+    if "rng" in keys:
+        problem = _rng_problem(payload["rng"])
+        if problem:
+            return problem
+    banks = payload.get("rank_banks")
+    if banks is not None:
+        # Each rank's rows must fit the model's own queue (the model's shapes are checked
+        # against the config when it is loaded).
+        rows = {name: model.get(f"bank.{name}") for name in ("queue", "labels", "sources")}
+        fits = (isinstance(banks, dict) and "labels" in banks
+                and _is_tensor(banks.get("queue")) and banks["queue"].dim() == 3
+                and all(_is_tensor(tensor) and tensor.dim() >= 2
+                        and tensor.shape[0] == banks["queue"].shape[0]
+                        and (rows.get(name) is None or tensor.shape[1:] == rows[name].shape)
+                        and (name == "queue" or tensor.dtype == torch.int64)
+                        for name, tensor in banks.items()))
+        if not fits:
+            return ("rank_banks must hold a (W, N, D) queue and (W, N) int64 labels and "
+                    "sources of the model's queue shape")
+    return None
 
 
 def _corrupt(name: str, path: Path, err: BaseException) -> ConfigError:
@@ -252,4 +336,7 @@ def load_model_state(model: SNCLR, state: dict, *, source: str) -> None:
                 f"{source} holds a different model shape: {name} is {tuple(state[name].shape)}, "
                 f"this config builds {tuple(tensor.shape)}"
             )
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (ValueError, RuntimeError) as err:  # e.g. the queue's write pointer out of range
+        raise ConfigError(f"{source}: {str(err).splitlines()[0]}") from None

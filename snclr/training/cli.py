@@ -7,15 +7,17 @@ one table with error bars; :mod:`snclr.training.compare`).
 
 Exit status: 0 done; 2 bad configuration, data, checkpoint or run folder (one line on stderr,
 found before the run folder changes); 3 training diverged, met more unreadable image files
-than ``--max-bad-images`` allows, or a file could not be written (one line; the last good
-checkpoint is kept); 130 Ctrl-C, 143 SIGTERM (one line saying what was kept). Any other
-exception is a bug and keeps its traceback.
+than ``--max-bad-images`` allows, a data file disappeared mid-run, or a file could not be
+written (one line; the last good checkpoint is kept); 130 Ctrl-C, 143 SIGTERM (one line
+saying what was kept); 141 stdout was closed by its reader (``| head``), quietly, as a
+SIGPIPE would. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -27,6 +29,7 @@ from snclr.training import launch
 from snclr.training.config import PRESETS, Config, apply_overrides, load_config_file, preset
 from snclr.training.errors import (
     ConfigError,
+    DataFileVanished,
     Interrupted,
     TrainingDiverged,
     UnreadableImages,
@@ -325,6 +328,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"snclr {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except DataFileVanished as err:
+        return _stopped(args.command, err)
+    except BrokenPipeError:
+        # The reader of stdout has gone (`snclr ... | head`): stop quietly with the status a
+        # SIGPIPE gives, and point stdout at /dev/null so the flush at exit cannot fail again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file (captured)
+            pass
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", signal.SIGINT)
         # Once training has started, pretrain and compare say where and what was kept.

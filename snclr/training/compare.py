@@ -8,9 +8,12 @@ evaluations (kNN k = 20 and 200, the linear probe). The variant's folder is its 
 ``+`` for ``:`` (``snclr+attention_temperature=0.1``).
 
 - Every cell gets the same budget and data: ``data``, ``epochs``, ``batch_size``,
-  ``img_size`` and ``limit_samples`` are set for all variants, never per variant; a flag
-  that a method fixes or never reads (:func:`snclr.training.methods.fixed_options`, e.g. K for
-  ``mocov3``) is refused, per variant and as an explicit command-line flag alike.
+  ``img_size`` and ``limit_samples`` are set for all variants, never per variant; so are
+  the fields that only observe or place a run (``RESUME_FREE``: ``device``,
+  ``num_workers``, ``backend``, ``knn_k``, ``log_every``, ...), which would train
+  identical cells under two names; a flag that a method fixes or never reads
+  (:func:`snclr.training.methods.fixed_options`, e.g. K for ``mocov3``) is refused, per
+  variant and as an explicit command-line flag alike.
 - Everything is checked before any cell runs (variants, seeds, every variant's model,
   the folders of existing cells against the settings now, a folder that is neither new,
   empty nor a comparison); a refusal is one :class:`~snclr.training.errors.ConfigError` line.
@@ -56,7 +59,15 @@ from snclr.training.config import (
     validate,
 )
 from snclr.training.data import labelled_splits, limit, pretraining_images
-from snclr.training.errors import ConfigError, Interrupted, TrainingDiverged, WriteFailed
+from snclr.training.errors import (
+    ConfigError,
+    Interrupted,
+    TrainingDiverged,
+    WriteFailed,
+    check_path,
+    short_repr,
+    shown,
+)
 from snclr.training.evaluate import LINEAR_PROTOCOLS, run_evaluation
 from snclr.training.methods import fixed_options
 from snclr.training.runfiles import is_run_folder, remove_stale, write_text_atomically
@@ -147,10 +158,10 @@ def parse_variants(spec: str, base: Config, *,
         raise ConfigError("--methods lists no method")
     for part in parts:
         if not part:
-            raise ConfigError(f"--methods {spec!r} has an empty entry")
+            raise ConfigError(f"--methods {short_repr(spec)} has an empty entry")
         method, *flags = part.split(":")
         if method not in METHODS:
-            raise ConfigError(f"unknown method {method!r} in --methods; choose one of "
+            raise ConfigError(f"unknown method {short_repr(method)} in --methods; choose one of "
                               f"{', '.join(sorted(METHODS))}")
         names, texts = [], []
         for flag in flags:
@@ -160,14 +171,15 @@ def parse_variants(spec: str, base: Config, *,
             texts.append(text.strip())
             _check_variant_flag(part, method, name, equals, text.strip())
         if len(set(names)) != len(names):
-            raise ConfigError(f"variant {part!r} sets a field twice")
-        typed = apply_overrides(base, dict(zip(names, texts)), source=f"variant {part!r}")
+            raise ConfigError(f"variant {short_repr(part)} sets a field twice")
+        typed = apply_overrides(base, dict(zip(names, texts)),
+                                source=f"variant {short_repr(part)}")
         values = tuple((name, getattr(typed, name)) for name in names)
         key = replace(typed, method=method)  # the same config is the same variant
         label = method + "".join(f":{name}={text}" for name, text in zip(names, texts))
         if key in seen:
-            raise ConfigError(f"--methods lists the same variant twice: {seen[key]!r} and "
-                              f"{label!r}")
+            raise ConfigError("--methods lists the same variant twice: "
+                              f"{short_repr(seen[key])} and {short_repr(label)}")
         seen[key] = label
         variants.append(Variant(label, method, values, label.replace(":", "+")))
     for name in sorted(set(explicit) & {n for v in variants for n in fixed_options(v.method)}):
@@ -179,20 +191,25 @@ def parse_variants(spec: str, base: Config, *,
 
 
 def _check_variant_flag(part: str, method: str, name: str, equals: str, text: str) -> None:
+    variant = f"variant {short_repr(part)}"
     if not equals or not name or not text:
-        raise ConfigError(f"variant {part!r}: a flag must read FIELD=VALUE, e.g. "
+        raise ConfigError(f"{variant}: a flag must read FIELD=VALUE, e.g. "
                           "snclr:attention_temperature=0.1")
     if name in SET_BY_COMPARE:
-        raise ConfigError(f"variant {part!r}: {name} is set by compare itself (--methods, "
+        raise ConfigError(f"{variant}: {name} is set by compare itself (--methods, "
                           "--seeds, --output-dir)")
     if name in SHARED:
-        raise ConfigError(f"variant {part!r}: {name} is part of the budget and data every "
+        raise ConfigError(f"{variant}: {name} is part of the budget and data every "
                           f"variant shares; give --{name.replace('_', '-')} for all")
+    if name in RESUME_FREE:
+        raise ConfigError(f"{variant}: {name} does not change what a cell trains (it only "
+                          "observes or places the run), so the variant would repeat another; "
+                          f"give --{name.replace('_', '-')} for all")
     fixed = fixed_options(method)
     if name in fixed:
-        raise ConfigError(f"variant {part!r}: {fixed[name]}")
+        raise ConfigError(f"{variant}: {fixed[name]}")
     if not _VALUE.fullmatch(text):
-        raise ConfigError(f"variant {part!r}: the value {text!r} may hold only letters, "
+        raise ConfigError(f"{variant}: the value {short_repr(text)} may hold only letters, "
                           "digits and . _ + -")
 
 
@@ -200,11 +217,12 @@ def parse_seeds(spec: str) -> tuple[int, ...]:
     """Seeds from ``--seeds`` (comma-separated integers >= 0, each once)."""
     seeds = []
     for part in spec.split(","):
-        if not re.fullmatch(r"\s*\d+\s*", part):
-            raise ConfigError(f"--seeds must be comma-separated integers >= 0, got {spec!r}")
+        if not re.fullmatch(r"\s*\d{1,20}\s*", part):  # the range is validate's
+            raise ConfigError("--seeds must be comma-separated integers >= 0, got "
+                              f"{short_repr(spec)}")
         seeds.append(int(part))
     if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds lists a seed twice: {spec!r}")
+        raise ConfigError(f"--seeds lists a seed twice: {short_repr(spec)}")
     return tuple(seeds)
 
 
@@ -229,9 +247,10 @@ def plan_comparison(base: Config, *, methods: str, seeds: str, output_dir: str,
     if baseline is None:
         baseline = "mocov3" if "mocov3" in labels else labels[0]
     elif baseline not in labels:
-        raise ConfigError(f"--baseline {baseline!r} is not one of the variants "
+        raise ConfigError(f"--baseline {short_repr(baseline)} is not one of the variants "
                           f"({', '.join(labels)})")
     _check_evaluation(evaluation)
+    check_path("--output-dir", output_dir)
     comparison = Comparison(base, variants, parse_seeds(seeds), Path(output_dir), baseline,
                             evaluation, allow_config_change)
     _check_output_dir(comparison, output_dir)
@@ -247,7 +266,9 @@ def plan_comparison(base: Config, *, methods: str, seeds: str, output_dir: str,
         with torch.device("meta"):  # the model's own checks, without allocating it
             build_model(config, in_chans=3, img_size=config.img_size or 224)
     for variant, seed in comparison.cells():
-        _existing_cell(comparison, comparison.cell_config(variant, seed))
+        config = comparison.cell_config(variant, seed)
+        _existing_cell(comparison, config)
+        _read_record(Path(config.output_dir))  # refuses a record of the wrong shape
     return comparison
 
 
@@ -269,7 +290,7 @@ def _check_output_dir(comparison: Comparison, text: str) -> None:
 def _check_evaluation(evaluation: Evaluation) -> None:
     if evaluation.protocol not in LINEAR_PROTOCOLS:
         raise ConfigError(f"--linear-protocol must be one of {', '.join(LINEAR_PROTOCOLS)}, "
-                          f"got {evaluation.protocol!r}")
+                          f"got {short_repr(evaluation.protocol)}")
     epochs, lr = evaluation.linear_epochs, evaluation.linear_lr
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"--linear-epochs must be an integer >= 1, got {epochs!r}")
@@ -310,6 +331,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _read_record(run_dir: Path) -> dict:
+    """The cell's ``cell.json`` ({} when absent or torn); ConfigError when of the wrong shape."""
     path = run_dir / RECORD
     if not path.is_file():
         return {}
@@ -317,7 +339,34 @@ def _read_record(run_dir: Path) -> dict:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}  # a torn record only costs a re-evaluation; the checkpoint decides training
-    return record if isinstance(record, dict) else {}
+    problem = _record_problem(record)
+    if problem:
+        raise ConfigError(f"{str(path)!r} is not a cell record of snclr compare: {problem}; "
+                          "remove it to re-evaluate the cell")
+    return record
+
+
+_NUMBER = (int, float)
+# What each entry of a record must be, when present (the record is JSON written by _train).
+_RECORD_FIELDS = {"variant": str, "seed": int, "status": str, "settings": dict,
+                  "pretrain_s": _NUMBER, "sessions": int, "message": str, "evaluations": list}
+_RESULT_KEYS = tuple(f"top1_k{k}" for k in KNN_KS) + ("linear_top1",)
+
+
+def _record_problem(record) -> str | None:
+    """What is wrong with a parsed ``cell.json`` (None: nothing)."""
+    if not isinstance(record, dict):
+        return f"it holds {shown(record)}, not an object"
+    for key, kind in _RECORD_FIELDS.items():
+        if key in record and (isinstance(record[key], bool) or not isinstance(record[key], kind)):
+            return f"{key} is {shown(record[key])}"
+    for entry in record.get("evaluations", []):
+        results = entry.get("results") if isinstance(entry, dict) else None
+        if not (isinstance(results, dict) and isinstance(entry.get("settings"), dict)
+                and all(type(results.get(k)) in _NUMBER for k in _RESULT_KEYS)
+                and type(entry.get("wall_s")) in _NUMBER):
+            return f"an evaluation is {shown(entry)}, not settings, results and wall_s"
+    return None
 
 
 def _write_record(run_dir: Path, record: dict) -> None:

@@ -132,7 +132,9 @@ def write_comparison(folder: Path, cells: list[CellResult], *, variants: list[st
     folder.mkdir(parents=True, exist_ok=True)
     rows = summarize(cells, variants=variants, baseline=baseline, level=level)
     paths = [folder / name for name in ("compare.md", "compare.csv", "cells.csv", "compare.png")]
-    paths[0].write_text(_markdown(rows, cells, baseline=baseline, setup=setup, level=level))
+    # A data path from a non-UTF-8 file system holds surrogate escapes: write them as \udcff.
+    paths[0].write_text(_markdown(rows, cells, baseline=baseline, setup=setup, level=level),
+                        encoding="utf-8", errors="backslashreplace")
     _write_summary_csv(paths[1], rows, baseline=baseline, setup=setup)
     _write_cells_csv(paths[2], cells)
     _plot(paths[3], rows, cells, variants=variants, baseline=baseline, level=level)
@@ -226,7 +228,7 @@ def _write_summary_csv(path: Path, rows: list[Summary], *, baseline: str, setup:
     for m in METRICS:
         header += [f"{m}_mean", f"{m}_std", f"{m}_diff", f"{m}_diff_low", f"{m}_diff_high"]
     header += ["verdict", "verdict_bonferroni", "baseline", "linear_protocol", "wall_s"]
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for row in rows:
@@ -241,7 +243,7 @@ def _write_summary_csv(path: Path, rows: list[Summary], *, baseline: str, setup:
 
 
 def _write_cells_csv(path: Path, cells: list[CellResult]) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
         writer = csv.writer(f)
         writer.writerow(["variant", "method", "seed", "status", *METRICS, "linear_protocol",
                          "pretrain_s", "eval_s", "sessions", "run_dir"])

@@ -22,13 +22,15 @@ from pathlib import Path
 
 import yaml
 
+from snclr.encoders import MAX_IMG_SIZE
 from snclr.functional import ATTENTION_TEMPERATURE, TEMPERATURE
 from snclr.training.datasets import CHECKS
-from snclr.training.errors import ConfigError
+from snclr.training.errors import ConfigError, check_path, clip, short_repr, shown
 from snclr.training.launch import DEVICES
 
 __all__ = ["PRESETS", "RESUME_FREE", "RESUME_RECORDED", "Config", "ConfigError", "apply_overrides",
-           "check_resume_changes", "config_changes", "load_config_file", "preset", "resumed_config"]
+           "check_resume_changes", "config_changes", "load_config_file", "preset",
+           "resumed_config"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,23 @@ PRESETS: dict[str, dict] = {
 
 _FIELD_TYPES = {f.name: f.type for f in fields(Config)}
 
+# Every int option's range. The upper bounds keep memory and arithmetic sane (a float of the
+# value, a queue or batch that can be allocated); counters get 2**31 - 1.
+MAX_COUNT = 2**31 - 1
+MAX_QUEUE_ELEMENTS = 2**32  # queue_size x projector_dim (16 GiB in fp32)
+MAX_INT_DIGITS = 40  # longer digit strings are refused as text, before int() reads them
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "img_size": (0, MAX_IMG_SIZE), "num_workers": (0, 1024), "limit_samples": (0, MAX_COUNT),
+    "num_neighbors": (0, 4096), "queue_size": (1, 2**26), "projector_layers": (1, 16),
+    "projector_hidden": (1, 2**16), "projector_dim": (1, 2**16), "predictor_hidden": (1, 2**16),
+    "epochs": (1, 10**6), "batch_size": (1, 2**24),
+    # NumPy seeds from 0 to 2**32 - 1 (torch would take up to 2**64 - 1).
+    "seed": (0, 2**32 - 1),
+    "save_every": (1, MAX_COUNT), "knn_every": (0, MAX_COUNT), "knn_k": (1, 2**20),
+    "log_every": (1, MAX_COUNT), "stop_after": (0, 10**6), "accumulate": (1, 2**24),
+    "save_every_steps": (0, MAX_COUNT), "keep_last": (0, MAX_COUNT),
+}
+
 
 def _coerce(name: str, value, source: str):
     """``value`` as the field's type, strictly: no bool for a number, no number for a bool.
@@ -153,6 +172,10 @@ def _coerce(name: str, value, source: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            # Past 4300 digits int() raises; validate bounds every int far below this.
+            if len(value.strip().lstrip("+-")) > MAX_INT_DIGITS:
+                raise ConfigError(f"{source}: {name} has {len(value.strip())} digits, more "
+                                  f"than any valid value ({MAX_INT_DIGITS} at most)")
             return int(value)
     elif kind == "float":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -164,21 +187,22 @@ def _coerce(name: str, value, source: str):
                 pass
     elif isinstance(value, str):
         return value
-    raise ConfigError(f"{source}: {name} must be {kind}, got {value!r}")
+    raise ConfigError(f"{source}: {name} must be {kind}, got {shown(value)}")
 
 
 def apply_overrides(config: Config, values: dict, *, source: str = "config") -> Config:
     """A copy of ``config`` with ``values`` (field name -> value, types coerced) applied."""
-    unknown = sorted(set(values) - set(_FIELD_TYPES))
+    unknown = sorted(map(str, set(values) - set(_FIELD_TYPES)))
     if unknown:
-        raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        raise ConfigError(f"{source}: unknown option(s) {', '.join(map(clip, unknown[:3]))}"
+                          + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""))
     return dataclasses.replace(config, **{k: _coerce(k, v, source) for k, v in values.items()})
 
 
 def preset(name: str) -> Config:
     """The named preset (``demo``, ``vit-small``, ``resnet50``)."""
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {shown(name)}; choose one of {sorted(PRESETS)}")
     return apply_overrides(Config(), PRESETS[name], source=f"preset {name}")
 
 
@@ -186,8 +210,56 @@ class DuplicateKeyError(yaml.YAMLError):
     """A mapping in a config file names one key twice (YAML would silently keep the last)."""
 
 
+class AliasBombError(yaml.YAMLError):
+    """A document whose aliases expand past :data:`MAX_YAML_NODES` nodes, or loop."""
+
+
+# A config is about 60 options (some 120 nodes); aliases that expand past this are an attack
+# ("billion laughs": 400 bytes that expand to gigabytes and hang any repr of them).
+MAX_YAML_NODES = 1000
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """The number of nodes ``root`` stands for with every alias expanded (memoised, so a
+    bomb is measured in time linear in its text); raises :class:`AliasBombError` past
+    :data:`MAX_YAML_NODES` or on a node that contains itself."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_nodes: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        if children_done:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+            if sizes[id(node)] > MAX_YAML_NODES:
+                raise AliasBombError(f"aliases expand to more than {MAX_YAML_NODES} values; "
+                                     "a config file needs far fewer")
+            continue
+        if id(node) in open_nodes:
+            raise AliasBombError("an alias refers to a value that contains it")
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_nodes:
+                raise AliasBombError("an alias refers to a value that contains it")
+            stack.append((child, False))
+    return sizes[id(root)]
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a mapping holding one key twice."""
+    """``yaml.SafeLoader`` that refuses a mapping holding one key twice, and aliases that
+    expand past :data:`MAX_YAML_NODES` nodes (checked on the composed graph, before any
+    value is built)."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None:
+            _expanded_size(node)
+        return node
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -201,7 +273,7 @@ class _StrictLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: the base class names it
                     continue
                 if first != key_node.start_mark.line + 1:
-                    raise DuplicateKeyError(f"duplicate key {key!r} (lines {first} and "
+                    raise DuplicateKeyError(f"duplicate key {short_repr(key)} (lines {first} and "
                                             f"{key_node.start_mark.line + 1})")
         return super().construct_mapping(node, deep=deep)
 
@@ -210,7 +282,7 @@ def _refuse_duplicate_json_keys(pairs: list) -> dict:
     values: dict = {}
     for key, value in pairs:
         if key in values:
-            raise DuplicateKeyError(f"duplicate key {key!r}")
+            raise DuplicateKeyError(f"duplicate key {short_repr(key)}")
         values[key] = value
     return values
 
@@ -218,8 +290,10 @@ def _refuse_duplicate_json_keys(pairs: list) -> dict:
 def load_config_file(path: str | Path) -> dict:
     """Read a YAML or JSON mapping of option -> value (YAML's safe loader reads both).
 
-    A key given twice is refused (YAML and JSON would silently keep the last).
+    A key given twice is refused (YAML and JSON would silently keep the last), and so are
+    YAML aliases that expand past :data:`MAX_YAML_NODES` values.
     """
+    check_path("config file", path)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -229,8 +303,11 @@ def load_config_file(path: str | Path) -> dict:
             values = json.loads(text, object_pairs_hook=_refuse_duplicate_json_keys)
         else:
             values = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
-    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
+    # ValueError: an integer past Python's 4300-digit limit for int(text) (YAML and JSON).
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError) as err:
         reason = str(err).splitlines()[0]
+        if "integer string conversion" in reason:
+            reason = "it holds an integer of more than 4300 digits"
         raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {reason}") from None
     if values is None:
         return {}
@@ -242,16 +319,26 @@ def load_config_file(path: str | Path) -> dict:
 def validate(config: Config) -> None:
     """Checks that need no data or model; raises :class:`ConfigError` with one line."""
     from snclr.bank import BANK_MODES
-    from snclr.encoders import encoder_spec
+    from snclr.encoders import check_img_size, encoder_spec
     from snclr.model import METHODS
     from snclr.training.methods import num_neighbors_used
 
+    # First: the messages below print these numbers, and a 5000-digit one has no str().
+    for name, (low, high) in INT_RANGES.items():
+        value = getattr(config, name)
+        if value is not None and not low <= value <= high:
+            bound = f">= {low}" if value < low else f"<= {high}"
+            raise ConfigError(f"{name} must be {bound}, got {shown(value)}")
+    if config.queue_size * config.projector_dim > MAX_QUEUE_ELEMENTS:
+        raise ConfigError(f"queue_size={config.queue_size} x projector_dim={config.projector_dim} "
+                          f"is more than the {MAX_QUEUE_ELEMENTS} queue elements allowed")
     try:  # a registered name, or any timm model name
         encoder_spec(config.encoder)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if config.method not in METHODS:
-        raise ConfigError(f"unknown method {config.method!r}; choose one of {sorted(METHODS)}")
+        raise ConfigError(f"unknown method {shown(config.method)}; choose one of "
+                          f"{sorted(METHODS)}")
     k = num_neighbors_used(config.method, config.num_neighbors)
     if config.queue_size < k:
         raise ConfigError(f"queue_size={config.queue_size} is smaller than K={k} neighbours")
@@ -262,20 +349,14 @@ def validate(config: Config) -> None:
         "device": DEVICES, "backend": ("auto", "torch", "triton"), "check_images": CHECKS,
     }
     for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise ConfigError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
+        value = getattr(config, name)
+        if value not in allowed:
+            raise ConfigError(f"{name} must be one of {allowed}, got {shown(value)}")
     # nan passes every comparison below (nan <= 0 is False): reject non-finite floats first.
     for name, kind in _FIELD_TYPES.items():
         if kind.startswith("float") and not math.isfinite(getattr(config, name)):
             raise ConfigError(f"{name} must be a finite number, got {getattr(config, name)}")
-    positive = ("epochs", "batch_size", "queue_size", "save_every", "log_every", "knn_k",
-                "accumulate")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
-    non_negative = ("img_size", "num_workers", "limit_samples", "warmup_epochs", "weight_decay",
-                    "grad_clip", "knn_every", "stop_after", "save_every_steps", "keep_last")
-    for name in non_negative:
+    for name in ("warmup_epochs", "weight_decay", "grad_clip"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
     for name in ("lr", "temperature", "attention_temperature"):
@@ -287,10 +368,11 @@ def validate(config: Config) -> None:
         raise ConfigError(f"crop_scale_min must be in (0, 1], got {config.crop_scale_min}")
     if not 0 <= config.momentum_base <= config.momentum_final <= 1:
         raise ConfigError("need 0 <= momentum_base <= momentum_final <= 1")
-    multiple = encoder_spec(config.encoder).size_multiple(config.img_size or 1)
-    if config.img_size % multiple:
-        raise ConfigError(f"img_size={config.img_size} is not a multiple of {multiple}, the patch "
-                          f"size of {config.encoder} at that size")
+    if config.img_size:  # 0: the data's native size, fitted to the encoder later
+        try:
+            check_img_size(config.encoder, config.img_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 # Resuming. A run continues from the config saved in its checkpoint; only the fields given
@@ -325,7 +407,8 @@ def check_resume_changes(changes: dict[str, tuple], *, allow: bool) -> dict[str,
     refused = {name: change for name, change in changes.items()
                if name not in RESUME_FREE + RESUME_RECORDED}
     if refused and not allow:
-        listing = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in refused.items())
+        listing = ", ".join(f"{name} {short_repr(old)} -> {short_repr(new)}"
+                            for name, (old, new) in refused.items())
         raise ConfigError(f"this run folder was trained with other settings ({listing}); omit "
                           "those options to resume as saved, or pass --allow-config-change")
     return {name: change for name, change in changes.items() if name not in RESUME_FREE}

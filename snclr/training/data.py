@@ -53,7 +53,7 @@ from snclr.training.datasets import (
     scan_folder,
     scan_unlabelled,
 )
-from snclr.training.errors import ConfigError, UnreadableImages
+from snclr.training.errors import ConfigError, DataFileVanished, UnreadableImages, check_path
 
 __all__ = [
     "BUILTIN_DATASETS", "ImageSet", "TwoViewDataset", "EvalDataset", "AugmentedDataset",
@@ -134,7 +134,14 @@ class ImageSet:
         if self.images is not None:
             return self.images[i]
         try:
-            with Image.open(self.files[i]) as image:
+            opened = Image.open(self.files[i])
+        except FileNotFoundError:  # every file was checked at the start: it vanished since
+            raise DataFileVanished(f"image file {self.files[i]!r} disappeared during the run; "
+                                   "restore it (or remove it and start a new run)") from None
+        except DECODE_ERRORS as err:
+            raise UnreadableFile(i, error_reason(err)) from None
+        try:
+            with opened as image:
                 return to_rgb(image)
         except DECODE_ERRORS as err:
             raise UnreadableFile(i, error_reason(err)) from None
@@ -292,6 +299,7 @@ def load_splits(name_or_dir: str, *, check: str = "header",
         ConfigError: unknown name, missing folder or files, unreadable images, or the
             built-in package not installed (one line).
     """
+    check_path("data", name_or_dir)
     name, colon, root = name_or_dir.partition(":")
     named = name in ("cifar10", "cifar100", "stl10") and (colon or not Path(name_or_dir).exists())
     if name_or_dir == "animal-mnist" or named:

@@ -191,7 +191,21 @@ def _cifar_python(path: Path, label_bytes: int, label_key: str) -> tuple[np.ndar
             or data.shape[1] != _CIFAR_PIXELS or labels is None or len(labels) != len(data):
         raise ConfigError(f"{str(path)!r} is not a CIFAR python batch: expected 'data' (N, 3072) "
                           f"uint8 and N '{label_key}'")
-    return data.reshape(-1, 3, 32, 32).copy(), np.asarray(labels, dtype=np.int64)
+    return data.reshape(-1, 3, 32, 32).copy(), _integer_labels(labels, path, label_key)
+
+
+def _integer_labels(labels, path: Path, label_key: str) -> np.ndarray:
+    """``labels`` as int64 if they are one integer per image; floats are refused, not
+    truncated, and so are strings, booleans and nested lists."""
+    try:
+        array = np.asarray(labels)
+    except (ValueError, TypeError):  # ragged nesting
+        array = None
+    if array is None or array.ndim != 1 or array.dtype.kind not in "iu":
+        kind = "nested" if array is None or array.ndim != 1 else array.dtype.name
+        raise ConfigError(f"{str(path)!r} is not a CIFAR python batch: '{label_key}' must be "
+                          f"one integer per image, got {kind} values")
+    return array.astype(np.int64)
 
 
 def _stl10(root: Path) -> ArraySplits:

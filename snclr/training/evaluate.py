@@ -43,6 +43,7 @@ from snclr.training.checkpoint import (
     non_finite,
     read_checkpoint,
 )
+from snclr.training.config import INT_RANGES
 from snclr.training.data import (
     AugmentedDataset,
     EvalDataset,
@@ -53,7 +54,7 @@ from snclr.training.data import (
     linear_train_transform,
     make_loader,
 )
-from snclr.training.errors import ConfigError
+from snclr.training.errors import ConfigError, short_repr
 from snclr.training.optim import cosine_lr
 
 __all__ = ["KNN_CHUNK_BYTES", "KNN_TRITON_MAX_K", "LINEAR_PROTOCOLS", "extract_features",
@@ -360,7 +361,9 @@ def load_backbone(checkpoint: str, *, random_init: bool = False, seed: int = 0,
 def _check_counts(**counts: int) -> None:
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+            raise ConfigError(f"{name} must be an integer >= 0, got {short_repr(value)}")
+        if value > INT_RANGES[name][1]:  # the bound pretrain's option has
+            raise ConfigError(f"{name} must be <= {INT_RANGES[name][1]}, got {short_repr(value)}")
 
 
 @dataclass
@@ -425,12 +428,12 @@ def _probe(encoded: _Encoded, *, protocol: str, epochs: int, lr: float, seed: in
 
 def _check_linear(epochs, lr, protocol) -> None:
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
+        raise ConfigError(f"epochs must be an integer >= 1, got {short_repr(epochs)}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"lr must be a finite number > 0, got {lr!r}")
+        raise ConfigError(f"lr must be a finite number > 0, got {short_repr(lr)}")
     if protocol not in LINEAR_PROTOCOLS:
         raise ConfigError(f"the linear protocol must be one of {LINEAR_PROTOCOLS}, got "
-                          f"{protocol!r}")
+                          f"{short_repr(protocol)}")
 
 
 def _check_knn(ks, temperature) -> None:

@@ -11,7 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from snclr.training.errors import ConfigError
+from snclr.training.errors import ConfigError, short_repr
 
 __all__ = ["DEVICES", "init_from_env", "launch_rank", "launch_world_size", "local_world_size",
            "resolve_device"]
@@ -60,7 +60,7 @@ def resolve_device(name: str = "auto") -> torch.device:
             silent fall-back to the CPU).
     """
     if name not in DEVICES:
-        raise ConfigError(f"device must be one of {DEVICES}, got {name!r}")
+        raise ConfigError(f"device must be one of {DEVICES}, got {short_repr(name)}")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' requested but CUDA is not available")
     if name != "cpu" and torch.cuda.is_available():

@@ -151,5 +151,6 @@ def write_report(run_dir: Path, config: dict, *, histogram: list[float], wall_s:
     lines += [f"{k}: {v}" for k, v in config.items()]
     lines += ["```", ""]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
+    # A path from a non-UTF-8 file system holds surrogate escapes: write them as \udcff.
+    path.write_text("\n".join(lines), encoding="utf-8", errors="backslashreplace")
     return path

@@ -66,7 +66,13 @@ from snclr.training.data import (
     pretraining_images,
     two_view_transforms,
 )
-from snclr.training.errors import ConfigError, Interrupted, TrainingDiverged, WriteFailed
+from snclr.training.errors import (
+    ConfigError,
+    Interrupted,
+    TrainingDiverged,
+    WriteFailed,
+    check_path,
+)
 from snclr.training.evaluate import extract_features, knn_accuracy
 from snclr.training.metrics import MetricsLog, clean
 from snclr.training.optim import cosine_lr, create_optimizer
@@ -388,6 +394,7 @@ def pretrain(config: Config, *, resume: bool = False, given: Iterable[str] | Non
 
 def _check_run_dir(run_dir: Path) -> None:
     """Refuse an output folder that is a file, lies under a file or cannot be created."""
+    check_path("output_dir", run_dir)
     name = repr(str(run_dir))
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output_dir {name} is a file, not a folder")
@@ -429,7 +436,20 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     # load_state_dict also restores the saved hyperparameters: keep the configured decay.
     configured = [group["weight_decay"] for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise ConfigError("the checkpoint's optimizer state does not fit this model "
+                          f"({(str(err).splitlines() or [type(err).__name__])[0][:120]})") from None
+    # Per-parameter buffers (moments, momenta) are not checked by torch; a wrong shape would
+    # fail at the first step, after the run folder changed.
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                    raise ConfigError(f"the checkpoint's optimizer state does not fit this model "
+                                      f"({key} of shape {tuple(value.shape)} for a parameter of "
+                                      f"shape {tuple(param.shape)})")
     for group, weight_decay in zip(optimizer.param_groups, configured):
         group["weight_decay"] = weight_decay
 
