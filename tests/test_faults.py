@@ -998,8 +998,8 @@ def test_an_image_deleted_mid_run_stops_with_exit_3_naming_it(folder_32, tmp_pat
     shutil.copytree(folder_32, data)
     real = train.train_one_epoch
 
-    def then_delete(config, plan, state, *args):
-        stats = real(config, plan, state, *args)
+    def then_delete(config, plan, state, *args, **kwargs):
+        stats = real(config, plan, state, *args, **kwargs)
         for image in (data / "train" / "class1").iterdir():  # after epoch 1
             image.unlink()
         return stats
