@@ -14,23 +14,28 @@ row j at ``own(j, s) = target_offset + j*S + s``::
 
 Algorithm::
 
-    inverse norms of q and C                      (_soft_target_ce_inverse_norm_kernel, O(B + M))
+    inverse norms of q and C, one launch          (_soft_target_ce_inverse_norm_kernel, O(B + M))
     forward grid (row blocks fastest, column splits):
         Q = the (BLOCK_B, D) query block, loaded once     # 16-bit D <= 256; else D chunks
         for each full column tile of the split (no masks, no nested loop: pipelined loads),
         then the split's partial last tile (masked):
             s2 = (Q @ C_tile^T) * (iq * log2(e) / T) * ic     # base-2 logits
             online max / sum of exp2 per row
-        store per-split (max, sum)                -> snclr.ops combines splits in fixed order
-    owned logits s_j,own(j,s): the launcher, in fp32 from the B*S owned rows (one contiguous
-        run of C), so the tile loops hold no owned-column work
+        store per-split (max, sum)
+    forward finish grid (row blocks): combine the splits' (max, sum) in split order into lse
+        (deterministic); the owned logits s_j,own(j,s) in fp32 from the B*S owned rows (one
+        contiguous run of C), so the tile loops hold no owned-column work; the loss
+    backward prep grid (row blocks): row_weight = g sum(t) and dt = g (lse - s_own)
     backward dq grid (row blocks, column splits, D / BLOCK_DO): recompute s2 tiles the same
         way, ds = g sum(t) exp2(s2 - lse2), acc += (ds * ic / T) @ C_tile (the tile the logits
-        read when BLOCK_DO = D, else its output chunk); per-split partials summed in a fixed
-        order by the launcher (deterministic, no atomics), which subtracts the target term
-        g_j sum_s t_js n(C_own(j,s)) / T
+        read when BLOCK_DO = D, else its output chunk); per-split partials (no atomics)
+    dq finish grid (row blocks, whole rows): sum the partials in split order, subtract the
+        target term g_j sum_s t_js n(C_own(j,s)) / T, apply chain_n, store in q's dtype
     backward dC grid (column blocks, D chunks): stream all row tiles, acc += (ds * iq / T)^T @ q;
         the launcher subtracts g_j t_js n(q_j) / T on the owned rows
+
+Launches: 3 forward (norms, logits, finish), 3 for dt and dq (prep, dq, finish) and no torch
+op between them; dC adds its kernel and a few torch ops (it is off SNCLR's path).
 
 Cost (elements read, flops): the forward reads q once and C once per row block (B/BLOCK_B
 passes over M*D, mostly from L2 since the row blocks of one split run together) and writes
@@ -644,14 +649,13 @@ def inverse_norms(x: Tensor, y: Tensor | None = None) -> Tensor | tuple[Tensor, 
     return out_x if y is None else (out_x, out_y)
 
 
-def _finish_block_d(width: int) -> int:
-    """The finish kernels' feature block: whole rows, the padded D."""
-    return max(16, triton.next_power_of_2(width))
-
-
-def _finish_block_b(width: int) -> int:
-    """Rows per finish program: a (BLOCK_B, padded D) fp32 tile of at most 4096 elements."""
-    return max(2, min(32, 4096 // _finish_block_d(width)))
+def _finish_blocks(width: int, *, whole_rows: bool) -> dict:
+    """The finish kernels' ``BLOCK_B, BLOCK_D``: whole padded rows (the dq finish holds h for
+    its chain rule) or CHUNK_D slices (the forward's owned dots), on at most 4096 fp32 per
+    program."""
+    padded = max(16, triton.next_power_of_2(width))
+    block_d = padded if whole_rows else min(padded, CHUNK_D)
+    return dict(BLOCK_B=max(2, min(32, 4096 // block_d)), BLOCK_D=block_d)
 
 
 def soft_target_ce_forward(
@@ -706,8 +710,8 @@ def soft_target_ce_forward(
     )
     loss, lse = torch.empty(num_rows, **f32), torch.empty(num_rows, **f32)
     owned = torch.empty(num_rows, num_slots, **f32)
-    block_b = _finish_block_b(width)
-    _soft_target_ce_fwd_finish_kernel[(triton.cdiv(num_rows, block_b),)](
+    blocks = _finish_blocks(width, whole_rows=False)
+    _soft_target_ce_fwd_finish_kernel[(triton.cdiv(num_rows, blocks["BLOCK_B"]),)](
         q_ptr=queries, c_ptr=candidates, inv_q_ptr=inv_q, inv_c_ptr=inv_c, t_ptr=targets,
         max_ptr=part_max, sum_ptr=part_sum, lse_ptr=lse, owned_ptr=owned, loss_ptr=loss,
         B=num_rows, S=num_slots, D=width, SPLITS=splits, target_offset=target_offset,
@@ -716,8 +720,7 @@ def soft_target_ce_forward(
         stride_cm=candidates.stride(0), stride_cd=candidates.stride(1),
         stride_tb=targets.stride(0), stride_ts=targets.stride(1),
         stride_pb=part_max.stride(0), stride_ps=part_max.stride(1),
-        stride_ob=owned.stride(0), stride_os=owned.stride(1),
-        BLOCK_B=block_b, BLOCK_D=min(_finish_block_d(width), CHUNK_D),
+        stride_ob=owned.stride(0), stride_os=owned.stride(1), **blocks,
     )
     return loss, lse, owned
 
@@ -810,8 +813,8 @@ def soft_target_ce_backward_queries(
         **meta,
     )
     grad_queries = torch.empty(num_rows, width, device=queries.device, dtype=queries.dtype)
-    block_b = _finish_block_b(width)
-    _soft_target_ce_dq_finish_kernel[(triton.cdiv(num_rows, block_b),)](
+    blocks = _finish_blocks(width, whole_rows=True)
+    _soft_target_ce_dq_finish_kernel[(triton.cdiv(num_rows, blocks["BLOCK_B"]),)](
         q_ptr=queries, c_ptr=candidates, inv_q_ptr=inputs.inv_q, inv_c_ptr=inputs.inv_c,
         t_ptr=targets, grad_ptr=inputs.grad, part_ptr=partial, dq_ptr=grad_queries,
         B=num_rows, S=targets.shape[1], D=width, SPLITS=splits,
@@ -821,8 +824,7 @@ def soft_target_ce_backward_queries(
         stride_cm=candidates.stride(0), stride_cd=candidates.stride(1),
         stride_tb=targets.stride(0), stride_ts=targets.stride(1), stride_g=inputs.grad.stride(0),
         stride_ps=partial.stride(0), stride_pb=partial.stride(1), stride_pd=partial.stride(2),
-        stride_ob=grad_queries.stride(0), stride_od=grad_queries.stride(1),
-        BLOCK_B=block_b, BLOCK_D=_finish_block_d(width),
+        stride_ob=grad_queries.stride(0), stride_od=grad_queries.stride(1), **blocks,
     )
     return grad_queries
 

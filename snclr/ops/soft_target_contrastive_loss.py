@@ -174,7 +174,8 @@ def _backward(
     """The Triton backward: ``(dq or None, dC or None, dt)`` in the inputs' dtypes.
 
     ``dL/du_js = g_j (lse_j - s_j,own(j,s))``; the logit gradients are recomputed tile by
-    tile in the kernels, then chained through the normalisations here.
+    tile in the kernels and chained through the query normalisation there; the candidates'
+    (off SNCLR's path) here.
     """
     from snclr.kernels.soft_target_ce import (
         BackwardInputs,
