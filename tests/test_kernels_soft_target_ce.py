@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TOLERANCES, requires_cuda
 from sm90 import compile_for_sm90
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import snclr.ops  # noqa: F401  (registers the snclr:: custom ops)
 from snclr import reference
@@ -231,6 +232,35 @@ def test_fused_loss_is_deterministic():
         runs.append((loss, *saved, grads[0], grads[2]))
     for first, second in zip(*runs):
         assert torch.equal(first, second)
+
+
+class _ComputeOps(TorchDispatchMode):
+    """The torch ops that compute (allocations, and the interpreter's copies, left out)."""
+
+    QUIET = {"empty", "empty_like", "empty_strided", "new_empty", "set_", "copy_"}
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.QUIET:
+            self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_forward_and_query_backward_are_kernels_only():
+    """The split combine, owned logits, loss, row weights, target gradient, partial sum,
+    target term and chain rule all run in the finish kernels: no torch op in between."""
+    queries, candidates, targets = _finish_inputs(7, 4, 16)
+    grad = torch.ones(7)
+    with _ComputeOps() as forward_ops:
+        loss, *saved = fused_forward(queries, candidates, targets, temperature=0.2,
+                                     target_offset=5)
+    with _ComputeOps() as backward_ops:
+        fused_backward(grad, queries, candidates, targets, *saved, temperature=0.2,
+                       target_offset=5, need_queries=True, need_candidates=False)
+    assert forward_ops.names == [] and backward_ops.names == []
 
 
 def test_inverse_norms():
