@@ -411,13 +411,17 @@ build(st._soft_target_ce_inverse_norm_kernel, dict(x_ptr="*bf16", y_ptr="*bf16",
 for dtype, target_dtype, width in [("bf16", "fp16", 256), ("fp32", "bf16", 1024)]:
     rows = dict(q_ptr="*" + dtype, c_ptr="*" + dtype, t_ptr="*" + target_dtype,
                 inv_temperature="fp32")
-    build(st._soft_target_ce_fwd_finish_kernel, rows,
-          st._finish_blocks(width, whole_rows=False))
-    build(st._soft_target_ce_dq_finish_kernel, dict(rows, dq_ptr="*" + dtype, inv_eps="fp32"),
-          st._finish_blocks(width, whole_rows=True))
-    build(st._soft_target_ce_bwd_prep_kernel, dict(grad_ptr="*" + dtype, t_ptr="*" + target_dtype,
-                                                   dt_ptr="*" + target_dtype),
-          dict(BLOCK_B=32, BLOCK_S=32))
+    finish = [
+        build(st._soft_target_ce_fwd_finish_kernel, rows,
+              st._finish_blocks(width, whole_rows=False)),
+        build(st._soft_target_ce_dq_finish_kernel, dict(rows, dq_ptr="*" + dtype, inv_eps="fp32"),
+              st._finish_blocks(width, whole_rows=True)),
+        build(st._soft_target_ce_bwd_prep_kernel,
+              dict(grad_ptr="*" + dtype, t_ptr="*" + target_dtype, dt_ptr="*" + target_dtype),
+              dict(BLOCK_B=32, BLOCK_S=32)),
+    ]
+    # Their blocks are sized to stay in registers (dq finish: whole rows, 4096 fp32 at most).
+    assert [local_memory_ops(kernel) for kernel in finish] == [0, 0, 0], (dtype, width)
 # 16-bit D = 256: the resident query block (dq reuses its tiles at BLOCK_DO = D); D = 1024
 # and "ieee" fp32: the chunked logits.
 variants = [("bf16", "tf32", 256, 256, 256, 8), ("bf16", "tf32", 1024, 64, 64, 4),
