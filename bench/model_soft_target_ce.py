@@ -6,11 +6,13 @@ Our side, at the launchers' own choices (``snclr.kernels.soft_target_ce``):
     forward   ``_split_layout`` for the column splits, every config of
               ``soft_target_ce_configs("forward")`` that ``_prune_configs`` keeps (the
               autotuner's candidates; the fastest modelled one stands for its pick), the
-              logits' D loop as nested tensor trips (D / BLOCK_D); plus the two inverse-norm
-              passes and the split combine (memory passes).
+              logits' D loop as nested tensor trips (D / BLOCK_D); plus the inverse norms of
+              q and C (one launch) and the finish kernel (split combine, owned logits, loss),
+              as memory passes.
     dq        the same for ``_soft_target_ce_bwd_dq_kernel`` (grid: row blocks x splits x
-              D / BLOCK_DO; each program recomputes its logits at full D), plus the
-              fixed-order sum of the (SPLITS, B, D) fp32 partials.
+              D / BLOCK_DO; each program recomputes its logits at full D), plus the prep
+              kernel (row weights, target gradient) and the finish kernel (fixed-order sum of
+              the (SPLITS, B, D) fp32 partials, target term, chain rule), as memory passes.
     dC        ``_soft_target_ce_bwd_dc_kernel`` (grid: column blocks x D / BLOCK_DO), only when
               the candidates need a gradient (in SNCLR they do not: keys and neighbours are
               detached), reported apart.
@@ -25,10 +27,15 @@ The eager baseline is the dense loss written in plain torch at bf16, costed as a
               ``ds @ n(C)`` (reads ds); dC adds a second GEMM
 B x M passes run at L2 bandwidth when the B x M bf16 scores fit in 50 MB, else HBM.
 ``--launch`` adds 2 us per launch on both sides, counted with a TorchDispatchMode over each
-side's ops on small CPU inputs (views not counted): the eager loss 14 forward + 24 backward
-(F.normalize, the GEMM, logsumexp, the owned diagonal, and their autograd), ours 20 + 20
-(3 Triton kernels + 17 torch ops of the norms' use, the split combine and the owned logits;
-1 + 19 with the partial sum, the target term and the normalisation chain rule).
+side's ops on small CPU inputs (views and allocations not counted): the eager loss 14
+forward + 24 backward (F.normalize, the GEMM, logsumexp, the owned diagonal, and their
+autograd), ours 3 + 3: Triton kernels only (norms, logits, finish; prep, dq, finish), counted
+by wrapping each kernel's launch and a TorchDispatchMode over the op's ``_forward`` /
+``_backward`` on fp32 CPU tensors under TRITON_INTERPRET=1 (the interpreter's own
+empty / new_empty / set_ / copy_ ignored), which sees no torch op between the launches.
+Before the finish kernels it was 20 + 20 (3 kernels + 17 torch ops of the split combine, the
+owned logits and the loss; 1 + 19 with the row weights, the target gradient, the partial sum,
+the target term and the normalisation chain rule).
 
 Run from the checkout:
     .venv/bin/python -m bench.model_soft_target_ce [--shape B,M,D ...] [--launch] [--verbose]
@@ -55,7 +62,7 @@ BF16, FP32 = 2, 4
 # The paper's per-GPU loss (b = 128, 4096 x 31 gathered candidates) and a large gathered batch.
 SHAPES = [(128, 4096 * 31, 256), (1024, 2**20, 256)]
 SLOTS = 31
-LAUNCHES = {"eager": (14, 24), "snclr": (20, 20)}  # (forward, backward with dq)
+LAUNCHES = {"eager": (14, 24), "snclr": (3, 3)}  # (forward, backward with dq)
 PTRS = dict(q_ptr="bf16", c_ptr="bf16")
 
 
@@ -137,12 +144,19 @@ def ours(B, M, D, *, verbose=False):
     bq = _best("dq", ce._soft_target_ce_bwd_dq_kernel, B, M, D, dq, verbose=verbose)
     bc = _best("dc", ce._soft_target_ce_bwd_dc_kernel, B, M, D, dc, verbose=verbose)
     norms = _pass((M + B) * D * BF16)
-    combine = 2 * _pass(2 * B * splits * FP32)
-    partial_sum = _pass(splits * B * D * FP32 + B * D * FP32)
-    return dict(splits=splits, forward=fwd, dq=bq, dc=bc, norms_s=norms, combine_s=combine,
-                partial_sum_s=partial_sum,
-                forward_s=norms + fwd["time_s"] + combine,
-                backward_s=bq["time_s"] + partial_sum)
+    owned_rows = B * SLOTS * D * BF16
+    # Forward finish: the max partials twice and the sums once, q and the owned rows, the
+    # targets; writes lse, loss and the owned logits.
+    forward_finish = _pass(3 * B * splits * FP32 + B * D * BF16 + owned_rows
+                           + 2 * B * SLOTS * FP32 + 2 * B * FP32)
+    # Prep: g, lse, targets and owned logits in, row weights and the target gradient out.
+    prep = _pass(3 * B * FP32 + 3 * B * SLOTS * FP32)
+    # dq finish: the partials, the owned rows, targets, q in and dq out.
+    dq_finish = _pass(splits * B * D * FP32 + owned_rows + B * SLOTS * FP32 + 2 * B * D * BF16)
+    return dict(splits=splits, forward=fwd, dq=bq, dc=bc, norms_s=norms,
+                forward_finish_s=forward_finish, prep_s=prep, dq_finish_s=dq_finish,
+                forward_s=norms + fwd["time_s"] + forward_finish,
+                backward_s=prep + bq["time_s"] + dq_finish)
 
 
 def eager(B, M, D):

@@ -8,10 +8,12 @@ import pytest
 import torch
 from conftest import TOLERANCES, requires_cuda
 from sm90 import compile_for_sm90
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import snclr.ops  # noqa: F401  (registers the snclr:: custom ops)
 from snclr import reference
 from snclr.kernels import soft_target_ce
+from snclr.kernels._common import interpreted
 from snclr.ops import soft_target_contrastive_loss
 from snclr.ops.soft_target_contrastive_loss import _backward as fused_backward
 from snclr.ops.soft_target_contrastive_loss import _forward as fused_forward
@@ -116,6 +118,149 @@ def test_launchers_any_split_and_block(splits):
     torch.testing.assert_close(loss, want.detach(), atol=1e-4, rtol=1e-4)
     for got, ref in zip(grads, (q.grad, c.grad, t.grad)):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+# The finish kernels (split combine + owned logits + loss; backward prep; dq partial sum +
+# target term + normalisation chain rule) at odd sizes, with owned columns at an offset.
+FINISH_SIZES = [(num_rows, num_slots, width) for num_rows in (1, 7, 33)
+                for num_slots in (1, 4, 17) for width in (16, 96)]  # fmt: skip
+
+
+def _finish_inputs(num_rows, num_slots, width, *, offset=5):
+    return _inputs((num_rows, offset + num_rows * num_slots + 9, width, num_slots, offset))
+
+
+@pytest.mark.parametrize("num_rows, num_slots, width", FINISH_SIZES)
+def test_forward_finish_matches_reference(num_rows, num_slots, width):
+    queries, candidates, targets = _finish_inputs(num_rows, num_slots, width)
+    inv_q, inv_c = soft_target_ce.inverse_norms(queries, candidates)
+    torch.testing.assert_close(inv_q, 1.0 / queries.norm(dim=1), atol=0, rtol=1e-5)
+    torch.testing.assert_close(inv_c, 1.0 / candidates.norm(dim=1), atol=0, rtol=1e-5)
+    loss, lse, owned = soft_target_ce.soft_target_ce_forward(
+        queries, candidates, targets, inv_q, inv_c, temperature=0.1, target_offset=5, splits=2
+    )
+    want_lse, want_owned = reference.soft_target_logits(
+        queries, candidates, targets, temperature=0.1, target_offset=5
+    )
+    torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(owned, want_owned, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        loss, reference.soft_target_loss_of(targets, want_lse, want_owned), atol=1e-4, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("num_rows, num_slots, width", FINISH_SIZES)
+def test_query_gradient_finish_matches_reference(num_rows, num_slots, width):
+    queries, candidates, targets = _finish_inputs(num_rows, num_slots, width)
+    grad = torch.rand(num_rows) + 0.5
+    loss, *saved = fused_forward(queries, candidates, targets, temperature=0.1, target_offset=5,
+                                 splits=3)
+    grad_q, _, grad_t = fused_backward(
+        grad, queries, candidates, targets, *saved, temperature=0.1, target_offset=5,
+        need_queries=True, need_candidates=False, splits=3,
+    )  # fmt: skip
+    q, t = queries.clone().requires_grad_(), targets.clone().requires_grad_()
+    want = reference.soft_target_contrastive_loss(q, candidates, t, temperature=0.1,
+                                                  target_offset=5)
+    want.backward(grad)
+    torch.testing.assert_close(loss, want.detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad_q, q.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad_t, t.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_backward_prep_dtypes_and_strides(target_dtype, grad_dtype):
+    """``g * sum(t)`` in fp32 and ``g * (lse - owned)`` rounded once to the targets' dtype,
+    from a stride-0 gradient (what ``loss.sum().backward()`` passes) and strided targets."""
+    num_rows, num_slots = 33, 17
+    targets = torch.rand(num_slots, num_rows).to(target_dtype).t()
+    lse, owned = torch.randn(num_rows) * 3, torch.randn(num_rows, num_slots) * 3
+    for grad in (torch.tensor(0.7).to(grad_dtype).expand(num_rows),
+                 torch.rand(2 * num_rows).to(grad_dtype)[::2]):
+        row_weight, grad_targets = soft_target_ce.soft_target_ce_backward_prep(
+            grad, targets, lse, owned
+        )
+        g = grad.float()
+        assert row_weight.dtype == torch.float32 and grad_targets.dtype == target_dtype
+        torch.testing.assert_close(row_weight, g * targets.float().sum(dim=1), atol=1e-6,
+                                   rtol=1e-6)
+        want = (g.unsqueeze(1) * (lse.unsqueeze(1) - owned)).to(target_dtype)
+        # The interpreter truncates fp32 to bf16 (the GPU rounds to nearest): one ulp there.
+        rtol = 2**-7 if target_dtype == torch.bfloat16 and interpreted() else 0.0
+        torch.testing.assert_close(grad_targets, want, atol=0, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_finish_kernels_keep_half_dtypes(dtype):
+    """16-bit queries and candidates with targets of another dtype: dq in the queries' dtype,
+    dt in the targets', as the reference."""
+    queries, candidates, targets = _finish_inputs(7, 4, 96)
+    queries, candidates = queries.to(dtype), candidates.to(dtype)
+    targets = targets.to(torch.bfloat16 if dtype == torch.float16 else torch.float16)
+    _assert_matches(queries, candidates, targets, tol=TOLERANCES[dtype], temperature=0.2,
+                    target_offset=5)
+
+
+def test_query_gradient_where_the_norm_is_clamped():
+    """Rows with ||q|| below 1e-12 (and zero) take ``h / eps``, as normalize_backward."""
+    queries, candidates, targets = _finish_inputs(7, 4, 16)
+    queries[2] *= 1e-14
+    queries[4] = 0.0
+    q = queries.clone().requires_grad_()
+    grad = torch.rand(7) + 0.5
+    soft_target_contrastive_loss(q, candidates, targets, temperature=0.2, target_offset=5,
+                                 backend="triton").backward(grad)
+    want = queries.clone().requires_grad_()
+    reference.soft_target_contrastive_loss(want, candidates, targets, temperature=0.2,
+                                           target_offset=5).backward(grad)
+    assert q.grad[2].abs().max() > 1e9  # the clamped branch: scaled by 1 / eps
+    torch.testing.assert_close(q.grad, want.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_loss_is_deterministic():
+    """Fixed-order split sums: two runs agree bit for bit."""
+    queries, candidates, targets = _finish_inputs(33, 4, 96)
+    grad = torch.rand(33) + 0.5
+    runs = []
+    for _ in range(2):
+        loss, *saved = fused_forward(queries, candidates, targets, temperature=0.2,
+                                     target_offset=5, splits=3)
+        grads = fused_backward(grad, queries, candidates, targets, *saved, temperature=0.2,
+                               target_offset=5, need_queries=True, need_candidates=False,
+                               splits=3)
+        runs.append((loss, *saved, grads[0], grads[2]))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+class _ComputeOps(TorchDispatchMode):
+    """The torch ops that compute (allocations, and the interpreter's copies, left out)."""
+
+    QUIET = {"empty", "empty_like", "empty_strided", "new_empty", "set_", "copy_"}
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.QUIET:
+            self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_forward_and_query_backward_are_kernels_only():
+    """The split combine, owned logits, loss, row weights, target gradient, partial sum,
+    target term and chain rule all run in the finish kernels: no torch op in between."""
+    queries, candidates, targets = _finish_inputs(7, 4, 16)
+    grad = torch.ones(7)
+    with _ComputeOps() as forward_ops:
+        loss, *saved = fused_forward(queries, candidates, targets, temperature=0.2,
+                                     target_offset=5)
+    with _ComputeOps() as backward_ops:
+        fused_backward(grad, queries, candidates, targets, *saved, temperature=0.2,
+                       target_offset=5, need_queries=True, need_candidates=False)
+    assert forward_ops.names == [] and backward_ops.names == []
 
 
 def test_inverse_norms():
@@ -259,8 +404,24 @@ def test_every_config_compiles_on_gpu(width):
 _SM90_BODY = r'''
 from snclr.kernels import soft_target_ce as st
 
-build(st._soft_target_ce_inverse_norm_kernel, dict(x_ptr="*bf16", eps="fp32"),
+build(st._soft_target_ce_inverse_norm_kernel, dict(x_ptr="*bf16", y_ptr="*bf16", eps="fp32"),
       dict(BLOCK_R=32, BLOCK_D=128))
+# The finish kernels at the launchers' blocks: 16-bit and fp32 rows, targets of another dtype,
+# D = 256 (the study shape) and 1024 (few rows per program).
+for dtype, target_dtype, width in [("bf16", "fp16", 256), ("fp32", "bf16", 1024)]:
+    rows = dict(q_ptr="*" + dtype, c_ptr="*" + dtype, t_ptr="*" + target_dtype,
+                inv_temperature="fp32")
+    finish = [
+        build(st._soft_target_ce_fwd_finish_kernel, rows,
+              st._finish_blocks(width, whole_rows=False)),
+        build(st._soft_target_ce_dq_finish_kernel, dict(rows, dq_ptr="*" + dtype, inv_eps="fp32"),
+              st._finish_blocks(width, whole_rows=True)),
+        build(st._soft_target_ce_bwd_prep_kernel,
+              dict(grad_ptr="*" + dtype, t_ptr="*" + target_dtype, dt_ptr="*" + target_dtype),
+              dict(BLOCK_B=32, BLOCK_S=32)),
+    ]
+    # Their blocks are sized to stay in registers (dq finish: whole rows, 4096 fp32 at most).
+    assert [local_memory_ops(kernel) for kernel in finish] == [0, 0, 0], (dtype, width)
 # 16-bit D = 256: the resident query block (dq reuses its tiles at BLOCK_DO = D); D = 1024
 # and "ieee" fp32: the chunked logits.
 variants = [("bf16", "tf32", 256, 256, 256, 8), ("bf16", "tf32", 1024, 64, 64, 4),

@@ -14,23 +14,28 @@ row j at ``own(j, s) = target_offset + j*S + s``::
 
 Algorithm::
 
-    inverse norms of q and C                      (_soft_target_ce_inverse_norm_kernel, O(B + M))
+    inverse norms of q and C, one launch          (_soft_target_ce_inverse_norm_kernel, O(B + M))
     forward grid (row blocks fastest, column splits):
         Q = the (BLOCK_B, D) query block, loaded once     # 16-bit D <= 256; else D chunks
         for each full column tile of the split (no masks, no nested loop: pipelined loads),
         then the split's partial last tile (masked):
             s2 = (Q @ C_tile^T) * (iq * log2(e) / T) * ic     # base-2 logits
             online max / sum of exp2 per row
-        store per-split (max, sum)                -> snclr.ops combines splits in fixed order
-    owned logits s_j,own(j,s): the launcher, in fp32 from the B*S owned rows (one contiguous
-        run of C), so the tile loops hold no owned-column work
+        store per-split (max, sum)
+    forward finish grid (row blocks): combine the splits' (max, sum) in split order into lse
+        (deterministic); the owned logits s_j,own(j,s) in fp32 from the B*S owned rows (one
+        contiguous run of C), so the tile loops hold no owned-column work; the loss
+    backward prep grid (row blocks): row_weight = g sum(t) and dt = g (lse - s_own)
     backward dq grid (row blocks, column splits, D / BLOCK_DO): recompute s2 tiles the same
         way, ds = g sum(t) exp2(s2 - lse2), acc += (ds * ic / T) @ C_tile (the tile the logits
-        read when BLOCK_DO = D, else its output chunk); per-split partials summed in a fixed
-        order by the launcher (deterministic, no atomics), which subtracts the target term
-        g_j sum_s t_js n(C_own(j,s)) / T
+        read when BLOCK_DO = D, else its output chunk); per-split partials (no atomics)
+    dq finish grid (row blocks, whole rows): sum the partials in split order, subtract the
+        target term g_j sum_s t_js n(C_own(j,s)) / T, apply chain_n, store in q's dtype
     backward dC grid (column blocks, D chunks): stream all row tiles, acc += (ds * iq / T)^T @ q;
         the launcher subtracts g_j t_js n(q_j) / T on the owned rows
+
+Launches: 3 forward (norms, logits, finish), 3 for dt and dq (prep, dq, finish) and no torch
+op between them; dC adds its kernel and a few torch ops (it is off SNCLR's path).
 
 Cost (elements read, flops): the forward reads q once and C once per row block (B/BLOCK_B
 passes over M*D, mostly from L2 since the row blocks of one split run together) and writes
@@ -68,6 +73,7 @@ __all__ = [
     "BackwardInputs",
     "inverse_norms",
     "soft_target_ce_backward_candidates",
+    "soft_target_ce_backward_prep",
     "soft_target_ce_backward_queries",
     "soft_target_ce_configs",
     "soft_target_ce_forward",
@@ -78,6 +84,7 @@ _TARGET_PROGRAMS = 1024
 # Fewest column tiles worth one split: below that the (max, sum) partials cost more than they give.
 _MIN_TILES_PER_SPLIT = 4
 _LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ----------------------------------------------------------------------------------- configs
@@ -239,11 +246,10 @@ def _soft_target_ce_softmax_grad(s2, col_mask, lse2, row_weight, MASK_COLS: tl.c
 
 
 @triton.jit
-def _soft_target_ce_inverse_norm_kernel(
-    x_ptr, out_ptr, R, D, stride_xr, stride_xd, eps,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _soft_target_ce_inverse_norm_rows(x_ptr, out_ptr, block, R, D, stride_xr, stride_xd, eps,
+                                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``1 / max(||x_r||, eps)`` of the ``block``-th BLOCK_R rows of x, stored in fp32."""
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
     x_rows = x_ptr + rows.to(tl.int64) * stride_xr
     squares = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -256,6 +262,22 @@ def _soft_target_ce_inverse_norm_kernel(
         ).to(tl.float32)
         squares += tl.sum(x * x, axis=1)
     tl.store(out_ptr + rows, 1.0 / tl.maximum(tl.sqrt(squares), eps), mask=row_mask)
+
+
+@triton.jit
+def _soft_target_ce_inverse_norm_kernel(
+    x_ptr, y_ptr, out_x_ptr, out_y_ptr, RX, RY, D, stride_xr, stride_xd, stride_yr, stride_yd,
+    eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # One launch for both operands: the first row blocks are x's, the rest y's.
+    x_blocks = tl.cdiv(RX, BLOCK_R)
+    block = tl.program_id(0)
+    if block < x_blocks:
+        _soft_target_ce_inverse_norm_rows(x_ptr, out_x_ptr, block, RX, D, stride_xr, stride_xd,
+                                          eps, BLOCK_R, BLOCK_D)
+    else:
+        _soft_target_ce_inverse_norm_rows(y_ptr, out_y_ptr, block - x_blocks, RY, D, stride_yr,
+                                          stride_yd, eps, BLOCK_R, BLOCK_D)
 
 
 @triton.jit
@@ -441,6 +463,127 @@ def _soft_target_ce_bwd_dc_kernel(
     tl.store(out, acc, mask=col_mask[:, None] & out_mask[None, :])
 
 
+@triton.jit
+def _soft_target_ce_fwd_finish_kernel(
+    q_ptr, c_ptr, inv_q_ptr, inv_c_ptr, t_ptr, max_ptr, sum_ptr, lse_ptr, owned_ptr, loss_ptr,
+    B, S, D, SPLITS, target_offset, inv_temperature,
+    stride_qb, stride_qd, stride_cm, stride_cd, stride_tb, stride_ts, stride_pb, stride_ps,
+    stride_ob, stride_os,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Per row block: the splits' (max, sum) combined in split order into lse, the owned
+    logits in fp32 from their rows, and ``loss = sum(t) * lse - sum_s t * owned``."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    rows64 = rows.to(tl.int64)
+    partials = rows64 * stride_pb
+    row_max = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
+    for split in range(0, SPLITS):
+        part_max = tl.load(max_ptr + partials + split * stride_ps, mask=row_mask, other=0.0)
+        row_max = tl.maximum(row_max, part_max)
+    total = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for split in range(0, SPLITS):
+        part_max = tl.load(max_ptr + partials + split * stride_ps, mask=row_mask, other=0.0)
+        # Padded rows read (0, 1): a finite lse, never stored.
+        part_sum = tl.load(sum_ptr + partials + split * stride_ps, mask=row_mask, other=1.0)
+        total += part_sum * tl.exp2(part_max - row_max)
+    # The partials are in base 2.
+    lse = (row_max + tl.log2(total)) * _LN2
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    inv_q = tl.load(inv_q_ptr + rows, mask=row_mask, other=0.0)
+    q_rows = q_ptr + rows64 * stride_qb
+    first_owned = target_offset + rows64 * S
+    mass = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    target_logits = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for slot in range(0, S):
+        own = first_owned + slot
+        raw = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            feats = d0 + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (feats < D)[None, :]
+            q = tl.load(q_rows[:, None] + feats[None, :] * stride_qd, mask=mask, other=0.0)
+            c = tl.load(c_ptr + own[:, None] * stride_cm + feats[None, :] * stride_cd,
+                        mask=mask, other=0.0)
+            raw += tl.sum(q.to(tl.float32) * c.to(tl.float32), axis=1)
+        inv_c = tl.load(inv_c_ptr + own, mask=row_mask, other=0.0)
+        owned = raw * inv_q * inv_c * inv_temperature
+        tl.store(owned_ptr + rows64 * stride_ob + slot * stride_os, owned, mask=row_mask)
+        weight = tl.load(t_ptr + rows64 * stride_tb + slot * stride_ts, mask=row_mask,
+                         other=0.0).to(tl.float32)
+        mass += weight
+        target_logits += weight * owned
+    tl.store(loss_ptr + rows, mass * lse - target_logits, mask=row_mask)
+
+
+@triton.jit
+def _soft_target_ce_bwd_prep_kernel(
+    grad_ptr, t_ptr, lse_ptr, owned_ptr, row_weight_ptr, dt_ptr, B, S,
+    stride_g, stride_tb, stride_ts, stride_ob, stride_os, stride_db, stride_ds,
+    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """``row_weight = g * sum(t)`` (fp32, what the dq / dC kernels scale p by) and the target
+    gradient ``g * (lse - owned)`` in the targets' dtype."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    rows64 = rows.to(tl.int64)
+    g = tl.load(grad_ptr + rows64 * stride_g, mask=row_mask, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    mass = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        slots = s0 + tl.arange(0, BLOCK_S)
+        mask = row_mask[:, None] & (slots < S)[None, :]
+        weights = tl.load(t_ptr + rows64[:, None] * stride_tb + slots[None, :] * stride_ts,
+                          mask=mask, other=0.0).to(tl.float32)
+        mass += tl.sum(weights, axis=1)
+        owned = tl.load(owned_ptr + rows64[:, None] * stride_ob + slots[None, :] * stride_os,
+                        mask=mask, other=0.0)
+        grad_targets = g[:, None] * (lse[:, None] - owned)
+        tl.store(dt_ptr + rows64[:, None] * stride_db + slots[None, :] * stride_ds,
+                 grad_targets.to(dt_ptr.dtype.element_ty), mask=mask)
+    tl.store(row_weight_ptr + rows, g * mass, mask=row_mask)
+
+
+@triton.jit
+def _soft_target_ce_dq_finish_kernel(
+    q_ptr, c_ptr, inv_q_ptr, inv_c_ptr, t_ptr, grad_ptr, part_ptr, dq_ptr,
+    B, S, D, SPLITS, target_offset, inv_temperature, inv_eps,
+    stride_qb, stride_qd, stride_cm, stride_cd, stride_tb, stride_ts, stride_g,
+    stride_ps, stride_pb, stride_pd, stride_ob, stride_od,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Per row block, whole rows (BLOCK_D >= D): h = the splits' dq partials summed in split
+    order less ``g sum_s t_s n(C_own(s)) / T``, then the normalisation chain rule
+    ``(h - n(q) <n(q), h>) * inv_q`` (``h * inv_q`` where the norm was clamped), in q's dtype."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    rows64 = rows.to(tl.int64)
+    feats = tl.arange(0, BLOCK_D)
+    mask = row_mask[:, None] & (feats < D)[None, :]
+    partials = part_ptr + rows64[:, None] * stride_pb + feats[None, :] * stride_pd
+    h = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    for _ in range(0, SPLITS):
+        h += tl.load(partials, mask=mask, other=0.0)
+        partials += stride_ps  # a pointer step: splits * B * D may pass 2**31
+    g = tl.load(grad_ptr + rows64 * stride_g, mask=row_mask, other=0.0).to(tl.float32)
+    first_owned = target_offset + rows64 * S
+    for slot in range(0, S):
+        own = first_owned + slot
+        weight = tl.load(t_ptr + rows64 * stride_tb + slot * stride_ts, mask=row_mask,
+                         other=0.0).to(tl.float32)
+        scale = weight * g * inv_temperature * tl.load(inv_c_ptr + own, mask=row_mask, other=0.0)
+        c = tl.load(c_ptr + own[:, None] * stride_cm + feats[None, :] * stride_cd, mask=mask,
+                    other=0.0)
+        h -= scale[:, None] * c.to(tl.float32)
+    inv_q = tl.load(inv_q_ptr + rows, mask=row_mask, other=0.0)
+    q = tl.load(q_ptr + rows64[:, None] * stride_qb + feats[None, :] * stride_qd, mask=mask,
+                other=0.0)
+    unit = q.to(tl.float32) * inv_q[:, None]
+    along = tl.where(inv_q >= inv_eps, 0.0, tl.sum(unit * h, axis=1))
+    dq = (h - unit * along[:, None]) * inv_q[:, None]
+    tl.store(dq_ptr + rows64[:, None] * stride_ob + feats[None, :] * stride_od,
+             dq.to(dq_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------------- launchers
 
 _KERNELS = {
@@ -489,56 +632,65 @@ def _split_layout(num_rows: int, num_cols: int, splits: int | None, block: dict 
     return triton.cdiv(num_cols, cols_per_split), cols_per_split
 
 
-def inverse_norms(x: Tensor) -> Tensor:
-    """``(R,)`` fp32 ``1 / max(||x_r||, 1e-12)`` of an ``(R, D)`` tensor."""
+def inverse_norms(x: Tensor, y: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """``(R,)`` fp32 ``1 / max(||x_r||, 1e-12)`` of an ``(R, D)`` tensor; given ``y`` (same
+    D), the pair ``(for x, for y)`` from one launch."""
     num_rows, width = x.shape
-    out = torch.empty(num_rows, device=x.device, dtype=torch.float32)
+    other = x[:0] if y is None else y
+    out_x = torch.empty(num_rows, device=x.device, dtype=torch.float32)
+    out_y = torch.empty(other.shape[0], device=x.device, dtype=torch.float32)
     block_r, block_d = 32, min(128, max(16, triton.next_power_of_2(width)))
-    _soft_target_ce_inverse_norm_kernel[(triton.cdiv(num_rows, block_r),)](
-        x_ptr=x, out_ptr=out, R=num_rows, D=width, stride_xr=x.stride(0), stride_xd=x.stride(1),
-        eps=NORM_EPS, BLOCK_R=block_r, BLOCK_D=block_d,
+    grid = (triton.cdiv(num_rows, block_r) + triton.cdiv(other.shape[0], block_r),)
+    _soft_target_ce_inverse_norm_kernel[grid](
+        x_ptr=x, y_ptr=other, out_x_ptr=out_x, out_y_ptr=out_y, RX=num_rows, RY=other.shape[0],
+        D=width, stride_xr=x.stride(0), stride_xd=x.stride(1), stride_yr=other.stride(0),
+        stride_yd=other.stride(1), eps=NORM_EPS, BLOCK_R=block_r, BLOCK_D=block_d,
     )
-    return out
+    return out_x if y is None else (out_x, out_y)
 
 
-def _unit_owned(candidates: Tensor, inv_c: Tensor, num_rows: int, num_slots: int,
-                target_offset: int) -> Tensor:
-    """``(B, S, D)`` fp32 ``n(C)`` of the owned columns: one contiguous run of B*S rows."""
-    rows = candidates.narrow(0, target_offset, num_rows * num_slots).float()
-    scale = inv_c.narrow(0, target_offset, num_rows * num_slots).unsqueeze(1)
-    return (rows * scale).unflatten(0, (num_rows, num_slots))
+def _finish_blocks(width: int, *, whole_rows: bool) -> dict:
+    """The finish kernels' ``BLOCK_B, BLOCK_D``: whole padded rows (the dq finish holds h for
+    its chain rule) or CHUNK_D slices (the forward's owned dots), on at most 4096 fp32 per
+    program."""
+    padded = max(16, triton.next_power_of_2(width))
+    block_d = padded if whole_rows else min(padded, CHUNK_D)
+    return dict(BLOCK_B=max(2, min(32, 4096 // block_d)), BLOCK_D=block_d)
 
 
 def soft_target_ce_forward(
     queries: Tensor,
     candidates: Tensor,
+    targets: Tensor,
     inv_q: Tensor,
     inv_c: Tensor,
     *,
-    num_slots: int,
     temperature: float,
     target_offset: int,
     splits: int | None = None,
     block: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-split online-softmax partials and the owned logits.
+    """The per-row loss, its lse and the owned logits: two launches.
 
-    The owned logits (B*S of the B*M) are computed here in fp32 from their rows, so the
-    kernel's tile loop holds no owned-column work.
+    The main kernel stores per-split online-softmax partials; the finish kernel combines them
+    in split order (deterministic), computes the owned logits (B*S of the B*M) in fp32 from
+    their rows, so the main tile loop holds no owned-column work, and the loss
+    ``sum(t) * lse - sum_s t * owned`` (``reference.soft_target_loss_of``).
 
     Args:
         queries: ``(B, D)`` fp32/fp16/bf16. candidates: ``(M, D)``, same dtype.
+        targets: ``(B, S)`` float weights of the owned columns.
         inv_q, inv_c: ``(B,)``, ``(M,)`` fp32 inverse norms (:func:`inverse_norms`).
         splits: column splits (default: a grid of about 1024 programs).
         block: explicit ``BLOCK_B, BLOCK_N, BLOCK_DO`` (and optionally ``BLOCK_D``) instead
             of autotuning.
 
     Returns:
-        ``(part_max, part_sum, owned)``: ``(B, SPLITS)`` fp32 base-2 running max and sum of
-        ``exp2`` per split, and ``(B, S)`` fp32 owned logits ``s_j,own(j,s)``.
+        ``(loss, lse, owned)``: ``(B,)``, ``(B,)`` and ``(B, S)`` fp32.
     """
     num_rows, width = queries.shape
     num_cols = candidates.shape[0]
+    num_slots = targets.shape[1]
     splits, cols_per_split = _split_layout(num_rows, num_cols, splits, block)
     f32 = dict(device=queries.device, dtype=torch.float32)
     part_max = torch.empty(num_rows, splits, **f32)
@@ -556,17 +708,53 @@ def soft_target_ce_forward(
         stride_cm=candidates.stride(0), stride_cd=candidates.stride(1),
         stride_pb=part_max.stride(0), stride_ps=part_max.stride(1), **meta,
     )
-    unit_q = queries.float() * inv_q.unsqueeze(1)
-    unit_owned = _unit_owned(candidates, inv_c, num_rows, num_slots, target_offset)
-    owned = torch.einsum("bd,bsd->bs", unit_q, unit_owned) / temperature
-    return part_max, part_sum, owned
+    loss, lse = torch.empty(num_rows, **f32), torch.empty(num_rows, **f32)
+    owned = torch.empty(num_rows, num_slots, **f32)
+    blocks = _finish_blocks(width, whole_rows=False)
+    _soft_target_ce_fwd_finish_kernel[(triton.cdiv(num_rows, blocks["BLOCK_B"]),)](
+        q_ptr=queries, c_ptr=candidates, inv_q_ptr=inv_q, inv_c_ptr=inv_c, t_ptr=targets,
+        max_ptr=part_max, sum_ptr=part_sum, lse_ptr=lse, owned_ptr=owned, loss_ptr=loss,
+        B=num_rows, S=num_slots, D=width, SPLITS=splits, target_offset=target_offset,
+        inv_temperature=1.0 / temperature,
+        stride_qb=queries.stride(0), stride_qd=queries.stride(1),
+        stride_cm=candidates.stride(0), stride_cd=candidates.stride(1),
+        stride_tb=targets.stride(0), stride_ts=targets.stride(1),
+        stride_pb=part_max.stride(0), stride_ps=part_max.stride(1),
+        stride_ob=owned.stride(0), stride_os=owned.stride(1), **blocks,
+    )
+    return loss, lse, owned
+
+
+def soft_target_ce_backward_prep(
+    grad: Tensor, targets: Tensor, lse: Tensor, owned: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(row_weight, grad_targets)`` in one launch: ``(B,)`` fp32 ``g * sum(t)`` and the
+    ``(B, S)`` target gradient ``g * (lse - owned)`` in the targets' dtype.
+
+    ``grad`` is the ``(B,)`` incoming gradient of the per-row losses, any float dtype and
+    stride (a ``loss.sum()`` backward gives a stride-0 one).
+    """
+    num_rows, num_slots = targets.shape
+    row_weight = torch.empty(num_rows, device=targets.device, dtype=torch.float32)
+    grad_targets = torch.empty_like(targets, memory_format=torch.contiguous_format)
+    block_b, block_s = 32, min(32, max(2, triton.next_power_of_2(num_slots)))
+    _soft_target_ce_bwd_prep_kernel[(triton.cdiv(num_rows, block_b),)](
+        grad_ptr=grad, t_ptr=targets, lse_ptr=lse, owned_ptr=owned, row_weight_ptr=row_weight,
+        dt_ptr=grad_targets, B=num_rows, S=num_slots, stride_g=grad.stride(0),
+        stride_tb=targets.stride(0), stride_ts=targets.stride(1),
+        stride_ob=owned.stride(0), stride_os=owned.stride(1),
+        stride_db=grad_targets.stride(0), stride_ds=grad_targets.stride(1),
+        BLOCK_B=block_b, BLOCK_S=block_s,
+    )
+    return row_weight, grad_targets
 
 
 class BackwardInputs(NamedTuple):
     """What both backward launchers read; built once by the caller, passed by name.
 
-    ``lse``, ``grad`` and ``row_weight = grad * sum(targets)`` are ``(B,)`` fp32; the other
-    tensors as for :func:`soft_target_ce_forward`.
+    ``lse`` and ``row_weight = grad * sum(targets)`` (:func:`soft_target_ce_backward_prep`)
+    are ``(B,)`` fp32, ``grad`` the ``(B,)`` incoming gradient in any float dtype and stride;
+    the other tensors as for :func:`soft_target_ce_forward`.
     """
 
     queries: Tensor
@@ -583,7 +771,7 @@ class BackwardInputs(NamedTuple):
     def target_weights(self) -> Tensor:
         """``(B, S)`` fp32 ``g_j t_js / T``: the target term of the logit gradient, which
         lives on the owned columns only and is subtracted outside the kernels."""
-        return self.grad.unsqueeze(1) * self.targets.float() / self.temperature
+        return self.grad.float().unsqueeze(1) * self.targets.float() / self.temperature
 
 
 def _backward_args(inputs: BackwardInputs) -> dict:
@@ -602,13 +790,18 @@ def _backward_args(inputs: BackwardInputs) -> dict:
 def soft_target_ce_backward_queries(
     inputs: BackwardInputs, *, splits: int | None = None, block: dict | None = None
 ) -> Tensor:
-    """``(B, D)`` fp32 gradient w.r.t. ``n(q)``: the kernel's per-split partials summed in
-    a fixed order (deterministic), less the target term."""
-    num_rows, width = inputs.queries.shape
-    splits, cols_per_split = _split_layout(num_rows, inputs.candidates.shape[0], splits, block)
-    partial = torch.empty(splits, num_rows, width, device=inputs.queries.device,
-                          dtype=torch.float32)
-    kernel, meta = _kernel("dq", block, inputs.queries)
+    """``(B, D)`` gradient w.r.t. the queries, in their dtype: two launches.
+
+    The main kernel stores per-split fp32 partials of the gradient w.r.t. ``n(q)``; the
+    finish kernel sums them in split order (deterministic), subtracts the target term
+    ``g_j sum_s t_js n(C_own(j,s)) / T`` and applies the normalisation chain rule
+    (``snclr.ops._grads.normalize_backward``, the clamped-norm case included).
+    """
+    queries, candidates, targets = inputs.queries, inputs.candidates, inputs.targets
+    num_rows, width = queries.shape
+    splits, cols_per_split = _split_layout(num_rows, candidates.shape[0], splits, block)
+    partial = torch.empty(splits, num_rows, width, device=queries.device, dtype=torch.float32)
+    kernel, meta = _kernel("dq", block, queries)
 
     def grid(meta):
         return (triton.cdiv(num_rows, meta["BLOCK_B"]), splits,
@@ -619,9 +812,21 @@ def soft_target_ce_backward_queries(
         stride_ps=partial.stride(0), stride_pb=partial.stride(1), stride_pd=partial.stride(2),
         **meta,
     )
-    unit_owned = _unit_owned(inputs.candidates, inputs.inv_c, num_rows,
-                             inputs.targets.shape[1], inputs.target_offset)
-    return partial.sum(dim=0) - torch.einsum("bs,bsd->bd", inputs.target_weights(), unit_owned)
+    grad_queries = torch.empty(num_rows, width, device=queries.device, dtype=queries.dtype)
+    blocks = _finish_blocks(width, whole_rows=True)
+    _soft_target_ce_dq_finish_kernel[(triton.cdiv(num_rows, blocks["BLOCK_B"]),)](
+        q_ptr=queries, c_ptr=candidates, inv_q_ptr=inputs.inv_q, inv_c_ptr=inputs.inv_c,
+        t_ptr=targets, grad_ptr=inputs.grad, part_ptr=partial, dq_ptr=grad_queries,
+        B=num_rows, S=targets.shape[1], D=width, SPLITS=splits,
+        target_offset=inputs.target_offset, inv_temperature=1.0 / inputs.temperature,
+        inv_eps=1.0 / NORM_EPS,
+        stride_qb=queries.stride(0), stride_qd=queries.stride(1),
+        stride_cm=candidates.stride(0), stride_cd=candidates.stride(1),
+        stride_tb=targets.stride(0), stride_ts=targets.stride(1), stride_g=inputs.grad.stride(0),
+        stride_ps=partial.stride(0), stride_pb=partial.stride(1), stride_pd=partial.stride(2),
+        stride_ob=grad_queries.stride(0), stride_od=grad_queries.stride(1), **blocks,
+    )
+    return grad_queries
 
 
 def soft_target_ce_backward_candidates(

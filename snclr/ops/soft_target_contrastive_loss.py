@@ -13,8 +13,6 @@ inputs take the exact torch path on either device (``snclr.ops._backend``).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -93,16 +91,11 @@ def _forward(
     """
     from snclr.kernels.soft_target_ce import inverse_norms, soft_target_ce_forward
 
-    inv_q, inv_c = inverse_norms(queries), inverse_norms(candidates)
-    part_max, part_sum, owned = soft_target_ce_forward(
-        queries, candidates, inv_q, inv_c, num_slots=targets.shape[1], temperature=temperature,
+    inv_q, inv_c = inverse_norms(queries, candidates)
+    loss, lse, owned = soft_target_ce_forward(
+        queries, candidates, targets, inv_q, inv_c, temperature=temperature,
         target_offset=target_offset, splits=splits, block=block,
     )
-    # Split combine in a fixed order (deterministic); the partials are in base 2.
-    row_max = part_max.amax(dim=1, keepdim=True)
-    total = (part_sum * torch.exp2(part_max - row_max)).sum(dim=1)
-    lse = (row_max.squeeze(1) + torch.log2(total)) * math.log(2.0)
-    loss = reference.soft_target_loss_of(targets, lse, owned)
     return loss, lse, owned, inv_q, inv_c
 
 
@@ -181,17 +174,17 @@ def _backward(
     """The Triton backward: ``(dq or None, dC or None, dt)`` in the inputs' dtypes.
 
     ``dL/du_js = g_j (lse_j - s_j,own(j,s))``; the logit gradients are recomputed tile by
-    tile in the kernels, then chained through the normalisations here.
+    tile in the kernels and chained through the query normalisation there; the candidates'
+    (off SNCLR's path) here.
     """
     from snclr.kernels.soft_target_ce import (
         BackwardInputs,
         soft_target_ce_backward_candidates,
+        soft_target_ce_backward_prep,
         soft_target_ce_backward_queries,
     )
 
-    grad = grad.float().contiguous()
-    row_weight = (grad * targets.float().sum(dim=1)).contiguous()
-    grad_targets = (grad.unsqueeze(1) * (lse.unsqueeze(1) - owned)).to(targets.dtype)
+    row_weight, grad_targets = soft_target_ce_backward_prep(grad, targets, lse, owned)
     inputs = BackwardInputs(
         queries=queries, candidates=candidates, targets=targets, inv_q=inv_q, inv_c=inv_c,
         lse=lse, grad=grad, row_weight=row_weight, temperature=temperature,
@@ -199,8 +192,7 @@ def _backward(
     )
     grad_queries = grad_candidates = None
     if need_queries:
-        grad_unit = soft_target_ce_backward_queries(inputs, splits=splits, block=block)
-        grad_queries = normalize_backward(queries, inv_q, grad_unit)
+        grad_queries = soft_target_ce_backward_queries(inputs, splits=splits, block=block)
     if need_candidates:
         grad_unit = soft_target_ce_backward_candidates(inputs, block=block)
         grad_candidates = normalize_backward(candidates, inv_c, grad_unit)
