@@ -26,8 +26,11 @@ subgroups of SUB rows (S = G / SUB per group), aligned to the bank's start::
         keys[b, split, :] = top, sorted                       # K group keys per split
     merge kernel, grid (B,), one query row per program:
         walk the splits' sorted lists from their heads, K rounds -> the K best groups
-        their K*S subgroup maxima, K rounds of tl.max       -> the K best subgroups
-        one gather of their K*SUB rows: exact fp32 scores; K rounds -> sorted winners
+            (each split's next key loaded a round ahead)
+        their K*S subgroup maxima, ranked or K rounds of tl.max -> the K best subgroups
+        one gather of their K*SUB rows: exact fp32 scores; ranked or K rounds -> sorted winners
+            (ranked: each candidate's rank is the count of keys above it, n^2 compares with
+            no dependent round, while n = K*S and K*SUB are at most 256; merge_blocks)
         slots left empty (fewer than K eligible rows) take the smallest other rows
         one gather of the K winning rows: values, attention = <on, row>/|row|;
         softmax over K (+ threshold)
@@ -68,9 +71,10 @@ against the size of the groups, SUB the merge's refine against the subgroup maxi
 
 Interpreter limits respected: bf16/fp16 tiles are cast to fp32 before ``tl.dot`` (bf16 dot
 is wrong there); no ``tl.sort``/``tl.topk`` (element-wise slow there), only ``tl.max``
-rounds; no block pointers; a single config, no autotuning; every load is in range by
-construction or masked, since the interpreter does not detect out-of-range loads. Static
-sm_90 figures: ``bench/RESULTS.md`` and ``bench/model_knn.py``.
+rounds and ranks by broadcast compares; no block pointers; a single config, no
+autotuning; every load is in range by construction or masked, since the interpreter does
+not detect out-of-range loads. Static sm_90 figures: ``bench/RESULTS.md`` and
+``bench/model_knn.py``.
 """
 
 from __future__ import annotations
@@ -101,7 +105,9 @@ _REGISTER_BUDGET = 160
 # F.normalize's eps, for the positiveness of the winners.
 _EPS = tl.constexpr(NORM_EPS)
 # Cap on SPLITS * K_PAD: the group keys and subgroup maxima the split writes per query row.
-_MAX_CANDIDATES = 2048
+_MAX_CANDIDATES = 4096
+# Split programs (of 64 query rows) to aim for: about two per SM of an H200.
+_SPLIT_PROGRAMS = 256
 # Batches up to this many query rows are latency-bound (see search_plan, merge_blocks).
 _SMALL_BATCH = 512
 # The merge ranks its candidates (n^2 compares) instead of taking K rounds up to this many.
@@ -549,10 +555,15 @@ def _tuned_split_kernel():
 
 
 def num_splits_for(num_queries: int, num_rows: int, k: int) -> int:
-    """Bank splits: enough programs to fill a GPU, few enough candidates to merge."""
+    """Bank splits: enough programs to fill a GPU, few enough candidates to merge.
+
+    About two programs per SM: more make each program's run of tiles shorter but the
+    merge's lists longer, fewer leave SMs idle (``bench/model_knn.py``: 256 programs model
+    no slower than 128 or 384 at any of the six shapes, and faster than 512 at B <= 1024).
+    """
     k_pad = triton.next_power_of_2(k)
     query_blocks = triton.cdiv(num_queries, 64)
-    splits = triton.cdiv(512, query_blocks)
+    splits = triton.cdiv(_SPLIT_PROGRAMS, query_blocks)
     splits = min(splits, triton.cdiv(num_rows, _SPLIT_ALIGN), _MAX_CANDIDATES // k_pad)
     return max(1, splits)
 
