@@ -7,10 +7,12 @@ Every kernel of the search counts, at the launcher's own choices:
             config of ``split_configs()`` that its prune keeps (the autotuner's candidates);
             the fastest modelled config stands for the autotuner's pick. The tile loop has no
             nested loop, so nothing is charged as insertion rounds.
-    merge   ``merge_blocks`` (rows per program, gather width); each of its top-level
-            loops (K rounds of selection, three times; the D loops of two gathers) is
-            simulated per trip by ``gpu_model.run_sm`` with its nested loops inserted as often
-            as they run (D / BLOCK_D), CTAs spread over the SMs, and floored by the HBM bytes
+    merge   ``merge_blocks`` (rows per program, gather width, ranked or round selections);
+            each of its top-level loops (the list walk and, unless ranked, two more
+            selections of K rounds; the D loops of two gathers) is simulated per trip by
+            ``gpu_model.run_sm`` with its nested loops inserted as often as they run (D /
+            BLOCK_D), and the code outside every loop (the ranked selections among it) once
+            per program from a cold start; CTAs spread over the SMs, floored by the HBM bytes
             it must read: K * SUB refined rows and K winners per query row, as bf16.
 The torch figure is ``gpu_model_knn.torch_baseline`` (same directory as gpu_model.py): cuBLAS
 at 790 TFLOP/s writing bf16 scores, plus PyTorch's radix-select passes over them; a lower

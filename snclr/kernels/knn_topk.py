@@ -679,17 +679,19 @@ def merge_blocks(num_queries: int, k: int, subgroups: int, sub_rows: int,
     and 1024 elements per warp and gather, so that the element-wise accumulators fit in
     registers (64 and 3 x 32 a thread).
 
-    ``ranked``: the two selections over K * S subgroups and K * SUB rows rank all their
-    candidates at once (n^2 int64 compares, no dependent round) while n is at most
-    _RANKED_KEYS; past that (K > 32, or K > 16 with 16-row subgroups) the n^2 work costs
-    more than K rounds of max (``bench/model_knn.py``: 62 against 66 us at (128, 128000,
-    256, 64), 35 against 26 us at K = 30)."""
+    ``ranked``: in four-warp programs, the two selections over K * S subgroups and K * SUB
+    rows rank all their candidates at once (n^2 int64 compares, no dependent round) while
+    n is at most _RANKED_KEYS; past that (K > 32, or K > 16 with 16-row subgroups) the n^2
+    work costs more than K rounds of max (``bench/model_knn.py``: 62 against 66 us at (128,
+    128000, 256, 64), 31 against 22 us at K = 30). A one-warp program would hold 2,048
+    compares a thread and spill registers (40 local stores on sm_90), so it keeps the
+    rounds."""
     num_warps = 4 if num_queries <= _SMALL_BATCH else 1
     k_pad = triton.next_power_of_2(k)
     width = triton.next_power_of_2(dim)
     block_d = min(width, max(8, 2048 * num_warps // (k_pad * sub_rows)))
     block_dw = min(width, max(8, 1024 * num_warps // k_pad))
-    ranked = k_pad * max(subgroups, sub_rows) <= _RANKED_KEYS
+    ranked = num_warps == 4 and k_pad * max(subgroups, sub_rows) <= _RANKED_KEYS
     return MergeBlocks(1, block_d, block_dw, num_warps, ranked)
 
 
