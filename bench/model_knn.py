@@ -7,10 +7,12 @@ Every kernel of the search counts, at the launcher's own choices:
             config of ``split_configs()`` that its prune keeps (the autotuner's candidates);
             the fastest modelled config stands for the autotuner's pick. The tile loop has no
             nested loop, so nothing is charged as insertion rounds.
-    merge   ``merge_blocks`` (rows per program, gather width); each of its top-level
-            loops (K rounds of selection, three times; the D loops of two gathers) is
-            simulated per trip by ``gpu_model.run_sm`` with its nested loops inserted as often
-            as they run (D / BLOCK_D), CTAs spread over the SMs, and floored by the HBM bytes
+    merge   ``merge_blocks`` (rows per program, gather width, ranked or round selections);
+            each of its top-level loops (the list walk and, unless ranked, two more
+            selections of K rounds; the D loops of two gathers) is simulated per trip by
+            ``gpu_model.run_sm`` with its nested loops inserted as often as they run (D /
+            BLOCK_D), and the code outside every loop (the ranked selections among it) once
+            per program from a cold start; CTAs spread over the SMs, floored by the HBM bytes
             it must read: K * SUB refined rows and K winners per query row, as bf16.
 The torch figure is ``gpu_model_knn.torch_baseline`` (same directory as gpu_model.py): cuBLAS
 at 790 TFLOP/s writing bf16 scores, plus PyTorch's radix-select passes over them; a lower
@@ -94,11 +96,12 @@ def merge_time(B, D, K, plan, splits):
     """Seconds of the merge: its K-round loops simulated per trip, CTAs over the SMs."""
     k_pad = triton.next_power_of_2(K)
     subgroups = plan.group_rows // plan.sub_rows
-    block_b, block_d, block_dw, warps = kk.merge_blocks(B, K, subgroups, plan.sub_rows, D)
+    block_b, block_d, block_dw, warps, ranked = kk.merge_blocks(B, K, subgroups,
+                                                                 plan.sub_rows, D)
     consts = dict(K=K, K_PAD=k_pad, SPLITS_PAD=triton.next_power_of_2(splits), S=subgroups,
                   SUB=plan.sub_rows, HAS_EXCLUDE=False, WITH_POSITIVENESS=True,
                   THRESHOLD=False, BLOCK_B=block_b, BLOCK_D=block_d,
-                  BLOCK_DW=block_dw, GATHER_STAGES=3)
+                  BLOCK_DW=block_dw, GATHER_STAGES=3, RANKED=ranked)
     ptrs = dict(cand_ptr="i64", sub_ptr="fp32", q_ptr="bf16", bank_ptr="bf16",
                 online_ptr="bf16", exclude_ptr="i64", idx_ptr="i64", val_ptr="bf16",
                 pos_ptr="fp32")
@@ -116,13 +119,21 @@ def merge_time(B, D, K, plan, splits):
     ctas = triton.cdiv(B, block_b)
     per_sm = math.ceil(ctas / gm.SMS)
     k = max(1, min(occ["ctas_per_sm"], per_sm))
-    clk = 2 * gm.l2_latency_clk()
+    # The code outside the loops (the loads of the lists' heads and of the subgroup maxima,
+    # the selections when they are ranked instead of taken in rounds, the softmax), run
+    # once per program from a cold start, k programs sharing an SM.
+    straight = [(a, op, t) for a, op, t in instrs
+                if not any(lo <= a <= hi for lo, hi in spans)]
+    _, cold, _ = gm.run_sm(lambda j, i: straight, k, warps, 4096 * gm.TENSOR_SUSTAINED,
+                           trips=1)
+    once = max(c.t for c in cold)
+    clk = math.ceil(per_sm / k) * once
     loops, gathers = [], 0
     for lo, hi in top:
         body = [(a, op, t) for a, op, t in instrs if lo <= a <= hi]
         nested = any(s != (lo, hi) and lo <= s[0] and s[1] <= hi for s in spans)
         if any(op.startswith("LDG") for _, op, _ in body):
-            trips = load_trips[min(gathers, 2)]
+            trips = load_trips[min(gathers, len(load_trips) - 1)]
             gathers += 1
         elif nested:
             continue  # the fill, taken only when a row runs short of eligible rows
@@ -135,7 +146,7 @@ def merge_time(B, D, K, plan, splits):
     hbm = B * K * (plan.sub_rows + 1) * D * BF16 + B * K * (8 + 4 * subgroups)
     t = max(clk / gm.CLOCK_HZ, hbm / gm.HBM_BW)
     return t, dict(block_b=block_b, ctas=ctas, ctas_per_sm=k, loops=loops,
-                   hbm_mb=hbm / 1e6)
+                   straight=(len(straight), round(once)), ranked=ranked, hbm_mb=hbm / 1e6)
 
 
 def model_shape(B, N, D, K, *, launch=False, verbose=False):

@@ -319,6 +319,30 @@ def test_16_bit_and_mixed_dtypes(query_dtype, bank_dtype):
     assert all(len(set(row)) == 8 for row in indices.tolist())
 
 
+@pytest.mark.parametrize("ranked", [False, True], ids=["rounds", "ranked"])
+@pytest.mark.parametrize("k", [1, 7, 16])
+def test_ranked_and_round_selections_agree(monkeypatch, ranked, k):
+    # The merge's two selections either rank all candidates at once or take K rounds of
+    # max (merge_blocks picks by the candidate count); both must give the reference's
+    # indices exactly: ties across groups and at the cut, an all-NaN query, a row excluded
+    # at the cut and a query left with fewer than K eligible rows.
+    monkeypatch.setattr(kernels, "_RANKED_KEYS", 10**9 if ranked else 0)
+    query = torch.randint(-2, 3, (6, 16)).float()
+    query[2] = float("nan")
+    bank = torch.randint(-2, 3, (330, 16)).float()
+    bank[::5] = bank[1::5][:66]  # duplicated rows: equal scores at other indices
+    _, order = reference.knn_topk(query, bank, k + 2)
+    exclude = torch.cat([order[:, k - 1:k + 1], torch.full((6, 1), -1)], dim=1)
+    exclude[4] = torch.tensor([-1, -1, -1])
+    bank_short = bank[:k + 1]
+    for b, ex in ((bank, exclude), (bank_short, torch.arange(3).expand(6, 3))):
+        ref_values, ref_indices = reference.knn_topk(query, b, k, exclude=ex)
+        for num_splits in (1, 3):
+            values, indices = _split_and_merge(query, b, k, exclude=ex, num_splits=num_splits)
+            assert torch.equal(indices, ref_indices), (num_splits, b.shape)
+            torch.testing.assert_close(values, ref_values, atol=ATOL, rtol=RTOL)
+
+
 def test_large_batch_merge_blocks():
     # Past the small-batch bound the merge runs other blocks (one warp a row on a GPU).
     query, bank = torch.randn(kernels._SMALL_BATCH + 3, 16), torch.randn(150, 16)
@@ -534,7 +558,7 @@ for k, positiveness, threshold, exclude, batch, sub in [
           dict(K=k, K_PAD=triton.next_power_of_2(k), SPLITS_PAD=64, S=128 // sub, SUB=sub,
                HAS_EXCLUDE=exclude, WITH_POSITIVENESS=positiveness, THRESHOLD=threshold,
                BLOCK_B=blocks.block_b, BLOCK_D=blocks.block_d, BLOCK_DW=blocks.block_dw,
-               GATHER_STAGES=3), num_warps=blocks.num_warps)
+               GATHER_STAGES=3, RANKED=blocks.ranked), num_warps=blocks.num_warps)
 print("compiled")
 '''
 

@@ -26,8 +26,11 @@ subgroups of SUB rows (S = G / SUB per group), aligned to the bank's start::
         keys[b, split, :] = top, sorted                       # K group keys per split
     merge kernel, grid (B,), one query row per program:
         walk the splits' sorted lists from their heads, K rounds -> the K best groups
-        their K*S subgroup maxima, K rounds of tl.max       -> the K best subgroups
-        one gather of their K*SUB rows: exact fp32 scores; K rounds -> sorted winners
+            (each split's next key loaded a round ahead)
+        their K*S subgroup maxima, ranked or K rounds of tl.max -> the K best subgroups
+        one gather of their K*SUB rows: exact fp32 scores; ranked or K rounds -> sorted winners
+            (ranked: each candidate's rank is the count of keys above it, n^2 compares with
+            no dependent round, while n = K*S and K*SUB are at most 256; merge_blocks)
         slots left empty (fewer than K eligible rows) take the smallest other rows
         one gather of the K winning rows: values, attention = <on, row>/|row|;
         softmax over K (+ threshold)
@@ -68,9 +71,10 @@ against the size of the groups, SUB the merge's refine against the subgroup maxi
 
 Interpreter limits respected: bf16/fp16 tiles are cast to fp32 before ``tl.dot`` (bf16 dot
 is wrong there); no ``tl.sort``/``tl.topk`` (element-wise slow there), only ``tl.max``
-rounds; no block pointers; a single config, no autotuning; every load is in range by
-construction or masked, since the interpreter does not detect out-of-range loads. Static
-sm_90 figures: ``bench/RESULTS.md`` and ``bench/model_knn.py``.
+rounds and ranks by broadcast compares; no block pointers; a single config, no
+autotuning; every load is in range by construction or masked, since the interpreter does
+not detect out-of-range loads. Static sm_90 figures: ``bench/RESULTS.md`` and
+``bench/model_knn.py``.
 """
 
 from __future__ import annotations
@@ -101,9 +105,13 @@ _REGISTER_BUDGET = 160
 # F.normalize's eps, for the positiveness of the winners.
 _EPS = tl.constexpr(NORM_EPS)
 # Cap on SPLITS * K_PAD: the group keys and subgroup maxima the split writes per query row.
-_MAX_CANDIDATES = 2048
+_MAX_CANDIDATES = 4096
+# Split programs (of 64 query rows) to aim for: about two per SM of an H200.
+_SPLIT_PROGRAMS = 256
 # Batches up to this many query rows are latency-bound (see search_plan, merge_blocks).
 _SMALL_BATCH = 512
+# The merge ranks its candidates (n^2 compares) instead of taking K rounds up to this many.
+_RANKED_KEYS = 256
 
 
 def split_configs() -> tuple[list[triton.Config], callable]:
@@ -362,6 +370,22 @@ def _knn_topk_select(keys, K: tl.constexpr, K_PAD: tl.constexpr):
 
 
 @triton.jit
+def _knn_topk_select_ranked(keys, K: tl.constexpr, K_PAD: tl.constexpr):
+    """:func:`_knn_topk_select` without rounds: the same (BLOCK_B, K_PAD) result.
+
+    A key's rank is the number of keys above it (keys are unique, so ranks are distinct
+    below the LOWEST padding, which ties at the count of real keys and fills the slots
+    past it, as the rounds do); slot t takes the key of rank t. n^2 compares for n keys,
+    but no chain of K dependent cross-warp reductions: the latency-bound merge of a small
+    batch prefers it."""
+    # Both reductions run over axis 1, the slower one: mostly inside each thread.
+    above = tl.sum((keys[:, :, None] > keys[:, None, :]).to(tl.int32), axis=1)
+    slots = tl.arange(0, K_PAD)
+    hit = (above[:, :, None] == slots[None, None, :]) & (slots < K)[None, None, :]
+    return tl.max(tl.where(hit, keys[:, :, None], _LOWEST), axis=1)
+
+
+@triton.jit
 def _knn_topk_merge_kernel(
     cand_ptr, sub_ptr, q_ptr, bank_ptr, online_ptr, exclude_ptr,
     idx_ptr, val_ptr, pos_ptr,
@@ -373,7 +397,7 @@ def _knn_topk_merge_kernel(
     SUB: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     WITH_POSITIVENESS: tl.constexpr, THRESHOLD: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DW: tl.constexpr,
-    GATHER_STAGES: tl.constexpr,
+    GATHER_STAGES: tl.constexpr, RANKED: tl.constexpr,
 ):
     # Each phase selects first and then gathers what it selected in one batch, so a query
     # row waits for three gathers, not for 3K dependent ones.
@@ -394,16 +418,19 @@ def _knn_topk_merge_kernel(
     # row order).
     split_ok = row_ok[:, None] & (sp[None, :] < num_splits)
     list_ptr = cand_ptr + rows64[:, None] * stride_cb + sp[None, :] * stride_cs
-    heads = tl.load(list_ptr, mask=split_ok, other=_LOWEST)
+    # Each split's key after its head is loaded a round ahead, so a round waits for the
+    # load of the round before it, not for its own.
     walked = tl.zeros((BLOCK_B, SPLITS_PAD), dtype=tl.int32)
+    heads = tl.load(list_ptr, mask=split_ok, other=_LOWEST)
+    following = tl.load(list_ptr + 1, mask=split_ok & (walked + 1 < K), other=_LOWEST)
     groups = tl.full((BLOCK_B, K_PAD), _LOWEST, dtype=tl.int64)
     for t in range(0, K):
         win = tl.max(heads, axis=1)
         is_win = heads == win[:, None]  # keys are unique: one split per row
         walked += is_win.to(tl.int32)
-        following = tl.load(list_ptr + walked, mask=is_win & split_ok & (walked < K),
-                            other=_LOWEST)
         heads = tl.where(is_win, following, heads)
+        following = tl.load(list_ptr + walked + 1, mask=is_win & split_ok & (walked + 1 < K),
+                            other=tl.where(is_win, _LOWEST, following))
         groups = tl.where(slots[None, :] == t, win[:, None], groups)
     named = _knn_unpack_col(groups)
     live = live_slot & (named < _EMPTY_COL)  # an empty slot names no group
@@ -418,7 +445,11 @@ def _knn_topk_merge_kernel(
                         _knn_pack(sub_max, first[:, :, None] + j[None, None, :] * SUB), _LOWEST)
 
     # Phase 2: the K best subgroups, refined: exact fp32 scores of their K*SUB rows.
-    subgroups = _knn_topk_select(tl.reshape(sub_keys, (BLOCK_B, K_PAD * S)), K, K_PAD)
+    if RANKED:
+        subgroups = _knn_topk_select_ranked(tl.reshape(sub_keys, (BLOCK_B, K_PAD * S)), K,
+                                            K_PAD)
+    else:
+        subgroups = _knn_topk_select(tl.reshape(sub_keys, (BLOCK_B, K_PAD * S)), K, K_PAD)
     first = _knn_unpack_col(subgroups)
     live = live_slot & (first < _EMPTY_COL)
     row = tl.where(live, first, 0)[:, :, None] + r_offs[None, None, :]  # (BLOCK_B, K_PAD, SUB)
@@ -445,7 +476,11 @@ def _knn_topk_merge_kernel(
 
     # Phase 3: the K winners. NaN scores, excluded rows and -inf rank below every eligible
     # row, so the eligible winners fill the first slots.
-    winners = _knn_topk_select(tl.reshape(elements, (BLOCK_B, K_PAD * SUB)), K, K_PAD)
+    if RANKED:
+        winners = _knn_topk_select_ranked(tl.reshape(elements, (BLOCK_B, K_PAD * SUB)), K,
+                                          K_PAD)
+    else:
+        winners = _knn_topk_select(tl.reshape(elements, (BLOCK_B, K_PAD * SUB)), K, K_PAD)
     col = _knn_unpack_col(winners)
     eligible = live_slot & ((winners >> 32) != _NEG_INF_KEY32) & (winners != _LOWEST)
     # Fewer than K eligible rows: as the reference's stable sort does, the empty slots take
@@ -520,10 +555,15 @@ def _tuned_split_kernel():
 
 
 def num_splits_for(num_queries: int, num_rows: int, k: int) -> int:
-    """Bank splits: enough programs to fill a GPU, few enough candidates to merge."""
+    """Bank splits: enough programs to fill a GPU, few enough candidates to merge.
+
+    About two programs per SM: more make each program's run of tiles shorter but the
+    merge's lists longer, fewer leave SMs idle (``bench/model_knn.py``: 256 programs model
+    no slower than 128 or 384 at any of the six shapes, and faster than 512 at B <= 1024).
+    """
     k_pad = triton.next_power_of_2(k)
     query_blocks = triton.cdiv(num_queries, 64)
-    splits = triton.cdiv(512, query_blocks)
+    splits = triton.cdiv(_SPLIT_PROGRAMS, query_blocks)
     splits = min(splits, triton.cdiv(num_rows, _SPLIT_ALIGN), _MAX_CANDIDATES // k_pad)
     return max(1, splits)
 
@@ -626,6 +666,7 @@ class MergeBlocks(NamedTuple):
     block_d: int
     block_dw: int
     num_warps: int
+    ranked: bool
 
 
 def merge_blocks(num_queries: int, k: int, subgroups: int, sub_rows: int,
@@ -636,13 +677,22 @@ def merge_blocks(num_queries: int, k: int, subgroups: int, sub_rows: int,
     warps a row, for four times the gather bandwidth. The refine gathers the K * SUB rows
     BLOCK_D columns at a time, the winners' gather K rows BLOCK_DW columns at a time: 2048
     and 1024 elements per warp and gather, so that the element-wise accumulators fit in
-    registers (64 and 3 x 32 a thread)."""
+    registers (64 and 3 x 32 a thread).
+
+    ``ranked``: in four-warp programs, the two selections over K * S subgroups and K * SUB
+    rows rank all their candidates at once (n^2 int64 compares, no dependent round) while
+    n is at most _RANKED_KEYS; past that (K > 32, or K > 16 with 16-row subgroups) the n^2
+    work costs more than K rounds of max (``bench/model_knn.py``: 62 against 66 us at (128,
+    128000, 256, 64), 31 against 22 us at K = 30). A one-warp program would hold 2,048
+    compares a thread and spill registers (40 local stores on sm_90), so it keeps the
+    rounds."""
     num_warps = 4 if num_queries <= _SMALL_BATCH else 1
     k_pad = triton.next_power_of_2(k)
     width = triton.next_power_of_2(dim)
     block_d = min(width, max(8, 2048 * num_warps // (k_pad * sub_rows)))
     block_dw = min(width, max(8, 1024 * num_warps // k_pad))
-    return MergeBlocks(1, block_d, block_dw, num_warps)
+    ranked = num_warps == 4 and k_pad * max(subgroups, sub_rows) <= _RANKED_KEYS
+    return MergeBlocks(1, block_d, block_dw, num_warps, ranked)
 
 
 def knn_topk_merge(
@@ -702,7 +752,8 @@ def knn_topk_merge(
         SUB=sub_rows, HAS_EXCLUDE=has_exclude, WITH_POSITIVENESS=with_pos,
         THRESHOLD=threshold is not None,
         BLOCK_B=blocks.block_b, BLOCK_D=blocks.block_d, BLOCK_DW=blocks.block_dw,
-        GATHER_STAGES=1 if interpreted() else 3, num_warps=blocks.num_warps,
+        GATHER_STAGES=1 if interpreted() else 3, RANKED=blocks.ranked,
+        num_warps=blocks.num_warps,
     )
     return indices, values, positiveness
 
