@@ -281,13 +281,10 @@ def _soft_target_ce_inverse_norm_kernel(
 
 
 @triton.jit
-def _soft_target_ce_fwd_tile(
-    q, q_rows, c_ptr, inv_c_ptr, m_i, l_i, col0, stop, row_mask, row_scale2,
-    D: tl.constexpr, stride_qd, stride_cm, stride_cd,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASK_COLS: tl.constexpr, INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr,
-):  # fmt: skip
-    """One column tile of the online softmax: the updated base-2 (max, sum) per row."""
+def _soft_target_ce_columns(c_ptr, inv_c_ptr, col0, stop, stride_cm, BLOCK_N: tl.constexpr,
+                            MASK_COLS: tl.constexpr):
+    """A column tile's mask, candidate row pointers and inverse norms (masked only in a
+    split's partial last tile)."""
     cols = col0 + tl.arange(0, BLOCK_N)
     col_mask = cols < stop
     if MASK_COLS:
@@ -295,8 +292,21 @@ def _soft_target_ce_fwd_tile(
     else:
         inv_c = tl.load(inv_c_ptr + cols)
     # Candidate offsets in int64: M * D passes 2**31 for large queues.
+    return col_mask, c_ptr + cols.to(tl.int64) * stride_cm, inv_c
+
+
+@triton.jit
+def _soft_target_ce_fwd_tile(
+    q, q_rows, c_ptr, inv_c_ptr, m_i, l_i, col0, stop, row_mask, row_scale2,
+    D: tl.constexpr, stride_qd, stride_cm, stride_cd,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_COLS: tl.constexpr, INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr,
+):  # fmt: skip
+    """One column tile of the online softmax: the updated base-2 (max, sum) per row."""
+    col_mask, c_cols, inv_c = _soft_target_ce_columns(c_ptr, inv_c_ptr, col0, stop, stride_cm,
+                                                      BLOCK_N, MASK_COLS)
     s2, _ = _soft_target_ce_logits2(
-        q, q_rows, c_ptr + cols.to(tl.int64) * stride_cm, row_scale2, inv_c, row_mask,
+        q, q_rows, c_cols, row_scale2, inv_c, row_mask,
         col_mask, D, stride_qd, stride_cd, BLOCK_B, BLOCK_N, BLOCK_D, MASK_COLS,
         INPUT_PRECISION, CAST_FP32,
     )  # fmt: skip
@@ -355,13 +365,8 @@ def _soft_target_ce_dq_tile(
     MASK_COLS: tl.constexpr, INPUT_PRECISION: tl.constexpr, CAST_FP32: tl.constexpr,
 ):  # fmt: skip
     """acc += (sum(t) g p) @ (C * ic / T)[:, out chunk] for one column tile."""
-    cols = col0 + tl.arange(0, BLOCK_N)
-    col_mask = cols < stop
-    if MASK_COLS:
-        inv_c = tl.load(inv_c_ptr + cols, mask=col_mask, other=0.0)
-    else:
-        inv_c = tl.load(inv_c_ptr + cols)
-    c_cols = c_ptr + cols.to(tl.int64) * stride_cm
+    col_mask, c_cols, inv_c = _soft_target_ce_columns(c_ptr, inv_c_ptr, col0, stop, stride_cm,
+                                                      BLOCK_N, MASK_COLS)
     s2, c = _soft_target_ce_logits2(
         q, q_rows, c_cols, row_scale2, inv_c, row_mask, col_mask, D, stride_qd, stride_cd,
         BLOCK_B, BLOCK_N, BLOCK_D, MASK_COLS, INPUT_PRECISION, CAST_FP32,
