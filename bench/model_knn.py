@@ -45,15 +45,11 @@ from snclr.kernels._common import one_pass_block_d  # noqa: E402
 BF16 = 2
 
 
-def _split_rows(B, N, K, group_rows):
-    splits = kk.num_splits_for(B, N, K)
-    return splits, kk._rows_per_split(N, splits, group_rows)
-
-
-def compile_split(D, K, plan, block_b, warps, stages):
-    consts = dict(K=K, K_PAD=max(8, triton.next_power_of_2(K)), HAS_EXCLUDE=False, E_PAD=1,
+def compile_split(D, K, plan, layout, block_b, warps, stages):
+    consts = dict(K=K, K_PAD=layout.list_pad, HAS_EXCLUDE=False, E_PAD=1,
                   CAST_FP32=False, INPUT_PRECISION="tf32", D=D, BLOCK_B=block_b,
-                  BLOCK_N=plan.group_rows, BLOCK_D=one_pass_block_d(D, BF16), SUB=plan.sub_rows)
+                  BLOCK_N=plan.group_rows, BLOCK_D=one_pass_block_d(D, BF16), SUB=plan.sub_rows,
+                  DIRECT=layout.direct)
     unit = tuple(n for n in kk._knn_topk_split_kernel.arg_names
                  if n.startswith("stride_") and n.endswith("d"))
     ptrs = dict(q_ptr="bf16", bank_ptr="bf16", cand_ptr="i64", exclude_ptr="i64",
@@ -62,17 +58,20 @@ def compile_split(D, K, plan, block_b, warps, stages):
                                num_stages=stages, unit_strides=unit)
 
 
-def split_time(B, N, D, K, plan, *, verbose=False):
+def split_time(B, N, D, K, plan, *, splits=None, verbose=False):
     """The fastest kept config: (seconds, details)."""
-    splits, rows = _split_rows(B, N, K, plan.group_rows)
+    layout = kk.split_layout(B, N, K, plan.group_rows, splits)
+    splits, rows = layout.splits, layout.rows_per_split
     configs, prune = kk.split_configs()
     configs = prune(configs, {"K_PAD": max(8, triton.next_power_of_2(K)),
                               "BLOCK_N": plan.group_rows})
-    hbm = N * D * BF16 + splits * B * D * BF16 + B * splits * K * 8
+    subgroups = plan.group_rows // plan.sub_rows
+    hbm = (N * D * BF16 + splits * B * D * BF16
+           + B * splits * (K * 8 + layout.stored_slots * subgroups * 4))
     best = None
     for c in configs:
         bb, w, st = c.kwargs["BLOCK_B"], c.num_warps, c.num_stages
-        ck = compile_split(D, K, plan, bb, w, st)
+        ck = compile_split(D, K, plan, layout, bb, w, st)
         a = gm.analyse(ck, num_warps=w, num_stages=st, tile_flops=2 * bb * plan.group_rows * D)
         if a["occupancy"]["ctas_per_sm"] < 1:
             continue
@@ -89,7 +88,7 @@ def split_time(B, N, D, K, plan, *, verbose=False):
                   f"{a['occupancy']['ctas_per_sm']} CTA/SM, {kr['limiter']}", flush=True)
         if best is None or kr["time_s"] < best["k"]["time_s"]:
             best = row
-    return best["k"]["time_s"], dict(best, splits=splits, rows=rows)
+    return best["k"]["time_s"], dict(best, splits=splits, rows=rows, layout=layout)
 
 
 def merge_time(B, D, K, plan, splits):
@@ -155,7 +154,8 @@ def model_shape(B, N, D, K, *, launch=False, verbose=False):
     t_merge, merge = merge_time(B, D, K, plan, split["splits"])
     t_ours = t_split + t_merge + (2 * LAUNCH_US * 1e-6 if launch else 0.0)
     base = torch_baseline(B, N, D, K, launch)
-    extra_mb = B * split["splits"] * K * (8 + 4 * plan.group_rows // plan.sub_rows) / 1e6
+    slots = split["layout"].stored_slots
+    extra_mb = B * split["splits"] * (K * 8 + slots * 4 * plan.group_rows // plan.sub_rows) / 1e6
     return dict(shape=(B, N, D, K), plan=plan, split=split, merge=merge, t_split=t_split,
                 t_merge=t_merge, t_ours=t_ours, torch=base, ratio=base["time_s"] / t_ours,
                 extra_mb=extra_mb)

@@ -76,7 +76,8 @@ def test_split_counts_and_small_tiles(num_splits, k):
     keys, sub_maxima = kernels.knn_topk_split(
         query, bank, k, group_rows=64, sub_rows=16, num_splits=num_splits, block_b=16, block_d=32
     )
-    assert keys.shape == (33, num_splits, k) and sub_maxima.shape == (33, num_splits, k, 4)
+    slots = kernels.split_layout(33, 333, k, 64, num_splits).stored_slots
+    assert keys.shape == (33, num_splits, k) and sub_maxima.shape == (33, num_splits, slots, 4)
     indices, values, positiveness = kernels.knn_topk_merge(
         keys, sub_maxima, query, bank, k, sub_rows=16, values_dtype=torch.float32
     )
@@ -535,18 +536,19 @@ _SM90_BODY = r'''
 from snclr.kernels import knn_topk as kk
 
 split = dict(exclude_ptr="*i64", cand_ptr="*i64", sub_ptr="*fp32")
-# (K, dtype, D, BLOCK_D, exclude, cast, precision, BLOCK_N, SUB): one-pass and D-chunked
-# widths, both plans of search_plan.
-for k, dtype, dim, block_d, exclude, cast, precision, block_n, sub in [
-        (1, "bf16", 256, 256, False, False, "tf32", 128, 16),
-        (16, "bf16", 96, 128, True, False, "tf32", 64, 8),
-        (64, "bf16", 256, 256, False, False, "tf32", 128, 16),
-        (8, "fp32", 128, 128, True, False, "ieee", 64, 16),
-        (5, "fp64", 320, 64, True, True, "tf32", 128, 8)]:
+# (K, dtype, D, BLOCK_D, exclude, cast, precision, BLOCK_N, SUB, DIRECT): one-pass and
+# D-chunked widths, both plans of search_plan, kept and direct lists.
+for k, dtype, dim, block_d, exclude, cast, precision, block_n, sub, direct in [
+        (1, "bf16", 256, 256, False, False, "tf32", 128, 16, False),
+        (16, "bf16", 96, 128, True, False, "tf32", 64, 8, False),
+        (30, "bf16", 256, 256, True, False, "tf32", 64, 8, True),
+        (64, "bf16", 256, 256, False, False, "tf32", 128, 16, False),
+        (8, "fp32", 128, 128, True, False, "ieee", 64, 16, True),
+        (5, "fp64", 320, 64, True, True, "tf32", 128, 8, False)]:
     build(kk._knn_topk_split_kernel, dict(split, q_ptr="*" + dtype, bank_ptr="*" + dtype),
           dict(K=k, K_PAD=max(8, triton.next_power_of_2(k)), HAS_EXCLUDE=exclude, E_PAD=4,
                D=dim, CAST_FP32=cast, INPUT_PRECISION=precision, BLOCK_B=64, BLOCK_N=block_n,
-               BLOCK_D=block_d, SUB=sub))
+               BLOCK_D=block_d, SUB=sub, DIRECT=direct))
 merge = dict(cand_ptr="*i64", sub_ptr="*fp32", q_ptr="*bf16", bank_ptr="*bf16",
              idx_ptr="*i64", val_ptr="*bf16", inv_attention_temperature="fp32",
              threshold_value="fp32")
@@ -583,7 +585,7 @@ for k in (1, 64):
             kernel = build(kk._knn_topk_split_kernel, types,
                            dict(K=k, K_PAD=k_pad, HAS_EXCLUDE=False, E_PAD=1, D=256,
                                 CAST_FP32=False, INPUT_PRECISION="tf32", BLOCK_D=256,
-                                BLOCK_N=block_n, SUB=sub, **c.kwargs),
+                                BLOCK_N=block_n, SUB=sub, DIRECT=False, **c.kwargs),
                            num_warps=c.num_warps, num_stages=c.num_stages)
             assert local_memory_ops(kernel, loops_only=True) == 0, (k, block_n, c)
 print("compiled")

@@ -22,6 +22,8 @@ subgroups of SUB rows (S = G / SUB per group), aligned to the bank's start::
             key  = pack(max(smax), first row of the group)
             if key > min(top): replace the row's minimum,     # a fixed cost per tile
                 store smax at that slot                       # B x SPLITS x K x S floats
+            (a split of at most K_PAD tiles, DIRECT: the tile's place in the split is
+             its slot, every group enters, nothing is compared)
         the split's last, partial tile: the same, with masked loads and columns
         keys[b, split, :] = top, sorted                       # K group keys per split
     merge kernel, grid (B,), one query row per program:
@@ -87,8 +89,8 @@ import triton.language as tl
 
 from snclr.kernels._common import NORM_EPS, input_precision, interpreted, one_pass_block_d
 
-__all__ = ["SearchPlan", "knn_topk_merge", "knn_topk_search", "knn_topk_split",
-           "num_splits_for", "search_plan", "split_configs"]
+__all__ = ["SearchPlan", "SplitLayout", "knn_topk_merge", "knn_topk_search", "knn_topk_split",
+           "num_splits_for", "search_plan", "split_configs", "split_layout"]
 
 # LOWEST pads the merge's candidate rows and marks taken candidates. HIGHEST pads list
 # slots >= K so they are never the row's minimum and never get replaced.
@@ -186,17 +188,18 @@ def _knn_topk_tile_update(top, scores, base, lo, hi, exclude_row_ptr, E, stride_
                           sub_ptrs, slots,
                           MASK_COLS: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
                           E_PAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                          SUB: tl.constexpr):
+                          SUB: tl.constexpr, DIRECT: tl.constexpr):
     """Offer one tile (bank rows base + [0, BLOCK_N), a group) to each row's list ``top``.
 
     ``top`` holds each row's K best group keys so far (and HIGHEST padding). A tile costs
     one compare-and-replace of the row's minimum key: no loop whose trip count depends on
     the data. When the group enters, its BLOCK_N / SUB subgroup maxima are stored at the
-    slot it takes (``sub_ptrs`` + slot * S), for the merge. ``MASK_COLS`` (the split's last
-    tile) drops the columns outside [lo, hi); excluded rows drop to -inf before the maxima.
+    slot it takes (``sub_ptrs`` + slot * S), for the merge. ``DIRECT`` (a split of at most
+    K_PAD tiles): every group enters, at the slot of its tile's place in the split, so
+    nothing is compared. ``MASK_COLS`` (the split's last tile) drops the columns outside
+    [lo, hi); excluded rows drop to -inf before the maxima.
     """
     S: tl.constexpr = BLOCK_N // SUB
-    K_PAD: tl.constexpr = top.shape[1] * top.shape[2]
     cols = base + tl.arange(0, BLOCK_N)
     if MASK_COLS:
         scores = tl.where(((cols >= lo) & (cols < hi))[None, :], scores, float("-inf"))
@@ -208,11 +211,20 @@ def _knn_topk_tile_update(top, scores, base, lo, hi, exclude_row_ptr, E, stride_
     sub_max = tl.max(tl.reshape(scores, (BLOCK_B, S, SUB)), axis=2)  # (BLOCK_B, S)
     first = tl.zeros((BLOCK_B,), dtype=tl.int32) + base  # a group is named by its first row
     key = _knn_pack(tl.max(sub_max, axis=1), first)
-    # The list is (BLOCK_B, K_PAD // 4, 4): see _knn_topk_spread_list.
-    worst = tl.min(tl.min(top, axis=2), axis=1)
-    enter = (key > worst) & row_ok
-    slot = tl.min(tl.min(tl.where(top == worst[:, None, None], slots, K_PAD), axis=2), axis=1)
-    top = tl.where((slots == slot[:, None, None]) & enter[:, None, None], key[:, None, None], top)
+    # The list is (BLOCK_B, K_PAD // 4, 4): see _knn_topk_spread_list. Every key in it
+    # names its slot in the low bits of its column (first row + slot, < BLOCK_N apart from
+    # any other group's), so the row's minimum says where it sits: no search for the slot.
+    if DIRECT:
+        enter = row_ok
+        slot = tl.zeros((BLOCK_B,), dtype=tl.int32) + (base - lo) // BLOCK_N
+    else:
+        worst = tl.min(tl.min(top, axis=2), axis=1)
+        enter = (key > worst) & row_ok
+        # The column's low bits: the key is 2**32 h - col - 1, so they are ~key's.
+        slot = (~worst & (BLOCK_N - 1)).to(tl.int32)
+    named = key - slot  # the column grows by the slot, below the next group's first row
+    top = tl.where((slots == slot[:, None, None]) & enter[:, None, None], named[:, None, None],
+                   top)
     j = tl.arange(0, S)
     tl.store(sub_ptrs[:, None] + slot[:, None] * S + j[None, :], sub_max, mask=enter[:, None])
     return top
@@ -280,6 +292,7 @@ def _knn_topk_split_kernel(
     K: tl.constexpr, K_PAD: tl.constexpr, HAS_EXCLUDE: tl.constexpr, E_PAD: tl.constexpr,
     CAST_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SUB: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     tl.static_assert(K_PAD >= K and K_PAD >= 8 and K_PAD <= BLOCK_N)
     tl.static_assert(BLOCK_N >= 16 and BLOCK_B >= 16 and BLOCK_D >= 16)
@@ -305,11 +318,13 @@ def _knn_topk_split_kernel(
         if CAST_FP32:
             q = q.to(tl.float32)
     # Empty slots: the keys of -inf at columns 2**31 + slot (distinct, below every key).
-    # Padding slots >= K hold HIGHEST so they are never a row's minimum.
+    # Padding slots >= K hold HIGHEST so they are never a row's minimum; a DIRECT list
+    # uses all K_PAD slots (one per tile).
+    LIST: tl.constexpr = K_PAD if DIRECT else K
     spread = _knn_topk_spread_list(BLOCK_B, K_PAD)
     slots = tl.arange(0, K_PAD // 4)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
     empty = ((_NEG_INF_KEY32 + 1) << 32) - (_EMPTY_COL + 1) - slots.to(tl.int64)
-    top = tl.where((slots < K) & (spread == 0.0), empty, _HIGHEST)
+    top = tl.where((slots < LIST) & (spread == 0.0), empty, _HIGHEST)
 
     # Phase 2: the split's full tiles, unmasked (splits start on a BLOCK_N boundary).
     start = pid_s * rows_per_split
@@ -327,12 +342,12 @@ def _knn_topk_split_kernel(
         top = _knn_topk_tile_update(top, previous, base - BLOCK_N, start, stop,
                                     exclude_row_ptr, E, stride_ee, row_ok & (base > start),
                                     sub_ptrs, slots, False, HAS_EXCLUDE, E_PAD, BLOCK_B,
-                                    BLOCK_N, SUB)
+                                    BLOCK_N, SUB, DIRECT)
         previous = scores
     if full_stop > start:
         top = _knn_topk_tile_update(top, previous, full_stop - BLOCK_N, start, stop,
                                     exclude_row_ptr, E, stride_ee, row_ok, sub_ptrs, slots,
-                                    False, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB)
+                                    False, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB, DIRECT)
 
     # Phase 3: the partial last tile (the bank's end), rows and columns masked.
     if full_stop < stop:
@@ -341,14 +356,14 @@ def _knn_topk_split_kernel(
         scores = _knn_topk_tile_scores(q, q_base, tile_ptr, tile_offs, d, row_ok, tile_ok,
                                        stride_qd, stride_bd, D, CAST_FP32, INPUT_PRECISION,
                                        BLOCK_B, BLOCK_N, BLOCK_D, True)
-        top = _knn_topk_tile_update(top, scores, full_stop, full_stop, stop,
+        top = _knn_topk_tile_update(top, scores, full_stop, start, stop,
                                     exclude_row_ptr, E, stride_ee, row_ok, sub_ptrs, slots,
-                                    True, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB)
+                                    True, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB, DIRECT)
 
     # Phase 4: this split's K group keys per row, sorted (the merge walks the splits' lists
-    # from their heads). Each names its group's first row plus its list slot (the key less
-    # the slot: order is kept, as slot < BLOCK_N), which locates its subgroup maxima.
-    named = tl.where(slots < K, top - slots.to(tl.int64), _LOWEST)
+    # from their heads). Each names its group's first row plus its list slot, which
+    # locates its subgroup maxima.
+    named = tl.where(slots < LIST, top, _LOWEST)
     out = cand_ptr + rows64 * stride_cb + pid_s * stride_cs
     for t in range(0, K):
         win = tl.max(tl.max(named, axis=2), axis=1)
@@ -389,7 +404,8 @@ def _knn_topk_select_ranked(keys, K: tl.constexpr, K_PAD: tl.constexpr):
 def _knn_topk_merge_kernel(
     cand_ptr, sub_ptr, q_ptr, bank_ptr, online_ptr, exclude_ptr,
     idx_ptr, val_ptr, pos_ptr,
-    B, N, D, E, num_splits, rows_per_split, inv_attention_temperature, threshold_value,
+    B, N, D, E, num_splits, rows_per_split, list_slots, inv_attention_temperature,
+    threshold_value,
     stride_cb, stride_cs, stride_sb, stride_qb, stride_qd, stride_bn, stride_bd,
     stride_ob, stride_od,
     stride_eb, stride_ee, stride_ib, stride_vb, stride_pb,
@@ -438,7 +454,7 @@ def _knn_topk_merge_kernel(
     # key order is row order, and the slot and split locate its subgroup maxima.
     slot = named % (S * SUB)
     first = named - slot
-    at = (first // rows_per_split) * K + slot
+    at = (first // rows_per_split) * list_slots + slot
     sub_max = tl.load(sub_ptr + rows64[:, None, None] * stride_sb + at[:, :, None] * S
                       + j[None, None, :], mask=live[:, :, None], other=float("-inf"))
     sub_keys = tl.where(live[:, :, None],
@@ -548,7 +564,8 @@ def _tuned_split_kernel():
         configs, prune = split_configs()
         _split_tuned = triton.autotune(
             # INPUT_PRECISION too: an "ieee" fp32 dot has other winning tiles than "tf32".
-            configs, key=["B", "N", "D", "K_PAD", "BLOCK_N", "SUB", "INPUT_PRECISION"],
+            configs, key=["B", "N", "D", "K_PAD", "BLOCK_N", "SUB", "DIRECT",
+                          "INPUT_PRECISION"],
             prune_configs_by={"early_config_prune": prune} if prune else None,
         )(_knn_topk_split_kernel)
     return _split_tuned
@@ -597,6 +614,30 @@ def _rows_per_split(num_rows: int, splits: int, group_rows: int) -> int:
     return triton.cdiv(triton.cdiv(num_rows, splits), align) * align
 
 
+class SplitLayout(NamedTuple):
+    """How the split kernel cuts the bank, and the list each query row keeps per split."""
+
+    splits: int
+    rows_per_split: int
+    list_pad: int  # K_PAD: the list's slots in registers
+    direct: bool  # a split of at most list_pad groups keeps every group, uncompared
+    stored_slots: int  # subgroup-maxima slots per split in memory: list_pad if direct, else K
+
+
+def split_layout(num_queries: int, num_rows: int, k: int, group_rows: int,
+                 num_splits: int | None = None) -> SplitLayout:
+    """The splits of a search (``num_splits_for`` unless given) and each split's list.
+
+    A split holding no more groups than the list has slots needs no selection at all: its
+    groups take the slots in order (most small-batch searches, whose many short splits
+    fill the GPU). The merge reads the same K sorted keys per split either way."""
+    list_pad = max(8, triton.next_power_of_2(k))
+    splits = num_splits or num_splits_for(num_queries, num_rows, k)
+    rows = _rows_per_split(num_rows, splits, group_rows)
+    direct = triton.cdiv(min(rows, num_rows), group_rows) <= list_pad
+    return SplitLayout(splits, rows, list_pad, direct, list_pad if direct else k)
+
+
 def knn_topk_split(
     query: torch.Tensor,
     bank: torch.Tensor,
@@ -612,19 +653,19 @@ def knn_topk_split(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per split, the K best groups of ``group_rows`` rows and their subgroup maxima.
 
-    Returns ``(keys, sub_maxima)``: ``(B, SPLITS, K)`` int64 group keys, unsorted, and
-    ``(B, SPLITS, K, group_rows // sub_rows)`` fp32 maxima of each kept group's subgroups
-    (slots that no group entered are left unwritten; their keys say so). ``num_splits``,
+    Returns ``(keys, sub_maxima)``: ``(B, SPLITS, K)`` int64 group keys, sorted descending,
+    and ``(B, SPLITS, SLOTS, group_rows // sub_rows)`` fp32 maxima of each kept group's
+    subgroups, SLOTS = ``split_layout(...).stored_slots`` (slots that no group entered are
+    left unwritten; their keys say so). ``num_splits``,
     ``block_b``, ``block_d`` and ``num_warps`` override the heuristic and the autotuned
     config (tests use them to cover split counts, tile edges and every config).
     """
     num_queries, dim = query.shape
     num_rows = bank.shape[0]
-    k_pad = triton.next_power_of_2(k)
-    splits = num_splits or num_splits_for(num_queries, num_rows, k)
-    rows_per_split = _rows_per_split(num_rows, splits, group_rows)
+    layout = split_layout(num_queries, num_rows, k, group_rows, num_splits)
+    splits = layout.splits
     keys = torch.empty((num_queries, splits, k), dtype=torch.int64, device=query.device)
-    sub_maxima = torch.empty((num_queries, splits, k, group_rows // sub_rows),
+    sub_maxima = torch.empty((num_queries, splits, layout.stored_slots, group_rows // sub_rows),
                              dtype=torch.float32, device=query.device)
     has_exclude = exclude is not None
     ex = exclude if has_exclude else keys  # never read when HAS_EXCLUDE is False
@@ -632,16 +673,16 @@ def knn_topk_split(
     cast = interpreted() or query.dtype != bank.dtype or query.dtype == torch.float64
     args = dict(
         q_ptr=query, bank_ptr=bank, exclude_ptr=ex, cand_ptr=keys, sub_ptr=sub_maxima,
-        B=num_queries, N=num_rows, D=dim, E=num_excluded, rows_per_split=rows_per_split,
+        B=num_queries, N=num_rows, D=dim, E=num_excluded, rows_per_split=layout.rows_per_split,
         stride_qb=query.stride(0), stride_qd=query.stride(1),
         stride_bn=bank.stride(0), stride_bd=bank.stride(1),
         stride_eb=ex.stride(0), stride_ee=ex.stride(1),
         stride_cb=keys.stride(0), stride_cs=keys.stride(1),
         stride_sb=sub_maxima.stride(0), stride_ss=sub_maxima.stride(1),
-        K=k, K_PAD=max(8, k_pad), HAS_EXCLUDE=has_exclude,
+        K=k, K_PAD=layout.list_pad, HAS_EXCLUDE=has_exclude,
         E_PAD=triton.next_power_of_2(max(1, num_excluded)), CAST_FP32=cast,
         INPUT_PRECISION=input_precision(query.dtype if not cast else torch.float32),
-        BLOCK_N=group_rows, SUB=sub_rows,
+        BLOCK_N=group_rows, SUB=sub_rows, DIRECT=layout.direct,
         BLOCK_D=block_d or one_pass_block_d(dim, 4 if cast else bank.element_size()),
     )
     if interpreted() or any(o is not None for o in (block_b, num_warps)):
@@ -740,6 +781,7 @@ def knn_topk_merge(
         exclude_ptr=ex, idx_ptr=indices, val_ptr=values, pos_ptr=pos,
         B=num_queries, N=num_rows, D=dim, E=num_excluded, num_splits=num_splits,
         rows_per_split=_rows_per_split(num_rows, num_splits, subgroups * sub_rows),
+        list_slots=sub_maxima.shape[2],
         inv_attention_temperature=1.0 / attention_temperature,
         threshold_value=0.0 if threshold is None else float(threshold),
         stride_cb=keys.stride(0), stride_cs=keys.stride(1), stride_sb=sub_maxima.stride(0),
