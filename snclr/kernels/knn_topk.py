@@ -102,8 +102,8 @@ _NEG_INF_KEY32 = tl.constexpr(-2139095041)
 _EMPTY_COL = tl.constexpr(2**31)
 # Rows per split are a multiple of this (>= the largest BLOCK_N), whatever config runs.
 _SPLIT_ALIGN = 256
-# 32-bit registers per thread for the score tiles and the running list (sm_90: 255 in all).
-_REGISTER_BUDGET = 160
+# 32-bit registers per thread for what _fits_registers counts (sm_90: 255 in all).
+_REGISTER_BUDGET = 200
 # F.normalize's eps, for the positiveness of the winners.
 _EPS = tl.constexpr(NORM_EPS)
 # Cap on SPLITS * K_PAD: the group keys and subgroup maxima the split writes per query row.
@@ -141,7 +141,7 @@ def split_configs() -> tuple[list[triton.Config], callable]:
         k_pad, block_n = arg("K_PAD", 8), arg("BLOCK_N", 128)
         row_bytes = arg("BLOCK_D", 256) * (4 if arg("CAST_FP32", False) else 2)
         return [c for c in configs
-                if _fits_registers(c.kwargs["BLOCK_B"], block_n, k_pad, c.num_warps)
+                if _fits_registers(c.kwargs["BLOCK_B"], block_n, k_pad, c.num_warps, row_bytes)
                 and _fits_shared(c.kwargs["BLOCK_B"], block_n, row_bytes, c.num_stages)
                 ] or configs[:1]
 
@@ -153,18 +153,23 @@ def _fits_shared(block_b: int, block_n: int, row_bytes: int, stages: int) -> boo
     return (block_b + stages * block_n) * row_bytes + 2048 <= 227 * 1024
 
 
-def _fits_registers(block_b: int, block_n: int, k_pad: int, num_warps: int) -> bool:
+def _fits_registers(block_b: int, block_n: int, k_pad: int, num_warps: int,
+                    row_bytes: int) -> bool:
     """Configs whose loops compile for sm_90 without local memory (tests/sm90.py checks
     every kept config at K = 1 and 64, in both plans).
 
-    Per thread: two fp32 score tiles (the one being computed, the one being selected
-    from) and a quarter of each of its rows' int64 lists. Measured: up to 160 such
-    registers compile without spills in the loop, and a 64-slot list wants 8 warps.
+    Per thread: two fp32 score tiles (the one selected from, the one in flight), a quarter
+    of each of its rows' int64 lists, a 64-bit address per 16 bytes of the bank tile it
+    copies, and about ten scalars per query row it holds. Measured at D = 256: up to 200
+    such registers compile without spills in the loop, and a 64-slot list wants 8 warps.
     """
     threads = 32 * num_warps
     tile = 2 * block_b * block_n // threads
     top = 2 * block_b * k_pad // threads
-    return tile + top <= _REGISTER_BUDGET and (k_pad < 64 or num_warps == 8)
+    addresses = 2 * block_n * row_bytes // (16 * threads)
+    rows = 4 * block_b // threads
+    return (tile + top + addresses + 10 * rows <= _REGISTER_BUDGET
+            and (k_pad < 64 or num_warps == 8))
 
 
 @triton.jit
@@ -200,7 +205,8 @@ def _knn_topk_tile_update(top, scores, base, lo, hi, exclude_row_ptr, E, stride_
     [lo, hi); excluded rows drop to -inf before the maxima.
     """
     S: tl.constexpr = BLOCK_N // SUB
-    cols = base + tl.arange(0, BLOCK_N)
+    H: tl.constexpr = BLOCK_N // 4 // SUB  # subgroups per lane (see _knn_topk_tile_rows)
+    cols = base + _knn_topk_tile_rows(BLOCK_N)
     if MASK_COLS:
         scores = tl.where(((cols >= lo) & (cols < hi))[None, :], scores, float("-inf"))
     if HAS_EXCLUDE:
@@ -208,9 +214,14 @@ def _knn_topk_tile_update(top, scores, base, lo, hi, exclude_row_ptr, E, stride_
             excluded = tl.load(exclude_row_ptr + e * stride_ee, mask=row_ok & (e < E), other=-1)
             scores = tl.where(cols[None, :] == excluded[:, None], float("-inf"), scores)
     # maxnum: a NaN never wins a max; an all-NaN group packs as -inf.
-    sub_max = tl.max(tl.reshape(scores, (BLOCK_B, S, SUB)), axis=2)  # (BLOCK_B, S)
+    # Column 8c + 2l + r holds the bank row l * BLOCK_N / 4 + 2c + r; with c = h * SUB / 2
+    # + c', subgroup l * H + h is the max over (c', r): inside one thread, no shuffle.
+    # Kept 3-D for the store too: a (BLOCK_B, S) view would be re-laid out (shuffles) first.
+    sub_max = tl.reshape(scores, (BLOCK_B, H, SUB // 2, 4, 2))
+    sub_max = tl.max(tl.max(sub_max, axis=4), axis=2)  # (BLOCK_B, H, 4)
+    sub_max = tl.permute(sub_max, (0, 2, 1))  # (BLOCK_B, 4, H): subgroup l * H + h
     first = tl.zeros((BLOCK_B,), dtype=tl.int32) + base  # a group is named by its first row
-    key = _knn_pack(tl.max(sub_max, axis=1), first)
+    key = _knn_pack(tl.max(tl.max(sub_max, axis=2), axis=1), first)
     # The list is (BLOCK_B, K_PAD // 4, 4): see _knn_topk_spread_list. Every key in it
     # names its slot in the low bits of its column (first row + slot, < BLOCK_N apart from
     # any other group's), so the row's minimum says where it sits: no search for the slot.
@@ -225,9 +236,26 @@ def _knn_topk_tile_update(top, scores, base, lo, hi, exclude_row_ptr, E, stride_
     named = key - slot  # the column grows by the slot, below the next group's first row
     top = tl.where((slots == slot[:, None, None]) & enter[:, None, None], named[:, None, None],
                    top)
-    j = tl.arange(0, S)
-    tl.store(sub_ptrs[:, None] + slot[:, None] * S + j[None, :], sub_max, mask=enter[:, None])
-    return top
+    j = tl.arange(0, 4)[None, :, None] * H + tl.arange(0, H)[None, None, :]
+    tl.store(sub_ptrs[:, None, None] + slot[:, None, None] * S + j, sub_max,
+             mask=enter[:, None, None])
+    # Always 0.0 (a named key is below HIGHEST), but no compiler can tell: the next dot wait
+    # takes it, so the selection is not scheduled after the wait (_knn_topk_wait_dots).
+    done = tl.where(enter & (named == _HIGHEST), 1.0, 0.0)
+    return top, done
+
+
+@triton.jit
+def _knn_topk_tile_rows(BLOCK_N: tl.constexpr):
+    """The bank row (from the tile's first) whose score lands in each column of a tile.
+
+    An MMA accumulator gives lane l of each quad the columns 8c + 2l + r of its rows (c the
+    8-column core, r in {0, 1}). Loading bank row l * BLOCK_N / 4 + 2c + r into column 8c +
+    2l + r hands each lane BLOCK_N / 4 consecutive bank rows, so a subgroup's maximum
+    needs no shuffle between lanes. Only speed depends on this; any bijection is exact.
+    """
+    j = tl.arange(0, BLOCK_N)
+    return (j % 8) // 2 * (BLOCK_N // 4) + j // 8 * 2 + j % 2
 
 
 @triton.jit
@@ -244,6 +272,27 @@ def _knn_topk_spread_list(BLOCK_B: tl.constexpr, K_PAD: tl.constexpr):
     acc = tl.dot(tl.zeros((BLOCK_B, 16), dtype=tl.float16), tl.zeros((16, 8 * R), dtype=tl.float16))
     acc = tl.max(tl.reshape(acc, (BLOCK_B, R, 4, 2)), axis=3)
     return acc
+
+
+@triton.jit
+def _knn_topk_wait_dots(scores, done, DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``scores`` (the tile dot issued a trip ago), once every dot in flight has finished.
+
+    Triton keeps a loop's dot in flight across the trip (wgmma ``isAsync``, no wait after
+    it) only when its result is yielded and read in the next trip after a wait for all
+    dots. A tiny dot of zeros, read at once, is that wait. Adding its zero row maximum
+    (exact: x + 0.0 == x for every x but -0.0, which the key packing maps to +0.0
+    anyway) moves the scores out of the dot's registers before the next dot writes them,
+    so ptxas sees no read of an accumulator in flight and does not serialize the dots.
+    The tiny dot accumulates onto ``done`` (zeros that the selection computes last), so
+    ptxas cannot hoist the wait above the selection it is meant to overlap.
+    """
+    BLOCK_B: tl.constexpr = scores.shape[0]
+    zero_a = tl.zeros((BLOCK_B, 16), dtype=DTYPE)
+    zero_b = tl.zeros((16, 16), dtype=DTYPE)
+    acc = tl.zeros((BLOCK_B, 16), dtype=tl.float32) + done[:, None]
+    fence = tl.max(tl.dot(zero_a, zero_b, acc, input_precision=INPUT_PRECISION), axis=1)
+    return scores + fence[:, None]
 
 
 @triton.jit
@@ -296,14 +345,14 @@ def _knn_topk_split_kernel(
 ):
     tl.static_assert(K_PAD >= K and K_PAD >= 8 and K_PAD <= BLOCK_N)
     tl.static_assert(BLOCK_N >= 16 and BLOCK_B >= 16 and BLOCK_D >= 16)
-    tl.static_assert(BLOCK_N % SUB == 0)
+    tl.static_assert(BLOCK_N % (4 * SUB) == 0)  # whole subgroups per lane
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
-    n = tl.arange(0, BLOCK_N)
+    n = _knn_topk_tile_rows(BLOCK_N)  # the tile's bank rows, in its columns' order
     q_base = q_ptr + rows64[:, None] * stride_qb
     exclude_row_ptr = exclude_ptr + rows64 * stride_eb
     sub_ptrs = sub_ptr + rows64 * stride_sb + pid_s * stride_ss
@@ -331,21 +380,27 @@ def _knn_topk_split_kernel(
     stop = tl.minimum(start + rows_per_split, N)
     full_stop = start + tl.maximum(stop - start, 0) // BLOCK_N * BLOCK_N
     start64 = start.to(tl.int64)  # tile offsets can pass 2**31 elements
-    # Each trip issues the next tile's dot before it selects from the previous tile's
-    # scores, so the tensor cores and the selection of one CTA overlap.
-    previous = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    # Two tiles in flight: a trip selects from tile t - 2 (``ready``) while the dot of
+    # tile t - 1 (``scores``) runs, then waits for that dot and issues tile t's. See
+    # _knn_topk_wait_dots for how the dot stays in flight across the selection.
+    ready = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    scores = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for base in range(start, full_stop, BLOCK_N):
         tile_ptr = bank_ptr + (start64 + (base - start)) * stride_bn
+        top, done = _knn_topk_tile_update(top, ready, base - 2 * BLOCK_N, start, stop,
+                                    exclude_row_ptr, E, stride_ee,
+                                    row_ok & (base >= start + 2 * BLOCK_N), sub_ptrs, slots,
+                                    False, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB, DIRECT)
+        ready = _knn_topk_wait_dots(scores, done, q.dtype, INPUT_PRECISION)
         scores = _knn_topk_tile_scores(q, q_base, tile_ptr, tile_offs, d, row_ok, n < BLOCK_N,
                                        stride_qd, stride_bd, D, CAST_FP32, INPUT_PRECISION,
                                        BLOCK_B, BLOCK_N, BLOCK_D, False)
-        top = _knn_topk_tile_update(top, previous, base - BLOCK_N, start, stop,
-                                    exclude_row_ptr, E, stride_ee, row_ok & (base > start),
-                                    sub_ptrs, slots, False, HAS_EXCLUDE, E_PAD, BLOCK_B,
-                                    BLOCK_N, SUB, DIRECT)
-        previous = scores
+    if full_stop >= start + 2 * BLOCK_N:
+        top, _ = _knn_topk_tile_update(top, ready, full_stop - 2 * BLOCK_N, start, stop,
+                                    exclude_row_ptr, E, stride_ee, row_ok, sub_ptrs, slots,
+                                    False, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB, DIRECT)
     if full_stop > start:
-        top = _knn_topk_tile_update(top, previous, full_stop - BLOCK_N, start, stop,
+        top, _ = _knn_topk_tile_update(top, scores, full_stop - BLOCK_N, start, stop,
                                     exclude_row_ptr, E, stride_ee, row_ok, sub_ptrs, slots,
                                     False, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB, DIRECT)
 
@@ -356,7 +411,7 @@ def _knn_topk_split_kernel(
         scores = _knn_topk_tile_scores(q, q_base, tile_ptr, tile_offs, d, row_ok, tile_ok,
                                        stride_qd, stride_bd, D, CAST_FP32, INPUT_PRECISION,
                                        BLOCK_B, BLOCK_N, BLOCK_D, True)
-        top = _knn_topk_tile_update(top, scores, full_stop, start, stop,
+        top, _ = _knn_topk_tile_update(top, scores, full_stop, start, stop,
                                     exclude_row_ptr, E, stride_ee, row_ok, sub_ptrs, slots,
                                     True, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB, DIRECT)
 
