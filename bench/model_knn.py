@@ -8,12 +8,13 @@ Every kernel of the search counts, at the launcher's own choices:
             the fastest modelled config stands for the autotuner's pick. The tile loop has no
             nested loop, so nothing is charged as insertion rounds.
     merge   ``merge_blocks`` (rows per program, gather width, ranked or round selections);
-            each of its top-level loops (the list walk and, unless ranked, two more
-            selections of K rounds; the D loops of two gathers) is simulated per trip by
-            ``gpu_model.run_sm`` with its nested loops inserted as often as they run (D /
-            BLOCK_D), and the code outside every loop (the ranked selections among it) once
-            per program from a cold start; CTAs spread over the SMs, floored by the HBM bytes
-            it must read: K * SUB refined rows and K winners per query row, as bf16.
+            each of its loops (the list walk and, unless ranked, two more selections of K
+            rounds; the D loops of two gathers) is simulated per trip by ``gpu_model.run_sm``
+            and charged as often as it runs (D / BLOCK_D for a gather), the code outside them
+            (the ranked selections among it) once per program from a cold start, and the
+            fill (only for rows short of K eligible rows) not at all; CTAs spread over the
+            SMs, floored by the HBM bytes it must read: K * SUB refined rows and K winners
+            per query row, as bf16.
 The torch figure is ``gpu_model_knn.torch_baseline`` (same directory as gpu_model.py): cuBLAS
 at 790 TFLOP/s writing bf16 scores, plus PyTorch's radix-select passes over them; a lower
 bound on torch's time, so the ratio is a lower bound on the speedup. ``--launch`` adds 2 us
@@ -109,7 +110,20 @@ def merge_time(B, D, K, plan, splits):
                                                          "stride_ee"))
     instrs, labels = sm.disassemble(ck.asm["cubin"])
     spans = sm.find_loops(instrs, labels)
-    top = [s for s in spans if not any(o != s and o[0] <= s[0] and s[1] <= o[1] for o in spans)]
+
+    def inside(s, o):
+        return s != o and o[0] <= s[0] and s[1] <= o[1]
+
+    def loads(s):
+        return any(lo_op.startswith("LDG") for a, lo_op, _ in instrs if s[0] <= a <= s[1])
+
+    # The fill (taken only when a row runs short of eligible rows) is the loop that holds a
+    # loop and no loads. ptxas lays part of its body out after the code that follows it,
+    # so back-edges from there make spans that wrap the winners' gather and the softmax:
+    # only loops holding no other loop count, those inside the fill not at all.
+    fill = [s for s in spans if any(inside(o, s) for o in spans) and not loads(s)]
+    top = [s for s in spans if not any(inside(o, s) for o in spans)
+           and not any(inside(s, f) for f in fill)]
     # Loops with loads, in code order: the walk over the splits' lists (K rounds), the
     # refine's gather (D / BLOCK_D trips), the winners' gather (D / BLOCK_DW trips).
     load_trips = [K, triton.cdiv(D, block_d), triton.cdiv(D, block_dw)]
@@ -122,7 +136,7 @@ def merge_time(B, D, K, plan, splits):
     # the selections when they are ranked instead of taken in rounds, the softmax), run
     # once per program from a cold start, k programs sharing an SM.
     straight = [(a, op, t) for a, op, t in instrs
-                if not any(lo <= a <= hi for lo, hi in spans)]
+                if not any(lo <= a <= hi for lo, hi in top + fill)]
     _, cold, _ = gm.run_sm(lambda j, i: straight, k, warps, 4096 * gm.TENSOR_SUSTAINED,
                            trips=1)
     once = max(c.t for c in cold)
@@ -130,12 +144,9 @@ def merge_time(B, D, K, plan, splits):
     loops, gathers = [], 0
     for lo, hi in top:
         body = [(a, op, t) for a, op, t in instrs if lo <= a <= hi]
-        nested = any(s != (lo, hi) and lo <= s[0] and s[1] <= hi for s in spans)
-        if any(op.startswith("LDG") for _, op, _ in body):
+        if loads((lo, hi)):
             trips = load_trips[min(gathers, len(load_trips) - 1)]
             gathers += 1
-        elif nested:
-            continue  # the fill, taken only when a row runs short of eligible rows
         else:
             trips = K  # a selection: K rounds of max
         per_trip = gm.run_sm(lambda j, i, body=body: body, k, warps, 4096 * gm.TENSOR_SUSTAINED,

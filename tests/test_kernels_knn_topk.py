@@ -218,11 +218,12 @@ def test_top_k_all_in_one_tile():
         assert_topk_consistent(query, bank, 16, values, indices)
 
 
-# Both plans of search_plan: (group rows, subgroup rows).
-PLANS = [(64, 8), (64, 16), (128, 16)]
+# The plans of search_plan and their neighbours: (group rows, subgroup rows).
+PLANS = [(64, 8), (64, 16), (128, 8), (128, 16)]
+PLAN_IDS = [f"G{g}-S{s}" for g, s in PLANS]
 
 
-@pytest.mark.parametrize("group_rows,sub_rows", PLANS, ids=["G64-S8", "G64-S16", "G128-S16"])
+@pytest.mark.parametrize("group_rows,sub_rows", PLANS, ids=PLAN_IDS)
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_ties_across_group_and_subgroup_boundaries(group_rows, sub_rows, num_splits):
     # Exact integer scores; every bank row appears twice, one copy on each side of a group
@@ -242,7 +243,7 @@ def test_ties_across_group_and_subgroup_boundaries(group_rows, sub_rows, num_spl
         assert torch.equal(values, ref_values)
 
 
-@pytest.mark.parametrize("group_rows,sub_rows", PLANS, ids=["G64-S8", "G64-S16", "G128-S16"])
+@pytest.mark.parametrize("group_rows,sub_rows", PLANS, ids=PLAN_IDS)
 def test_ties_at_the_cut_between_groups(group_rows, sub_rows):
     # Every group's maximum is the same value (1), at a different place in each group, and
     # K is smaller than the number of groups: the K-th group maximum (tau) is tied across
@@ -257,6 +258,28 @@ def test_ties_at_the_cut_between_groups(group_rows, sub_rows):
                                        num_splits=2)
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(values, ref_values, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "list"])
+@pytest.mark.parametrize("k", [1, 8])
+def test_direct_and_compared_lists_agree_with_the_reference(direct, k):
+    # A split of at most K_PAD groups keeps each group at its tile's slot (direct); a longer
+    # one compares every group with its list's minimum. Both see ties across groups (every
+    # row appears twice, often in neighbouring groups), groups whose best rows are
+    # excluded, and, in the direct split, fewer groups than slots.
+    query = torch.randint(-2, 3, (6, 16)).float()
+    base = torch.randint(-2, 3, (500, 16)).float()
+    bank = torch.stack([base, base], 1).reshape(1000, 16)
+    exclude = reference.knn_topk(query, bank, 3)[1][:, 1:]  # the 2nd and 3rd best rows
+    num_splits = 2 if direct else 1
+    layout = kernels.split_layout(6, 1000, k, 64, num_splits)
+    assert layout.direct == direct
+    for exclusion in (None, exclude):
+        ref_values, ref_indices = reference.knn_topk(query, bank, k, exclude=exclusion)
+        values, indices = _split_and_merge(query, bank, k, group_rows=64, sub_rows=8,
+                                           num_splits=num_splits, exclude=exclusion)
+        assert torch.equal(indices, ref_indices)
+        assert torch.equal(values, ref_values)
 
 
 @pytest.mark.parametrize("k", [8, 16])
@@ -513,7 +536,7 @@ def test_low_precision_and_large_bank_on_gpu(shape, dtype, atol, rtol):
 
 @requires_cuda
 @pytest.mark.parametrize("k", [1, 16, 64])
-@pytest.mark.parametrize("group_rows,sub_rows", [(64, 8), (128, 16)])
+@pytest.mark.parametrize("group_rows,sub_rows", [(64, 8), (128, 8)])
 def test_every_split_config_compiles_and_runs(k, group_rows, sub_rows):
     configs, _ = kernels.split_configs()
     query = torch.randn(129, 128, device="cuda")
@@ -579,7 +602,7 @@ configs, prune = kk.split_configs()
 types = dict(q_ptr="*bf16", bank_ptr="*bf16", exclude_ptr="*i64", cand_ptr="*i64",
              sub_ptr="*fp32")
 for k in (1, 64):
-    for block_n, sub in ((64, 8), (128, 16)):
+    for block_n, sub in ((64, 8), (128, 8)):
         k_pad = max(8, k)
         for c in prune(configs, dict(K_PAD=k_pad, BLOCK_N=block_n)):
             kernel = build(kk._knn_topk_split_kernel, types,

@@ -16,7 +16,8 @@ subgroups of SUB rows (S = G / SUB per group), aligned to the bank's start::
         Q = the (BLOCK_B, D) query block, loaded once         # D <= 256 (16-bit), else chunked
         top = K empty slots per row                           # (BLOCK_B, K_PAD) int64 keys
         for each full tile of this split (software-pipelined: no data-dependent loop;
-                the next tile's dot is issued before the previous tile's selection):
+                tile t's selection runs while tile t+1's dot is in flight, and tile t+2's
+                bank rows are copied to shared memory meanwhile):
             s    = Q @ bank_tile^T                            # fp32 accumulation
             smax = max over each subgroup of s                # NaN and excluded rows ignored
             key  = pack(max(smax), first row of the group)
@@ -66,7 +67,8 @@ Cost: flops 2*B*N*D (split) + 2*B*K*(SUB+1)*D (merge). Bytes: the bank read cdiv
 BLOCK_B) times from L2 but ~once from HBM, the query B*D per split; written B*SPLITS*K*(8 +
 4*S); the merge reads B*K*SUB bank rows (the refine) and B*K rows (the winners) and writes
 B*K*(8 + 4 [+ 4]). Extra memory O(B*SPLITS*K*S), never B x N. Per score the split pays
-the subgroup max (one fp32 max) and, per tile, one compare-and-replace over each row's K
+the subgroup max and the copy out of the dot's registers (two fp32 ops, inside one
+thread: ``_knn_topk_tile_rows``) and, per tile, one compare-and-replace over each row's K
 slots, spread over the four threads that hold the row: G trades split bookkeeping
 against the size of the groups, SUB the merge's refine against the subgroup maxima
 (``search_plan``).
@@ -388,21 +390,21 @@ def _knn_topk_split_kernel(
     for base in range(start, full_stop, BLOCK_N):
         tile_ptr = bank_ptr + (start64 + (base - start)) * stride_bn
         top, done = _knn_topk_tile_update(top, ready, base - 2 * BLOCK_N, start, stop,
-                                    exclude_row_ptr, E, stride_ee,
-                                    row_ok & (base >= start + 2 * BLOCK_N), sub_ptrs, slots,
-                                    False, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB, DIRECT)
+                                          exclude_row_ptr, E, stride_ee,
+                                          row_ok & (base >= start + 2 * BLOCK_N), sub_ptrs, slots,
+                                          False, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB, DIRECT)
         ready = _knn_topk_wait_dots(scores, done, q.dtype, INPUT_PRECISION)
         scores = _knn_topk_tile_scores(q, q_base, tile_ptr, tile_offs, d, row_ok, n < BLOCK_N,
                                        stride_qd, stride_bd, D, CAST_FP32, INPUT_PRECISION,
                                        BLOCK_B, BLOCK_N, BLOCK_D, False)
     if full_stop >= start + 2 * BLOCK_N:
         top, _ = _knn_topk_tile_update(top, ready, full_stop - 2 * BLOCK_N, start, stop,
-                                    exclude_row_ptr, E, stride_ee, row_ok, sub_ptrs, slots,
-                                    False, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB, DIRECT)
+                                       exclude_row_ptr, E, stride_ee, row_ok, sub_ptrs, slots,
+                                       False, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB, DIRECT)
     if full_stop > start:
         top, _ = _knn_topk_tile_update(top, scores, full_stop - BLOCK_N, start, stop,
-                                    exclude_row_ptr, E, stride_ee, row_ok, sub_ptrs, slots,
-                                    False, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB, DIRECT)
+                                       exclude_row_ptr, E, stride_ee, row_ok, sub_ptrs, slots,
+                                       False, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB, DIRECT)
 
     # Phase 3: the partial last tile (the bank's end), rows and columns masked.
     if full_stop < stop:
@@ -412,8 +414,8 @@ def _knn_topk_split_kernel(
                                        stride_qd, stride_bd, D, CAST_FP32, INPUT_PRECISION,
                                        BLOCK_B, BLOCK_N, BLOCK_D, True)
         top, _ = _knn_topk_tile_update(top, scores, full_stop, start, stop,
-                                    exclude_row_ptr, E, stride_ee, row_ok, sub_ptrs, slots,
-                                    True, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB, DIRECT)
+                                       exclude_row_ptr, E, stride_ee, row_ok, sub_ptrs, slots,
+                                       True, HAS_EXCLUDE, E_PAD, BLOCK_B, BLOCK_N, SUB, DIRECT)
 
     # Phase 4: this split's K group keys per row, sorted (the merge walks the splits' lists
     # from their heads). Each names its group's first row plus its list slot, which
@@ -651,16 +653,17 @@ def search_plan(num_queries: int, num_rows: int, dim: int, k: int) -> SearchPlan
     """The group (one tile, BLOCK_N rows) and subgroup sizes for a search.
 
     Larger groups cost the split less per score (one compare-and-replace per tile);
-    smaller subgroups cost the merge less (it refines K * SUB rows per query row). Small
-    batches (at most _SMALL_BATCH rows) are latency-bound: shorter tiles let two split
-    programs share an SM, and 8-row subgroups halve the merge's refine. Modelled in
+    smaller subgroups cost the merge less (it refines K * SUB rows per query row; with
+    8-row subgroups instead of 16 the merge models 180 against 266 us at B = 4096 and 42
+    against 63 us at B = 1024, where it weighs more). Small batches (at most _SMALL_BATCH
+    rows) are latency-bound: shorter tiles let two split programs share an SM. Modelled in
     bench/RESULTS.md (``bench/model_knn.py``).
     """
     if interpreted():
         return SearchPlan(64, 16)
     if num_queries <= _SMALL_BATCH:
         return SearchPlan(64, 8)
-    return SearchPlan(128, 16)
+    return SearchPlan(128, 8)
 
 
 def _rows_per_split(num_rows: int, splits: int, group_rows: int) -> int:
