@@ -115,7 +115,7 @@ def merge_time(B, D, K, plan, splits):
         return s != o and o[0] <= s[0] and s[1] <= o[1]
 
     def loads(s):
-        return any(lo_op.startswith("LDG") for a, lo_op, _ in instrs if s[0] <= a <= s[1])
+        return any(op.startswith("LDG") for a, op, _ in instrs if s[0] <= a <= s[1])
 
     # The fill (taken only when a row runs short of eligible rows) is the loop that holds a
     # loop and no loads. ptxas lays part of its body out after the code that follows it,
