@@ -64,8 +64,9 @@ def split_time(B, N, D, K, plan, *, splits=None, verbose=False):
     layout = kk.split_layout(B, N, K, plan.group_rows, splits)
     splits, rows = layout.splits, layout.rows_per_split
     configs, prune = kk.split_configs()
-    configs = prune(configs, {"K_PAD": max(8, triton.next_power_of_2(K)),
-                              "BLOCK_N": plan.group_rows})
+    # The launch's own prune arguments: the kept configs depend on the row width too.
+    configs = prune(configs, {"K_PAD": layout.list_pad, "BLOCK_N": plan.group_rows,
+                              "BLOCK_D": one_pass_block_d(D, BF16)})
     subgroups = plan.group_rows // plan.sub_rows
     hbm = (N * D * BF16 + splits * B * D * BF16
            + B * splits * (K * 8 + layout.stored_slots * subgroups * 4))
